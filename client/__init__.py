@@ -1,0 +1,1 @@
+"""Clients for the granite_vision model on Triton."""

@@ -1,0 +1,95 @@
+"""Ask Granite Vision about images over gRPC and print the answer as it streams.
+
+    python -m client.granite_vision_client "What is in the image?" --image shape.png
+    python -m client.granite_vision_client "Say hello." --url localhost:8001 --max-tokens 32
+
+Images are sent as encoded bytes; the server applies the model's chat template and places one
+``<image>`` per image before the question (``--raw`` sends the prompt as is instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+
+def build_inputs(prompt: str, images: list[bytes], *, max_tokens: int, chat_template: bool,
+                 sampling: dict | None = None) -> list[grpcclient.InferInput]:
+    def tensor(name, array, dtype):
+        t = grpcclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        return t
+
+    inputs = [
+        tensor("text_input", np.array([prompt.encode()], dtype=np.object_), "BYTES"),
+        tensor("max_tokens", np.array([max_tokens], dtype=np.int32), "INT32"),
+        tensor("stream", np.array([True]), "BOOL"),
+        tensor("apply_chat_template", np.array([chat_template]), "BOOL"),
+    ]
+    if images:
+        inputs.append(tensor("image", np.array(images, dtype=np.object_), "BYTES"))
+    if sampling:
+        inputs.append(tensor("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_), "BYTES"))
+    return inputs
+
+
+def stream_answer(url: str, prompt: str, images: list[bytes], *, model: str = "granite_vision",
+                  max_tokens: int = 64, chat_template: bool = True, sampling: dict | None = None,
+                  on_text=lambda text: None) -> dict:
+    """Streams one answer; calls ``on_text`` per delta; returns text, finish reason and counts."""
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer(model, build_inputs(prompt, images, max_tokens=max_tokens,
+                                                      chat_template=chat_template, sampling=sampling))
+        pieces = []
+        while True:
+            result, error = results.get(timeout=600)
+            if error is not None:
+                raise error
+            text = result.as_numpy("text_output")[0].decode("utf-8")
+            pieces.append(text)
+            on_text(text)
+            reason = result.as_numpy("finish_reason")[0].decode()
+            if reason:
+                return {"text": "".join(pieces), "finish_reason": reason,
+                        "num_input_tokens": int(result.as_numpy("num_input_tokens")[0]),
+                        "num_output_tokens": int(result.as_numpy("num_output_tokens")[0])}
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("prompt")
+    p.add_argument("--image", action="append", default=[], type=Path, help="image file (repeatable)")
+    p.add_argument("--url", default="localhost:8001", help="Triton gRPC endpoint")
+    p.add_argument("--model", default="granite_vision")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--raw", action="store_true", help="send the prompt as is (no chat template)")
+    a = p.parse_args(argv)
+    sampling = {"temperature": a.temperature} if a.temperature else None
+    try:
+        out = stream_answer(a.url, a.prompt, [path.read_bytes() for path in a.image], model=a.model,
+                            max_tokens=a.max_tokens, chat_template=not a.raw, sampling=sampling,
+                            on_text=lambda t: print(t, end="", flush=True))
+    except InferenceServerException as exc:
+        print(f"\nerror: {exc.message()}", file=sys.stderr)
+        return 1
+    print(f"\n[{out['finish_reason']}: {out['num_input_tokens']} prompt tokens, "
+          f"{out['num_output_tokens']} generated]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

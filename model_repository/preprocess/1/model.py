@@ -1,0 +1,35 @@
+"""Triton adapter for spyre_backend.preprocess (HF processor)."""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from spyre_backend.config import ServingConfig
+from spyre_backend.engine.sampling_params import InvalidRequest
+from spyre_backend.preprocess.processor import Preprocessor
+from spyre_backend.serving import triton_io as io
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = ServingConfig.from_model_config(args["model_config"])
+        self.preprocessor = Preprocessor(config.checkpoint_dir, max_images=config.max_images)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                text = io.optional_text(pb_utils, request, "text_input")
+                if text is None:
+                    raise InvalidRequest("input 'text_input' is required")
+                out = self.preprocessor(
+                    text, io.image_list(pb_utils, request),
+                    apply_chat_template=io.optional_bool(pb_utils, request, "apply_chat_template", False),
+                )
+                responses.append(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("input_ids", out.input_ids),
+                    pb_utils.Tensor("pixel_values", out.pixel_values),
+                    pb_utils.Tensor("image_sizes", out.image_sizes),
+                ]))
+            except InvalidRequest as exc:
+                responses.append(io.error_response(pb_utils, str(exc)))
+        return responses

@@ -1,0 +1,102 @@
+"""Model configuration: ``config.pbtxt`` parameters, overridable by SPYRE_<NAME> environment variables."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from spyre_backend import DEFAULT_CHECKPOINT
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ServingConfig:
+    checkpoint: str = ""  # empty: SPYRE_CHECKPOINT, else the shipped tiny checkpoint
+    device: str = "cpu"
+    dtype: str = "float32"
+    block_size: int = 64  # KV block and prefill padding granularity
+    max_context: int = 4096  # tokens per sequence (prompt + output)
+    num_kv_blocks: int = 0  # 0: max_running * max_context / block_size (+1 padding block)
+    max_running: int = 16  # sequences in the decode batch
+    decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    max_images: int = 8
+    default_max_tokens: int = 16
+    num_threads: int = 0  # torch intra-op threads; 0: torch's default
+
+    @classmethod
+    def from_model_config(cls, model_config: dict | str) -> "ServingConfig":
+        if isinstance(model_config, str):
+            model_config = json.loads(model_config)
+        raw = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+        for f in fields(cls):
+            env = os.environ.get(f"SPYRE_{f.name.upper()}")
+            if env is not None:
+                raw[f.name] = env
+        return cls.from_strings(raw)
+
+    @classmethod
+    def from_strings(cls, raw: dict[str, str]) -> "ServingConfig":
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for name, text in raw.items():
+            if name not in known:
+                continue  # other models' parameters share the namespace
+            default = getattr(cls(), name)
+            try:
+                if isinstance(default, list):
+                    values[name] = [int(x) for x in str(text).replace(",", " ").split()]
+                elif isinstance(default, int):
+                    values[name] = int(text)
+                else:
+                    values[name] = str(text)
+            except ValueError:
+                raise ConfigError(f"parameter {name!r}: cannot parse {text!r} as {type(default).__name__}") from None
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        def check(ok: bool, name: str, message: str):
+            if not ok:
+                raise ConfigError(f"parameter {name!r}: {message} (got {getattr(self, name)!r})")
+
+        check(self.device in ("cpu", "cuda"), "device", "must be cpu or cuda")
+        check(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}")
+        check(self.block_size > 0, "block_size", "must be positive")
+        check(self.max_context > 0 and self.max_context % self.block_size == 0, "max_context",
+              "must be a positive multiple of block_size")
+        check(self.max_running > 0, "max_running", "must be positive")
+        check(bool(self.decode_batch_sizes) and all(b > 0 for b in self.decode_batch_sizes)
+              and max(self.decode_batch_sizes) >= self.max_running, "decode_batch_sizes",
+              "must be positive sizes, the largest at least max_running")
+        check(self.num_kv_blocks >= 0, "num_kv_blocks", "must be >= 0")
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint or os.environ.get("SPYRE_CHECKPOINT") or str(DEFAULT_CHECKPOINT)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def kv_blocks(self) -> int:
+        if self.num_kv_blocks:
+            return self.num_kv_blocks
+        return self.max_running * (self.max_context // self.block_size) + 1
+
+    def apply_threads(self) -> None:
+        if self.num_threads > 0:
+            torch.set_num_threads(self.num_threads)

@@ -1,0 +1,1 @@
+"""The LLM engine: scheduler, paged KV cache, model runner, sampler and detokenizer kept apart."""

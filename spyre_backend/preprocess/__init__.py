@@ -1,0 +1,1 @@
+"""Request preprocessing: image decoding, chat template, tokenization, ``<image>`` expansion."""

@@ -1,0 +1,63 @@
+"""Image inputs arrive as encoded bytes: raw, base64, or a ``data:`` URI. Nothing is fetched."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+from PIL import Image, ImageOps
+
+from spyre_backend.engine.sampling_params import InvalidRequest
+
+# Refuse decompression bombs before decoding: PIL reads the size from the header first.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def image_bytes(payload: bytes, index: int) -> bytes:
+    """Raw encoded image bytes from raw bytes, base64 text or a data: URI."""
+    if not payload:
+        raise InvalidRequest(f"image {index} is empty")
+    if payload.startswith(_MAGIC):
+        return payload
+    text = payload.strip()
+    if text[:5].lower() == b"data:":
+        header, sep, text = text.partition(b",")
+        if not sep or b";base64" not in header.lower():
+            raise InvalidRequest(f"image {index}: only base64 data: URIs are accepted")
+    elif text[:7].lower() in (b"http://", b"https:/"):
+        raise InvalidRequest(f"image {index}: URLs are not fetched; send the image bytes, base64 or a data: URI")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"image {index} is neither a known image format nor valid base64") from None
+
+
+def decode_image(payload: bytes, index: int = 0) -> Image.Image:
+    data = image_bytes(payload, index)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InvalidRequest(
+                    f"image {index} has {width}x{height} pixels, over the limit of {MAX_IMAGE_PIXELS} pixels")
+            image.load()
+    except InvalidRequest:
+        raise
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise InvalidRequest(f"image {index} could not be decoded: {type(exc).__name__}: {exc}") from None
+    image = ImageOps.exif_transpose(image)
+    if image.mode != "RGB":
+        # palette/greyscale/CMYK/16-bit go to RGB; transparency is composited on white
+        if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        elif image.mode in ("I", "I;16", "I;16B", "I;16L"):
+            image = image.point(lambda v: v / 257).convert("L")
+        image = image.convert("RGB")
+    return image

@@ -1,0 +1,1 @@
+"""Running a real tritonserver on the project's model repository."""

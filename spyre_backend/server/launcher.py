@@ -1,0 +1,220 @@
+"""Start tritonserver on the project's model repository, wait until it is ready, stop it cleanly.
+
+    python -m spyre_backend.server.launcher [--checkpoint DIR] [--http-port 8000] ...
+
+The Python-backend stub embeds Python in isolated mode and finds site-packages through the
+``python3`` on PATH, so the venv's bin/ goes first on PATH and the interpreter's libpython
+directory onto LD_LIBRARY_PATH. The checkpoint reaches the models through SPYRE_CHECKPOINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spyre_backend import DEFAULT_CHECKPOINT, MODEL_REPOSITORY
+from spyre_backend.server.triton_install import find_triton, install_stub, libpython_dir
+
+
+@dataclass
+class ServerOptions:
+    checkpoint: Path = DEFAULT_CHECKPOINT
+    model_repository: Path = MODEL_REPOSITORY
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_verbose: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_environment(options: ServerOptions) -> dict[str, str]:
+    env = dict(os.environ)
+    venv_bin = str(Path(sys.executable).parent)  # not resolved: the venv's own bin/
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libpython_dir(), env.get("LD_LIBRARY_PATH", "")) if p)
+    env["SPYRE_CHECKPOINT"] = str(Path(options.checkpoint).resolve())
+    env.update(options.extra_env)
+    return env
+
+
+def server_command(options: ServerOptions) -> list[str]:
+    install = find_triton()
+    install_stub(install)
+    return [
+        str(install.server_binary),
+        f"--model-repository={Path(options.model_repository).resolve()}",
+        f"--backend-directory={install.backends_dir}",
+        f"--http-address={options.host}",
+        f"--grpc-address={options.host}",
+        f"--metrics-address={options.host}",
+        f"--http-port={options.http_port}",
+        f"--grpc-port={options.grpc_port}",
+        f"--metrics-port={options.metrics_port}",
+        # Configs are complete; auto-complete would import every model.py (and torch) twice.
+        "--disable-auto-complete-config",
+        "--model-control-mode=none",
+        "--exit-on-error=true",
+        f"--log-verbose={options.log_verbose}",
+        *options.extra_args,
+    ]
+
+
+class TritonServer:
+    """A tritonserver child process; used by the launcher CLI and by the tests."""
+
+    def __init__(self, options: ServerOptions, log_path: Path | None = None):
+        self.options = options
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.options.host}:{self.options.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.options.host}:{self.options.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.metrics_port}/metrics"
+
+    def start(self, timeout_s: float = 600.0) -> "TritonServer":
+        opts = self.options
+        if not Path(opts.checkpoint).is_dir() or not (Path(opts.checkpoint) / "config.json").exists():
+            raise ServerStartError(f"checkpoint directory {opts.checkpoint} has no config.json")
+        for port in (opts.http_port, opts.grpc_port, opts.metrics_port):
+            if not port_is_free(opts.host, port):
+                raise ServerStartError(f"port {port} on {opts.host} is already in use")
+        stdout = None
+        if self.log_path is not None:
+            self._log_file = open(self.log_path, "w")
+            stdout = self._log_file
+        self.process = subprocess.Popen(
+            server_command(opts),
+            env=server_environment(opts),
+            stdout=stdout,
+            stderr=subprocess.STDOUT if stdout else None,
+            start_new_session=True,  # our signals are forwarded explicitly
+        )
+        self._wait_ready(timeout_s)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise ServerStartError(f"tritonserver exited with code {code} before it was ready{self._log_hint()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ServerStartError(f"tritonserver was not ready after {timeout_s:.0f} s{self._log_hint()}")
+
+    def _log_hint(self) -> str:
+        return f" (see {self.log_path})" if self.log_path else ""
+
+    def send_signal(self, sig: int) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # Triton's graceful shutdown
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log_file:
+            self._log_file.close()
+        return self.process.returncode
+
+
+def parse_args(argv: list[str] | None = None) -> ServerOptions:
+    p = argparse.ArgumentParser(description="Serve Granite Vision with tritonserver (Python backend, ensemble).")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="HF LlavaNext checkpoint directory (default: the shipped tiny Granite Vision)")
+    p.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--startup-timeout", type=float, default=900.0)
+    p.add_argument("tritonserver_args", nargs="*", help="extra tritonserver flags, after --")
+    a = p.parse_args(argv)
+    return ServerOptions(
+        checkpoint=a.checkpoint, model_repository=a.model_repository, host=a.host,
+        http_port=a.http_port, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
+        log_verbose=a.log_verbose, extra_args=a.tritonserver_args,
+    ), a.startup_timeout
+
+
+def main(argv: list[str] | None = None) -> int:
+    options, startup_timeout = parse_args(argv)
+    server = TritonServer(options)
+
+    def forward(sig, _frame):
+        server.send_signal(signal.SIGINT if sig == signal.SIGINT else sig)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        server.start(timeout_s=startup_timeout)
+    except ServerStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        "\nGranite Vision is ready\n"
+        f"  checkpoint : {Path(options.checkpoint).resolve()}\n"
+        f"  HTTP       : http://{server.http_url}  (POST /v2/models/granite_vision/generate_stream)\n"
+        f"  gRPC       : {server.grpc_url}  (model granite_vision, streaming)\n"
+        f"  metrics    : {server.metrics_url}\n",
+        flush=True,
+    )
+    return server.process.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

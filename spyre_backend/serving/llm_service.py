@@ -1,0 +1,89 @@
+"""Builds the LLM engine from a ServingConfig and turns engine outputs into stream semantics.
+
+Stream semantics follow Triton's vLLM backend: with ``stream`` each response carries the new
+text and the last one is flagged final; without it a single final response carries everything
+(the prompt first unless ``exclude_input_in_output``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+from spyre_backend.config import ServingConfig
+from spyre_backend.engine.llm_engine import LLMEngine
+from spyre_backend.engine.model_runner import ModelRunner
+from spyre_backend.engine.request import Request, RequestOutput
+from spyre_backend.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateInputs:
+    input_ids: np.ndarray  # [n] int64, placeholders expanded
+    image_features: np.ndarray | None  # [n_features, hidden]
+    prompt_text: str = ""
+    stream: bool = False
+    exclude_input_in_output: bool = False
+    max_tokens: int | None = None
+    sampling_parameters: str | None = None
+    sequence_id: int | str = 0
+
+
+class LLMService:
+    def __init__(self, config: ServingConfig):
+        config.apply_threads()
+        started = time.monotonic()
+        self.config = config
+        checkpoint = config.checkpoint_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        runner = ModelRunner(
+            checkpoint, device=config.torch_device, dtype=config.torch_dtype, num_kv_blocks=config.kv_blocks,
+            block_size=config.block_size, max_context=config.max_context,
+            decode_batch_sizes=config.decode_batch_sizes,
+        )
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        self.engine = LLMEngine(runner, self.tokenizer, max_running=config.max_running, eos_token_ids=eos)
+        self.engine.start()
+        log.warning("granite_llm loaded %s in %.1f s (KV: %d blocks of %d tokens)", checkpoint,
+                    time.monotonic() - started, config.kv_blocks, config.block_size)
+
+    def submit(self, inputs: GenerateInputs, send: Callable[[str, RequestOutput], None],
+               is_cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Queue a generation; ``send(text, output)`` is called for each response to emit.
+
+        Raises InvalidRequest for a request that can never run.
+        """
+        params = SamplingParams.from_json(inputs.sampling_parameters, max_tokens=inputs.max_tokens,
+                                          default_max_tokens=self.config.default_max_tokens)
+        features = None
+        if inputs.image_features is not None and inputs.image_features.size:
+            features = torch.from_numpy(np.ascontiguousarray(inputs.image_features))
+        pieces: list[str] = []
+        prefix = "" if inputs.exclude_input_in_output or inputs.stream else inputs.prompt_text
+
+        def on_output(out: RequestOutput) -> None:
+            if inputs.stream:
+                if out.text or out.finished:
+                    send(out.text, out)
+                return
+            pieces.append(out.text)
+            if out.finished:
+                send(prefix + "".join(pieces), out)
+
+        request = Request(
+            prompt_ids=torch.from_numpy(np.ascontiguousarray(inputs.input_ids, dtype=np.int64)),
+            image_features=features, params=params, on_output=on_output, is_cancelled=is_cancelled,
+            sequence_id=inputs.sequence_id,
+        )
+        self.engine.add_request(request)
+
+    def shutdown(self) -> None:
+        self.engine.stop()

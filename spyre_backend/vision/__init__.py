@@ -1,0 +1,1 @@
+"""The vision side: SigLIP tower + multi-layer projector, anyres packing with image_newline."""

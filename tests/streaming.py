@@ -1,0 +1,82 @@
+"""Minimal streaming clients used by the tests: gRPC (tritonclient) and HTTP generate_stream (SSE)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import queue
+import urllib.request
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+
+def grpc_stream(url: str, inputs: dict, model: str = "granite_vision", sequence_id=0,
+                sequence_start=False, sequence_end=False, timeout=300) -> dict:
+    """Sends one request on a gRPC stream; returns the text pieces, the last response or the error."""
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer(model, to_grpc_inputs(inputs), sequence_id=sequence_id,
+                                  sequence_start=sequence_start, sequence_end=sequence_end)
+        pieces = []
+        while True:
+            result, error = results.get(timeout=timeout)
+            if error is not None:
+                return {"error": str(error), "pieces": pieces}
+            pieces.append(result.as_numpy("text_output")[0].decode("utf-8"))
+            reason = result.as_numpy("finish_reason")[0].decode()
+            if reason:
+                return {"pieces": pieces, "text": "".join(pieces), "finish_reason": reason,
+                        "num_input_tokens": int(result.as_numpy("num_input_tokens")[0]),
+                        "num_output_tokens": int(result.as_numpy("num_output_tokens")[0])}
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def to_grpc_inputs(inputs: dict) -> list:
+    out = []
+    for name, value in inputs.items():
+        if isinstance(value, np.ndarray):
+            array = value
+        elif name == "image":
+            array = np.array(value, dtype=np.object_)
+        elif isinstance(value, bool):
+            array = np.array([value])
+        elif isinstance(value, int):
+            array = np.array([value], dtype=np.int32)
+        else:
+            array = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
+        dtype = {np.object_: "BYTES", np.bool_: "BOOL", np.int32: "INT32", np.int64: "INT64",
+                 np.float32: "FP32"}[array.dtype.type]
+        t = grpcclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        out.append(t)
+    return out
+
+
+def http_generate_stream(http_url: str, body: dict, model: str = "granite_vision", timeout=300) -> dict:
+    """POST /v2/models/<model>/generate_stream; images are sent base64-encoded."""
+    body = dict(body)
+    if "image" in body:
+        body["image"] = [base64.b64encode(b).decode() for b in body["image"]]
+    req = urllib.request.Request(f"http://{http_url}/v2/models/{model}/generate_stream",
+                                 data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    events = []
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            for raw in resp:
+                line = raw.decode("utf-8").strip()
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+    except urllib.error.HTTPError as exc:
+        return {"error": exc.read().decode(), "pieces": []}
+    errors = [e["error"] for e in events if "error" in e]
+    if errors:
+        return {"error": errors[0], "pieces": []}
+    pieces = [e["text_output"] for e in events]
+    last = events[-1]
+    return {"pieces": pieces, "text": "".join(pieces), "finish_reason": last["finish_reason"],
+            "num_input_tokens": last["num_input_tokens"], "num_output_tokens": last["num_output_tokens"]}

@@ -1,0 +1,111 @@
+"""Unit tests of spyre_backend pieces that need no server and no model."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import torch
+
+from spyre_backend.config import ConfigError, ServingConfig
+from spyre_backend.engine.detokenizer import IncrementalDetokenizer
+from spyre_backend.engine.kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
+from spyre_backend.engine.sampling_params import InvalidRequest, SamplingParams
+from spyre_backend.multimodal import ImageFeatureMismatch, merge_image_features
+from spyre_backend.preprocess.images import decode_image, image_bytes
+from tests.images import shape_png
+
+
+class ByteTokenizer:
+    """Each token is one UTF-8 byte: the hardest case for incremental decoding."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_detokenizer_never_splits_a_utf8_character():
+    text = "héllo, 世界 🙂!"
+    detok = IncrementalDetokenizer(ByteTokenizer())
+    deltas = [detok.add(b) for b in text.encode("utf-8")]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert "" in deltas  # some bytes completed no character yet
+
+
+def test_detokenizer_flush_releases_an_incomplete_tail():
+    detok = IncrementalDetokenizer(ByteTokenizer())
+    assert detok.add("é".encode()[0]) == ""
+    assert detok.flush() == "\ufffd"
+
+
+def test_sampling_params_defaults_and_overrides():
+    p = SamplingParams.from_json('{"temperature": 0.5, "top_p": 0.9, "stop": "x"}', default_max_tokens=7)
+    assert (p.max_tokens, p.temperature, p.top_p, p.stop) == (7, 0.5, 0.9, ["x"])
+    assert SamplingParams.from_json('{"max_tokens": 3}', default_max_tokens=7).max_tokens == 3
+    assert SamplingParams.from_json('{"max_tokens": 3}', max_tokens=5).max_tokens == 5
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{", "not valid JSON"), ('"x"', "JSON object"), ('{"n": 2}', "unsupported"),
+    ('{"max_tokens": -1}', "max_tokens"), ('{"top_p": 0}', "top_p"), ('{"top_k": -3}', "top_k"),
+    ('{"seed": -1}', "seed"), ('{"temperature": "hot"}', "temperature"), ('{"stop": [1]}', "stop"),
+])
+def test_sampling_params_rejects_bad_values(text, message):
+    with pytest.raises(InvalidRequest, match=message):
+        SamplingParams.from_json(text)
+
+
+def test_block_allocator_reserves_the_padding_block():
+    alloc = BlockAllocator(4)
+    blocks = alloc.allocate(3)
+    assert 0 not in blocks and alloc.num_free == 0
+    with pytest.raises(OutOfBlocks):
+        alloc.allocate(1)
+    alloc.free(blocks)
+    assert alloc.num_free == 3
+
+
+def test_kv_cache_grows_block_tables_by_whole_blocks():
+    cache = PagedKVCache(num_layers=1, num_blocks=5, block_size=4, kv_heads=1, head_dim=2,
+                         dtype=torch.float32, device=torch.device("cpu"))
+    table: list[int] = []
+    cache.ensure_capacity(table, 5)
+    assert len(table) == 2 and cache.num_free_blocks == 2
+    cache.free(table)
+    assert table == [] and cache.num_free_blocks == 4
+
+
+def test_merge_writes_features_into_every_row():
+    ids = torch.tensor([[1, 9, 9, 2], [9, 3, 4, 9]])
+    embeds = torch.zeros(2, 4, 3)
+    features = torch.arange(12, dtype=torch.float32).view(2, 2, 3)
+    merged = merge_image_features(ids, embeds, features, image_token_id=9)
+    assert torch.equal(merged[0, 1:3], features[0]) and torch.equal(merged[1, [0, 3]], features[1])
+    assert torch.equal(merged[0, 0], torch.zeros(3))
+
+
+def test_merge_refuses_a_count_mismatch():
+    with pytest.raises(ImageFeatureMismatch, match="3 image placeholder"):
+        merge_image_features(torch.tensor([[9, 9, 9]]), torch.zeros(1, 3, 2), torch.zeros(1, 2, 2), 9)
+
+
+def test_images_accept_raw_base64_and_data_uri():
+    png = shape_png(size=(30, 20))
+    b64 = base64.b64encode(png)
+    assert image_bytes(png, 0) == png
+    assert image_bytes(b64, 0) == png
+    assert image_bytes(b"data:image/png;base64," + b64, 0) == png
+    assert decode_image(b64).size == (30, 20)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P"])
+def test_images_of_any_mode_become_rgb(mode):
+    assert decode_image(shape_png(size=(10, 10), mode=mode)).mode == "RGB"
+
+
+def test_config_errors_name_the_parameter():
+    with pytest.raises(ConfigError, match="'max_context'"):
+        ServingConfig.from_strings({"max_context": "100"})
+    with pytest.raises(ConfigError, match="'max_running'"):
+        ServingConfig.from_strings({"max_running": "lots"})
+    assert ServingConfig.from_strings({"decode_batch_sizes": "1 4 16"}).decode_batch_sizes == [1, 4, 16]

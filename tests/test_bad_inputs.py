@@ -23,7 +23,7 @@ def raw_request(url: str, inputs: list, model="granite_vision") -> str:
 
     results = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda r, e: results.put((r, e)))
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
         try:
             client.async_stream_infer(model, inputs)

@@ -171,7 +171,7 @@ class TritonServer:
         return self.process.returncode
 
 
-def parse_args(argv: list[str] | None = None) -> ServerOptions:
+def parse_args(argv: list[str] | None = None) -> tuple[ServerOptions, float]:
     p = argparse.ArgumentParser(description="Serve Granite Vision with tritonserver (Python backend, ensemble).")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                    help="HF LlavaNext checkpoint directory (default: the shipped tiny Granite Vision)")

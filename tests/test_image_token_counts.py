@@ -1,0 +1,37 @@
+"""The processor expands each <image> into exactly as many placeholders as the encoder returns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spyre_backend.preprocess.processor import Preprocessor
+from spyre_backend.vision.encoder import VisionEncoder
+from tests.images import shape_png
+
+SIZES = [(1, 1), (56, 56), (57, 55), (200, 150), (150, 200), (400, 20), (20, 400), (300, 300), (1000, 3), (113, 57)]
+
+
+@pytest.fixture(scope="module")
+def pipeline(checkpoint):
+    return Preprocessor(str(checkpoint)), VisionEncoder(str(checkpoint), device=torch.device("cpu"),
+                                                        dtype=torch.float32)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
+def test_placeholders_equal_features(pipeline, size):
+    pre, enc = pipeline
+    out = pre("What is in the image?", [shape_png(size=size)], apply_chat_template=True)
+    features = enc.encode(torch.from_numpy(out.pixel_values), torch.from_numpy(out.image_sizes))
+    placeholders = int((out.input_ids == pre.processor.tokenizer.convert_tokens_to_ids(pre.image_token)).sum())
+    assert placeholders == features.shape[0] > 0
+
+
+def test_several_images_in_order(pipeline):
+    pre, enc = pipeline
+    images = [shape_png(size=s) for s in [(400, 20), (56, 56), (90, 160)]]
+    out = pre("Compare.", images, apply_chat_template=True)
+    features = enc.encode(torch.from_numpy(out.pixel_values), torch.from_numpy(out.image_sizes))
+    singles = [enc.encode(torch.from_numpy(p.pixel_values), torch.from_numpy(p.image_sizes))
+               for p in (pre("x", [img], apply_chat_template=True) for img in images)]
+    torch.testing.assert_close(features, torch.cat(singles), atol=1e-5, rtol=1e-5)

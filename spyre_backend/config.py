@@ -25,7 +25,11 @@ class ServingConfig:
     block_size: int = 64  # KV block and prefill padding granularity
     max_context: int = 4096  # tokens per sequence (prompt + output)
     num_kv_blocks: int = 0  # 0: max_running * max_context / block_size (+1 padding block)
+    kv_memory_mb: int = 0  # alternative to num_kv_blocks: size the KV pool from a memory budget
     max_running: int = 16  # sequences in the decode batch
+    prefill_chunk: int = 512  # prompt tokens prefilled per engine step (a multiple of block_size)
+    session_ttl_s: int = 600  # idle sessions are freed after this
+    max_request_s: int = 600  # wall-clock limit of one request
     decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     max_images: int = 8
     default_max_tokens: int = 16
@@ -78,6 +82,11 @@ class ServingConfig:
               and max(self.decode_batch_sizes) >= self.max_running, "decode_batch_sizes",
               "must be positive sizes, the largest at least max_running")
         check(self.num_kv_blocks >= 0, "num_kv_blocks", "must be >= 0")
+        check(self.kv_memory_mb >= 0, "kv_memory_mb", "must be >= 0")
+        check(self.prefill_chunk > 0 and self.prefill_chunk % self.block_size == 0, "prefill_chunk",
+              "must be a positive multiple of block_size")
+        check(self.session_ttl_s > 0, "session_ttl_s", "must be positive")
+        check(self.max_request_s > 0, "max_request_s", "must be positive")
 
     @property
     def checkpoint_dir(self) -> str:
@@ -91,10 +100,12 @@ class ServingConfig:
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
 
-    @property
-    def kv_blocks(self) -> int:
+    def kv_blocks(self, bytes_per_token: int) -> int:
+        """Blocks in the KV pool (one more is reserved for padding)."""
         if self.num_kv_blocks:
             return self.num_kv_blocks
+        if self.kv_memory_mb:
+            return max(2, self.kv_memory_mb * 2**20 // (bytes_per_token * self.block_size))
         return self.max_running * (self.max_context // self.block_size) + 1
 
     def apply_threads(self) -> None:

@@ -1,50 +1,52 @@
-"""The engine driven directly (no Triton): batching, KV accounting, cancellation."""
+"""The engine driven directly (no Triton): continuous batching, chunked prefill, paged KV
+accounting, sessions, sampling, stop strings, cancellation and queueing."""
 
 from __future__ import annotations
 
-import threading
+import time
 
 import pytest
 import torch
 
 from spyre_backend.config import ServingConfig
-from spyre_backend.engine.request import Request
 from spyre_backend.engine.sampling_params import InvalidRequest, SamplingParams
 from spyre_backend.preprocess.processor import Preprocessor
 from spyre_backend.serving.llm_service import LLMService
 from spyre_backend.vision.encoder import VisionEncoder
+from tests.engine_harness import Stack
 from tests.images import shape_png
+
+TRIANGLE = shape_png("triangle", "green", "white", (200, 150))
+
+
+def make_stack(checkpoint, **params) -> Stack:
+    # prefill_chunk 64: every image prompt (100+ tokens) is prefilled in several chunks
+    raw = {"checkpoint": str(checkpoint), "max_context": "1024", "max_running": "4",
+           "decode_batch_sizes": "1 2 4", "prefill_chunk": "64", **params}
+    return Stack(LLMService(ServingConfig.from_strings(raw)), Preprocessor(str(checkpoint)),
+                 VisionEncoder(str(checkpoint), device=torch.device("cpu"), dtype=torch.float32))
 
 
 @pytest.fixture(scope="module")
 def stack(checkpoint):
-    config = ServingConfig.from_strings({"checkpoint": str(checkpoint), "max_context": "1024", "max_running": "4",
-                                         "decode_batch_sizes": "1 2 4"})
-    service = LLMService(config)
-    yield service, Preprocessor(str(checkpoint)), VisionEncoder(str(checkpoint), device=torch.device("cpu"),
-                                                                 dtype=torch.float32)
-    service.shutdown()
+    s = make_stack(checkpoint)
+    yield s
+    s.service.shutdown()
 
 
-def run(service, preprocessor, encoder, question, images, max_tokens=20, params=None):
-    """Submit several prompts at once; returns their outputs once all finished."""
-    prompt = preprocessor(question, images, apply_chat_template=True)
-    features = encoder.encode(torch.from_numpy(prompt.pixel_values), torch.from_numpy(prompt.image_sizes))
-    done = threading.Event()
-    outputs = []
-
-    def on_output(out):
-        outputs.append(out)
-        if out.finished:
-            done.set()
-
-    request = Request(torch.from_numpy(prompt.input_ids), features if features.numel() else None,
-                      params or SamplingParams(max_tokens=max_tokens), on_output)
-    service.engine.add_request(request)
-    return done, outputs
+@pytest.fixture(autouse=True)
+def no_leaks(stack):
+    """Every test must leave the KV cache and the session table as it found them."""
+    free, sessions = stack.engine.num_free_blocks, len(stack.engine.sessions)
+    yield
+    deadline = time.monotonic() + 10
+    while stack.engine.num_free_blocks != free and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stack.engine.num_free_blocks == free
+    assert len(stack.engine.sessions) == sessions
 
 
-CASES = [("What is in the image?", [shape_png("triangle", "green", "white", (200, 150))]),
+CASES = [("What is in the image?", [TRIANGLE]),
          ("Say hello.", []),
          ("What shape is it?", [shape_png("square", "yellow", "black", (60, 200))]),
          ("What is the capital of France?", []),
@@ -52,61 +54,156 @@ CASES = [("What is in the image?", [shape_png("triangle", "green", "white", (200
          ("What is in the second image?", [shape_png("circle", "red", "blue"), shape_png("square", "blue", "white")])]
 
 
-def text_of(outputs):
-    return "".join(o.text for o in outputs)
-
-
-def test_concurrent_requests_match_solo_runs_and_free_all_blocks(stack):
-    service, pre, enc = stack
-    start_free = service.engine.num_free_blocks
-    solo = []
-    for q, imgs in CASES:
-        done, outs = run(service, pre, enc, q, imgs)
-        assert done.wait(120)
-        solo.append(text_of(outs))
-    assert solo[0] == "a green triangle on a white background"
-    together = [run(service, pre, enc, q, imgs) for q, imgs in CASES]  # more than max_running: some queue
-    for (done, outs), want in zip(together, solo):
-        assert done.wait(120)
-        assert text_of(outs) == want
-    assert service.engine.num_free_blocks == start_free
-
-
-def test_cancelled_request_ends_and_frees_its_blocks(stack):
-    service, pre, enc = stack
-    start_free = service.engine.num_free_blocks
-    prompt = pre("Say hello.", [], apply_chat_template=True)
-    cancelled = threading.Event()
-    done = threading.Event()
-    outs = []
-
-    def on_output(out):
-        outs.append(out)
-        cancelled.set()  # cancel after the first output
-        if out.finished:
-            done.set()
-
-    params = SamplingParams(max_tokens=500, ignore_eos=True)
-    service.engine.add_request(Request(torch.from_numpy(prompt.input_ids), None, params, on_output,
-                                       is_cancelled=cancelled.is_set))
-    assert done.wait(60)
-    assert outs[-1].finish_reason.value == "cancelled"
-    assert len(outs) < 50
-    assert service.engine.num_free_blocks == start_free
+def test_concurrent_requests_match_solo_runs_and_transformers(stack, reference):
+    solo = [stack.submit(q, imgs).wait().text for q, imgs in CASES]
+    together = [stack.submit(q, imgs) for q, imgs in CASES * 2]  # 12 > max_running 4: some queue
+    assert [h.wait().text for h in together] == solo * 2
+    for (q, imgs), text in zip(CASES, solo):
+        assert text == reference.generate(reference.chat_prompt(q, len(imgs)), imgs, 20)["text"]
 
 
 def test_request_that_can_never_fit_is_refused_at_once(stack):
-    service, pre, _ = stack
-    prompt = pre("Say hello.", [], apply_chat_template=True)
     with pytest.raises(InvalidRequest, match="maximum context length"):
-        service.engine.add_request(Request(torch.from_numpy(prompt.input_ids), None,
-                                           SamplingParams(max_tokens=5000), lambda out: None))
+        stack.submit("Say hello.", max_tokens=5000)
 
 
-def test_seeded_sampling_is_reproducible(stack):
-    service, pre, enc = stack
+def test_session_second_turn_prefills_only_new_tokens(stack, reference):
+    tok = stack.pre.tokenizer
+    first = stack.submit("What is in the image?", [TRIANGLE], sequence_id=11, sequence_start=True,
+                         sequence_end=False).wait()
+    # the second turn is the chat template's continuation after the first answer
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": first.text}]},
+                    {"role": "user", "content": [{"type": "text", "text": "What shape is it?"}]}]
+    full = reference.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    turn1 = reference.chat_prompt("What is in the image?", 1) + first.text + tok.eos_token
+    assert full.startswith(turn1)
+    new_ids = torch.tensor(tok(full[len(turn1):])["input_ids"])
+    second = stack.submit("", ids=new_ids, sequence_id=11, sequence_start=False, sequence_end=True).wait()
+    # only the new tokens and the first turn's last (sampled, never fed back) token are computed
+    assert second.final.num_prefill_tokens == len(new_ids) + 1
+    afresh = stack.submit(full, [TRIANGLE], chat=False).wait()
+    assert second.text == afresh.text
+    assert afresh.final.num_prefill_tokens > 100  # the whole conversation, image included
+
+
+def test_turns_of_one_session_run_in_order(stack):
+    tok = stack.pre.tokenizer
+    ids = lambda text: torch.tensor(tok(text)["input_ids"])  # noqa: E731
+    first = stack.submit("Say hello.", sequence_id=12, sequence_start=True, sequence_end=False, max_tokens=20)
+    second = stack.submit("", ids=ids("\n<|user|>\nSay hello.\n<|assistant|>\n"), sequence_id=12,
+                          sequence_start=False, sequence_end=True, max_tokens=5)
+    assert second.wait().final.finish_reason is not None
+    assert first.done.is_set()  # the second turn only started after the first ended
+    assert first.final.finish_reason.value in ("stop", "length")
+
+
+def test_turn_of_an_unknown_session_is_refused(stack):
+    out = stack.submit("Say hello.", sequence_id=999, sequence_start=False, sequence_end=True).wait()
+    assert "resend the whole conversation" in out.final.error
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(stack):
     params = lambda: SamplingParams(max_tokens=12, temperature=1.5, seed=1234, ignore_eos=True)  # noqa: E731
-    first = run(service, pre, enc, "Say hello.", [], params=params())
-    second = run(service, pre, enc, "Say hello.", [], params=params())
-    assert first[0].wait(60) and second[0].wait(60)
-    assert text_of(first[1]) == text_of(second[1])
+    alone = stack.submit("Say hello.", params=params()).wait().text
+    others = [stack.submit(q, imgs) for q, imgs in CASES[:3]]
+    batched = stack.submit("Say hello.", params=params())
+    assert batched.wait().text == alone
+    for h in others:
+        h.wait()
+    other_seed = stack.submit("Say hello.", params=SamplingParams(max_tokens=12, temperature=1.5, seed=99,
+                                                                  ignore_eos=True)).wait().text
+    assert other_seed != alone
+
+
+def test_stop_strings_match_across_token_boundaries(stack):
+    full = stack.submit("What is in the image?", [TRIANGLE]).wait().text
+    words = full.split()
+    assert len(words) >= 3
+    # a stop string that starts inside one token and ends inside the next
+    stop = words[1][1:] + " " + words[2][:2]
+    out = stack.submit("What is in the image?", [TRIANGLE],
+                       params=SamplingParams(max_tokens=20, stop=[stop])).wait()
+    assert out.text == full[: full.index(stop)]
+    assert out.final.finish_reason.value == "stop"
+    assert all(stop not in o.text for o in out.outputs)
+
+
+def test_min_tokens_logprobs_and_penalties(stack):
+    out = stack.submit("Say hello.", params=SamplingParams(max_tokens=30, min_tokens=25, logprobs=3)).wait()
+    assert out.final.num_output_tokens >= 25
+    logprobs = [lp for o in out.outputs for lp in (o.logprobs or [])]
+    assert len(logprobs) == out.final.num_output_tokens
+    assert all(len(lp["top"]) == 3 and lp["top"][0]["logprob"] >= lp["logprob"] - 1e-6 for lp in logprobs)
+    plain = stack.submit("Say hello.", params=SamplingParams(max_tokens=30, ignore_eos=True)).wait()
+    penalised = stack.submit("Say hello.", params=SamplingParams(max_tokens=30, ignore_eos=True,
+                                                                 repetition_penalty=5.0)).wait()
+    assert penalised.text != plain.text
+
+
+def test_cancel_and_stop_free_blocks(stack):
+    cancelled = stack.submit("Say hello.", params=SamplingParams(max_tokens=500, ignore_eos=True))
+    while not cancelled.outputs:
+        time.sleep(0.01)
+    cancelled.cancelled.set()
+    assert cancelled.wait().final.finish_reason.value == "cancelled"
+    assert cancelled.final.num_output_tokens < 100
+
+    stopped = stack.submit("Say hello.", params=SamplingParams(max_tokens=500, ignore_eos=True), sequence_id=21,
+                           sequence_start=True, sequence_end=False)
+    while not stopped.outputs:
+        time.sleep(0.01)
+    replies = []
+    stack.engine.stop_sequence(21, True, replies.append)
+    assert stopped.wait().final.finish_reason.value == "cancelled"
+    assert replies == [None]
+    unknown = []
+    stack.engine.stop_sequence(12345, True, unknown.append)
+    deadline = time.monotonic() + 5
+    while not unknown and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "no running request" in unknown[0]
+
+
+def test_wall_clock_limit(checkpoint):
+    s = make_stack(checkpoint, max_request_s="1")
+    try:
+        out = s.submit("Say hello.", params=SamplingParams(max_tokens=900, ignore_eos=True)).wait(60)
+        assert out.final.finish_reason.value == "timeout"
+        assert s.engine.num_free_blocks == s.engine.kv_cache.allocator.num_blocks - 1
+    finally:
+        s.service.shutdown()
+
+
+def test_queueing_and_eviction_when_blocks_run_out(checkpoint):
+    # 5 usable blocks of 64 tokens; each text request reserves 2 (prompt ~45 + 40 new tokens)
+    s = make_stack(checkpoint, num_kv_blocks="6")
+    try:
+        solo = s.submit("Say hello.", max_tokens=40).wait().text
+        handles = [s.submit("Say hello.", max_tokens=40) for _ in range(4)]
+        assert [h.wait().text for h in handles] == [solo] * 4  # they queued, then all ran
+        # an idle session is evicted when a new request needs its blocks; its next turn is refused
+        s.submit("Say hello.", max_tokens=40, sequence_id=5, sequence_start=True, sequence_end=False).wait()
+        assert len(s.engine.sessions) == 1
+        others = [s.submit("Say hello.", max_tokens=40) for _ in range(2)]
+        for h in others:
+            h.wait()
+        assert len(s.engine.sessions) == 0
+        late = s.submit("Hi", sequence_id=5, sequence_start=False, sequence_end=True).wait()
+        assert "evicted" in late.final.error
+        assert s.engine.num_free_blocks == 5
+    finally:
+        s.service.shutdown()
+
+
+def test_idle_sessions_expire(stack):
+    stack.submit("Say hello.", sequence_id=31, sequence_start=True, sequence_end=False).wait()
+    assert stack.engine.sessions.get(31) is not None
+    ttl = stack.engine.sessions.ttl_s
+    stack.engine.sessions.ttl_s = 0.01
+    try:
+        time.sleep(0.05)
+        stack.submit("Say hello.", max_tokens=2).wait()  # any step runs the expiry
+        assert stack.engine.sessions.get(31) is None
+    finally:
+        stack.engine.sessions.ttl_s = ttl

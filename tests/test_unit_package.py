@@ -39,10 +39,10 @@ def test_detokenizer_flush_releases_an_incomplete_tail():
 
 
 def test_sampling_params_defaults_and_overrides():
-    p = SamplingParams.from_json('{"temperature": 0.5, "top_p": 0.9, "stop": "x"}', default_max_tokens=7)
+    p = SamplingParams.from_request('{"temperature": 0.5, "top_p": 0.9, "stop": "x"}', default_max_tokens=7)
     assert (p.max_tokens, p.temperature, p.top_p, p.stop) == (7, 0.5, 0.9, ["x"])
-    assert SamplingParams.from_json('{"max_tokens": 3}', default_max_tokens=7).max_tokens == 3
-    assert SamplingParams.from_json('{"max_tokens": 3}', max_tokens=5).max_tokens == 5
+    assert SamplingParams.from_request('{"max_tokens": 3}', default_max_tokens=7).max_tokens == 3
+    assert SamplingParams.from_request('{"max_tokens": 3}', max_tokens=5).max_tokens == 5
 
 
 @pytest.mark.parametrize("text,message", [
@@ -52,7 +52,7 @@ def test_sampling_params_defaults_and_overrides():
 ])
 def test_sampling_params_rejects_bad_values(text, message):
     with pytest.raises(InvalidRequest, match=message):
-        SamplingParams.from_json(text)
+        SamplingParams.from_request(text)
 
 
 def test_block_allocator_reserves_the_padding_block():

@@ -9,6 +9,7 @@ Shapes the runner may be asked to run (Spyre compiles each one ahead of time):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from fms.models import get_model
@@ -34,7 +35,9 @@ def next_power_of_two(n: int) -> int:
 
 class ModelRunner:
     def __init__(self, checkpoint: str, *, device: torch.device, dtype: torch.dtype,
-                 num_kv_blocks: int, block_size: int, max_context: int, decode_batch_sizes: list[int]):
+                 num_kv_blocks: int | Callable[[int], int], block_size: int, max_context: int,
+                 decode_batch_sizes: list[int]):
+        """``num_kv_blocks`` may be a function of the KV bytes per token (sizing from a memory budget)."""
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
@@ -54,6 +57,9 @@ class ModelRunner:
         self.logits_scaling = float(text.logits_scaling)
         kv_heads = text.kvheads or text.nheads
         head_dim = text.head_dim
+        bytes_per_token = 2 * text.nlayers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        if callable(num_kv_blocks):
+            num_kv_blocks = num_kv_blocks(bytes_per_token)
         self.kv_cache = PagedKVCache(
             num_layers=text.nlayers, num_blocks=num_kv_blocks, block_size=block_size,
             kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, device=device,

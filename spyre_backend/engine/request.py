@@ -1,23 +1,29 @@
-"""A generation request as the engine tracks it, and what it reports back."""
+"""A generation request (one turn of a sequence) as the engine tracks it, and what it reports."""
 
 from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from spyre_backend.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from spyre_backend.engine.detokenizer import IncrementalDetokenizer
+    from spyre_backend.engine.sessions import Session
 
 _ids = itertools.count(1)
 
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # eos, stop string or stop token
-    LENGTH = "length"  # max_tokens or the context limit
-    CANCELLED = "cancelled"
+    LENGTH = "length"  # max_tokens
+    CANCELLED = "cancelled"  # client cancel, disconnect or a stop request
+    TIMEOUT = "timeout"  # the per-request wall-clock limit
     ERROR = "error"
 
 
@@ -29,32 +35,38 @@ class RequestOutput:
     num_output_tokens: int
     finish_reason: FinishReason | None = None
     error: str | None = None
+    logprobs: list[dict] | None = None  # per token of this output, when requested
+    num_prefill_tokens: int = 0  # tokens this turn computed at prefill (new ones only, in a session)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests hold tensors, and each one is unique
 class Request:
-    prompt_ids: torch.Tensor  # [n] int64
+    prompt_ids: torch.Tensor  # [n] int64: this turn's new tokens
     image_features: torch.Tensor | None  # [n_features, hidden] or None
     params: SamplingParams
     on_output: Callable[[RequestOutput], None]
     is_cancelled: Callable[[], bool] = lambda: False
-    sequence_id: int | str = 0
+    sequence_id: int | str | None = None  # None: a one-off sequence of its own
+    sequence_start: bool = True
+    sequence_end: bool = True
     request_id: int = field(default_factory=lambda: next(_ids))
+    arrival: float = field(default_factory=time.monotonic)
+    deadline: float = float("inf")
     # engine state
+    session: "Session | None" = None
+    prefill_embeds: torch.Tensor | None = None  # [n_prefill, hidden], dropped after prefill
+    num_prefilled: int = 0
     output_ids: list[int] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose K/V are in the cache
     generator: torch.Generator | None = None
-    detokenizer: object = None
+    detokenizer: "IncrementalDetokenizer | None" = None
+    num_emitted_chars: int = 0
+    pending_logprobs: list[dict] = field(default_factory=list)
+    stop_requested: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
         return int(self.prompt_ids.shape[0])
 
     @property
-    def max_total_tokens(self) -> int:
-        return self.num_prompt_tokens + self.params.max_tokens
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prompt_tokens + len(self.output_ids)
+    def prefill_done(self) -> bool:
+        return self.prefill_embeds is None and self.num_prefilled > 0

@@ -1,10 +1,34 @@
-"""Token selection per request inside one batch: greedy rows take argmax, others sample."""
+"""Token selection per request inside one batch.
+
+Each row carries its own parameters and random generator, so a seeded request samples the same
+tokens whatever else shares its batch. Order of operations (as in vLLM): penalties, then
+greedy argmax or temperature, top-k, top-p, min-p and a draw. Logprobs are those of the model's
+distribution (after penalties, before temperature and truncation).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from spyre_backend.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleRow:
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_ids: torch.Tensor  # for the repetition penalty
+    output_ids: list[int]
+    banned: list[int]  # tokens not allowed yet (eos before min_tokens)
+
+
+@dataclass
+class Sample:
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -15,24 +39,59 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return gen
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits: float32 [n, vocab] for n real rows (padding rows already dropped)."""
+def _apply_penalties(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
+    p = row.params
+    out = torch.tensor(row.output_ids, dtype=torch.long)
+    if p.repetition_penalty != 1.0:
+        seen = torch.unique(torch.cat([row.prompt_ids.cpu(), out]))
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+    if out.numel() and (p.presence_penalty or p.frequency_penalty):
+        counts = torch.bincount(out, minlength=logits.numel()).to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    logits = logits / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        sorted_probs[(sorted_probs.cumsum(0) - sorted_probs) >= p.top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sample]:
+    """logits: float32 [n, vocab] for the n real rows (padding rows already dropped)."""
     logits = logits.cpu()
-    greedy = logits.argmax(dim=-1)
-    tokens = greedy.tolist()
-    for row, p in enumerate(params):
-        if p.greedy:
+    simple = [not (r.params.has_penalties or r.banned or r.params.logprobs is not None) and r.params.greedy
+              for r in rows]
+    argmax = logits.argmax(dim=-1).tolist()
+    results = []
+    for i, row in enumerate(rows):
+        if simple[i]:  # the common case stays a single batched argmax
+            results.append(Sample(argmax[i]))
             continue
-        row_logits = logits[row] / p.temperature
-        if p.top_k > 0:
-            kth = torch.topk(row_logits, min(p.top_k, row_logits.numel())).values[-1]
-            row_logits = row_logits.masked_fill(row_logits < kth, float("-inf"))
-        probs = torch.softmax(row_logits, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always at least one token)
-            drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        tokens[row] = int(torch.multinomial(probs, 1, generator=generators[row]).item())
-    return tokens
+        row_logits = logits[i].clone()
+        if row.params.has_penalties:
+            row_logits = _apply_penalties(row_logits, row)
+        if row.banned:
+            row_logits[row.banned] = float("-inf")
+        p = row.params
+        token = int(row_logits.argmax()) if p.greedy else _draw(row_logits, p, row.generator)
+        sample_out = Sample(token)
+        if p.logprobs is not None:
+            logprobs = torch.log_softmax(row_logits, dim=-1)
+            sample_out.logprob = float(logprobs[token])
+            if p.logprobs:
+                top = torch.topk(logprobs, p.logprobs)
+                sample_out.top = list(zip(top.indices.tolist(), top.values.tolist()))
+        results.append(sample_out)
+    return results

@@ -1,4 +1,4 @@
-"""Per-request sampling parameters, parsed from the vLLM-style ``sampling_parameters`` JSON."""
+"""Per-request sampling parameters: vLLM-style ``sampling_parameters`` JSON and TRT-LLM-style inputs."""
 
 from __future__ import annotations
 
@@ -10,24 +10,45 @@ class InvalidRequest(ValueError):
     """A client error: reported back as an error response, never raised past the model."""
 
 
+# TRT-LLM backend input names -> our field names (the same meaning, separate optional tensors).
+TRTLLM_INPUTS = {
+    "temperature": "temperature", "top_k": "top_k", "runtime_top_k": "top_k", "top_p": "top_p",
+    "runtime_top_p": "top_p", "min_p": "min_p", "random_seed": "seed", "min_length": "min_tokens",
+    "min_tokens": "min_tokens", "stop_words": "stop", "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+}
+MAX_LOGPROBS = 20
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
+    min_tokens: int = 0  # eos and stop tokens are suppressed until this many tokens exist
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 or -1: no limit
     top_p: float = 1.0
+    min_p: float = 0.0
     seed: int | None = None
+    repetition_penalty: float = 1.0  # on prompt and output tokens, as in vLLM
+    presence_penalty: float = 0.0  # on output tokens
+    frequency_penalty: float = 0.0  # on output tokens
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     @classmethod
-    def from_json(cls, text: str | None, *, max_tokens: int | None = None,
-                  default_max_tokens: int | None = None) -> "SamplingParams":
+    def from_request(cls, text: str | None, *, max_tokens: int | None = None,
+                     default_max_tokens: int | None = None, overrides: dict | None = None) -> "SamplingParams":
+        """``sampling_parameters`` JSON, then separate inputs (``overrides``, TRT-LLM names) on top."""
         values: dict = {}
         if text:
             try:
@@ -40,6 +61,8 @@ class SamplingParams:
         unknown = sorted(set(values) - known)
         if unknown:
             raise InvalidRequest(f"unsupported sampling parameter(s) {unknown}; supported: {sorted(known)}")
+        for name, value in (overrides or {}).items():
+            values[TRTLLM_INPUTS[name]] = value
         if max_tokens is not None:
             values["max_tokens"] = max_tokens  # the explicit max_tokens input wins
         elif default_max_tokens is not None:
@@ -53,22 +76,36 @@ class SamplingParams:
             if not ok:
                 raise InvalidRequest(message)
 
-        check(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens >= 1,
-              f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        check(isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= 100.0,
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
+
+        check(is_int(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        check(is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+              f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        check(is_num(self.temperature) and 0.0 <= self.temperature <= 100.0,
               f"temperature must be a number in [0, 100], got {self.temperature!r}")
-        check(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0),
+        check(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 0),
               f"top_k must be -1, 0 or a positive integer, got {self.top_k!r}")
-        check(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
-              f"top_p must be in (0, 1], got {self.top_p!r}")
-        check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+        check(is_num(self.top_p) and 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p!r}")
+        check(is_num(self.min_p) and 0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p!r}")
+        check(self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63),
               f"seed must be a non-negative integer, got {self.seed!r}")
+        check(is_num(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
+              f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            check(is_num(value) and -2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value!r}")
         check(isinstance(self.ignore_eos, bool), f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
               f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
-        check(isinstance(self.stop_token_ids, list) and all(isinstance(t, int) for t in self.stop_token_ids),
-              f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
+        check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+              f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
+        check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+              f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)

@@ -42,6 +42,12 @@ class Preprocessor:
         messages = [{"role": "user", "content": content}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def empty(self, input_ids: np.ndarray | None = None) -> ProcessedPrompt:
+        """No images (a zero-size image dimension passes between ensemble steps)."""
+        ids = np.zeros(0, dtype=np.int64) if input_ids is None else input_ids
+        return ProcessedPrompt(ids, np.zeros((0, 1, 3, *self._crop_hw), dtype=np.float32),
+                               np.zeros((0, 2), dtype=np.int64))
+
     def __call__(self, text: str, images: list[bytes], apply_chat_template: bool = False) -> ProcessedPrompt:
         if len(images) > self.max_images:
             raise InvalidRequest(f"{len(images)} images in one request, over the limit of {self.max_images}")
@@ -53,9 +59,7 @@ class Preprocessor:
                 f"the prompt has {tags} {self.image_token} tag(s) but {len(images)} image(s) were sent; "
                 "each image needs exactly one tag")
         if not images:
-            ids = self.tokenizer(text, return_tensors="np")["input_ids"][0].astype(np.int64)
-            empty = np.zeros((0, 1, 3, *self._crop_hw), dtype=np.float32)
-            return ProcessedPrompt(ids, empty, np.zeros((0, 2), dtype=np.int64))
+            return self.empty(self.tokenizer(text, return_tensors="np")["input_ids"][0].astype(np.int64))
         pil_images = [decode_image(payload, i) for i, payload in enumerate(images)]
         out = self.processor(images=pil_images, text=text, return_tensors="np")
         return ProcessedPrompt(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -17,9 +17,9 @@ import torch
 from transformers import AutoTokenizer
 
 from spyre_backend.config import ServingConfig
-from spyre_backend.engine.llm_engine import LLMEngine
+from spyre_backend.engine.llm_engine import EngineLimits, EngineStats, LLMEngine
 from spyre_backend.engine.model_runner import ModelRunner
-from spyre_backend.engine.request import Request, RequestOutput
+from spyre_backend.engine.request import FinishReason, Request, RequestOutput
 from spyre_backend.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,14 @@ class GenerateInputs:
     exclude_input_in_output: bool = False
     max_tokens: int | None = None
     sampling_parameters: str | None = None
-    sequence_id: int | str = 0
+    sampling_overrides: dict = field(default_factory=dict)  # TRT-LLM-style separate inputs
+    sequence_id: int | str | None = None
+    sequence_start: bool = True
+    sequence_end: bool = True
 
 
 class LLMService:
-    def __init__(self, config: ServingConfig):
+    def __init__(self, config: ServingConfig, on_stats: Callable[[EngineStats], None] | None = None):
         config.apply_threads()
         started = time.monotonic()
         self.config = config
@@ -50,10 +53,12 @@ class LLMService:
             decode_batch_sizes=config.decode_batch_sizes,
         )
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        self.engine = LLMEngine(runner, self.tokenizer, max_running=config.max_running, eos_token_ids=eos)
+        limits = EngineLimits(max_running=config.max_running, prefill_chunk=config.prefill_chunk,
+                              session_ttl_s=config.session_ttl_s, max_request_s=config.max_request_s)
+        self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids=eos, limits=limits, on_step=on_stats)
         self.engine.start()
         log.warning("granite_llm loaded %s in %.1f s (KV: %d blocks of %d tokens)", checkpoint,
-                    time.monotonic() - started, config.kv_blocks, config.block_size)
+                    time.monotonic() - started, runner.kv_cache.allocator.num_blocks, config.block_size)
 
     def submit(self, inputs: GenerateInputs, send: Callable[[str, RequestOutput], None],
                is_cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -61,29 +66,41 @@ class LLMService:
 
         Raises InvalidRequest for a request that can never run.
         """
-        params = SamplingParams.from_json(inputs.sampling_parameters, max_tokens=inputs.max_tokens,
-                                          default_max_tokens=self.config.default_max_tokens)
+        params = SamplingParams.from_request(inputs.sampling_parameters, max_tokens=inputs.max_tokens,
+                                             default_max_tokens=self.config.default_max_tokens,
+                                             overrides=inputs.sampling_overrides)
         features = None
         if inputs.image_features is not None and inputs.image_features.size:
             features = torch.from_numpy(np.ascontiguousarray(inputs.image_features))
         pieces: list[str] = []
+        logprobs: list[dict] = []
         prefix = "" if inputs.exclude_input_in_output or inputs.stream else inputs.prompt_text
 
         def on_output(out: RequestOutput) -> None:
             if inputs.stream:
-                if out.text or out.finished:
+                if out.text or out.finished or out.logprobs:
                     send(out.text, out)
                 return
             pieces.append(out.text)
+            logprobs.extend(out.logprobs or [])
             if out.finished:
+                if out.logprobs is not None:
+                    out.logprobs = logprobs
                 send(prefix + "".join(pieces), out)
 
         request = Request(
             prompt_ids=torch.from_numpy(np.ascontiguousarray(inputs.input_ids, dtype=np.int64)),
             image_features=features, params=params, on_output=on_output, is_cancelled=is_cancelled,
-            sequence_id=inputs.sequence_id,
+            sequence_id=inputs.sequence_id, sequence_start=inputs.sequence_start, sequence_end=inputs.sequence_end,
         )
         self.engine.add_request(request)
 
+    def stop(self, sequence_id, end: bool, reply: Callable[[str | None], None]) -> None:
+        """Stop the running turn of ``sequence_id``; ``reply(None)`` on success, else the error."""
+        self.engine.stop_sequence(sequence_id, end, reply)
+
     def shutdown(self) -> None:
         self.engine.stop()
+
+
+__all__ = ["GenerateInputs", "LLMService", "FinishReason"]

@@ -6,6 +6,8 @@ model adapters instead of imported here; everything else in the package stays Tr
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from spyre_backend.engine.sampling_params import InvalidRequest
@@ -53,12 +55,38 @@ def image_list(pb_utils, request, name: str = "image") -> list[bytes]:
     return [bytes(x) if isinstance(x, (bytes, bytearray)) else str(x).encode() for x in array.reshape(-1)]
 
 
+def sampling_overrides(pb_utils, request) -> dict:
+    """TRT-LLM-style separate sampling inputs that the request carries, as Python values."""
+    from spyre_backend.engine.sampling_params import TRTLLM_INPUTS
+
+    values = {}
+    for name in TRTLLM_INPUTS:
+        array = tensor(pb_utils, request, name)
+        if array is None:
+            continue
+        if name == "stop_words":
+            values[name] = [w.decode("utf-8", "replace") if isinstance(w, bytes) else str(w) for w in array.reshape(-1)]
+        else:
+            value = scalar(array, name)
+            values[name] = value.item() if hasattr(value, "item") else value
+    return values
+
+
+def sequence_flags(pb_utils, request) -> tuple[bool, bool]:
+    flags = request.flags()
+    return (bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START),
+            bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END))
+
+
 def error_response(pb_utils, message: str):
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 
 
-def text_response(pb_utils, text: str, finish_reason: str, num_input: int, num_output: int):
+def text_response(pb_utils, text: str, finish_reason: str, num_input: int, num_output: int,
+                  logprobs: list | None = None):
     return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("logprobs", np.array([json.dumps(logprobs).encode() if logprobs is not None else b""],
+                                             dtype=np.object_)),
         pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
         pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
         pb_utils.Tensor("num_input_tokens", np.array([num_input], dtype=np.int32)),

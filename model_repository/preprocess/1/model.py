@@ -1,6 +1,5 @@
 """Triton adapter for spyre_backend.preprocess (HF processor)."""
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from spyre_backend.config import ServingConfig
@@ -18,6 +17,10 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
+                if io.optional_bool(pb_utils, request, "stop", False):
+                    # a stop request only travels through to granite_llm: nothing to preprocess
+                    responses.append(self._outputs(self.preprocessor.empty()))
+                    continue
                 text = io.optional_text(pb_utils, request, "text_input")
                 if text is None:
                     raise InvalidRequest("input 'text_input' is required")
@@ -25,11 +28,15 @@ class TritonPythonModel:
                     text, io.image_list(pb_utils, request),
                     apply_chat_template=io.optional_bool(pb_utils, request, "apply_chat_template", False),
                 )
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("input_ids", out.input_ids),
-                    pb_utils.Tensor("pixel_values", out.pixel_values),
-                    pb_utils.Tensor("image_sizes", out.image_sizes),
-                ]))
+                responses.append(self._outputs(out))
             except InvalidRequest as exc:
                 responses.append(io.error_response(pb_utils, str(exc)))
         return responses
+
+    @staticmethod
+    def _outputs(out):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("input_ids", out.input_ids),
+            pb_utils.Tensor("pixel_values", out.pixel_values),
+            pb_utils.Tensor("image_sizes", out.image_sizes),
+        ])

@@ -162,7 +162,7 @@ def test_cancel_and_stop_free_blocks(stack):
     deadline = time.monotonic() + 5
     while not unknown and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert "no running request" in unknown[0]
+    assert "no open session" in unknown[0]
 
 
 def test_wall_clock_limit(checkpoint):

@@ -208,16 +208,16 @@ class LLMEngine:
 
     def _stop_sequence(self, stop: StopSequence) -> None:
         session = self.sessions.get(stop.sequence_id)
-        if session is None or not session.busy:
-            stop.reply(f"sequence {stop.sequence_id} has no running request to stop")
-            if session is not None and stop.end:
-                self.sessions.close(session)
+        if session is None:
+            stop.reply(f"sequence {stop.sequence_id} has no open session or running request")
             return
         for queued in self._queued.pop(stop.sequence_id, ()):
             self._reject(queued, "stopped by a stop request")
-        session.active.stop_requested = True
-        if stop.end:
-            session.active.sequence_end = True
+        if session.busy:
+            session.active.stop_requested = True
+            session.active.sequence_end |= stop.end
+        elif stop.end:
+            self.sessions.close(session)
         stop.reply(None)
 
     def _reject(self, request: Request, message: str) -> None:

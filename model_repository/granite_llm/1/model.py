@@ -27,6 +27,11 @@ class TritonPythonModel:
             "waiting": self._requests.Metric(labels={"state": "waiting"}),
             "sessions": self._sessions.Metric(labels={}),
         }
+        self._finished_family = pb_utils.MetricFamily(
+            name="spyre_requests_finished_total", description="Finished LLM requests by finish reason",
+            kind=pb_utils.MetricFamily.COUNTER)
+        self._finished = {reason: self._finished_family.Metric(labels={"reason": reason})
+                          for reason in ("stop", "length", "cancelled", "timeout", "error")}
 
     def _on_stats(self, stats):
         values = {"free_blocks": stats.free_blocks, "used_blocks": stats.total_blocks - stats.free_blocks,
@@ -58,9 +63,10 @@ class TritonPythonModel:
                 sender.send(io.error_response(pb_utils, str(exc)), flags=FINAL)
         return None
 
-    @staticmethod
-    def _sender(sender):
+    def _sender(self, sender):
         def send(text, out):
+            if out.finished:
+                self._finished[out.finish_reason.value if out.finish_reason else "error"].increment(1)
             if out.error:
                 sender.send(io.error_response(pb_utils, out.error), flags=FINAL)
                 return

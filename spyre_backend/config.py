@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from spyre_backend import DEFAULT_CHECKPOINT
+from spyre_backend.device import COMPILE_BACKENDS, DEVICES, DeviceError, DevicePlan, resolve
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -20,7 +21,8 @@ class ConfigError(ValueError):
 @dataclass
 class ServingConfig:
     checkpoint: str = ""  # empty: SPYRE_CHECKPOINT, else the shipped tiny checkpoint
-    device: str = "cpu"
+    device: str = "auto"  # auto | spyre | cpu | cuda
+    compile_backend: str = ""  # eager | inductor | sendnn; empty: sendnn on spyre, eager elsewhere
     dtype: str = "float32"
     block_size: int = 64  # KV block and prefill padding granularity
     max_context: int = 4096  # tokens per sequence (prompt + output)
@@ -72,7 +74,9 @@ class ServingConfig:
             if not ok:
                 raise ConfigError(f"parameter {name!r}: {message} (got {getattr(self, name)!r})")
 
-        check(self.device in ("cpu", "cuda"), "device", "must be cpu or cuda")
+        check(self.device in DEVICES, "device", f"must be one of {list(DEVICES)}")
+        check(self.compile_backend in ("", *COMPILE_BACKENDS), "compile_backend",
+              f"must be one of {list(COMPILE_BACKENDS)} (or empty for the device's default)")
         check(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}")
         check(self.block_size > 0, "block_size", "must be positive")
         check(self.max_context > 0 and self.max_context % self.block_size == 0, "max_context",
@@ -96,9 +100,12 @@ class ServingConfig:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
-    @property
-    def torch_device(self) -> torch.device:
-        return torch.device(self.device)
+    def device_plan(self) -> DevicePlan:
+        """Resolve device and compile backend; a device that cannot be used fails here, at load."""
+        try:
+            return resolve(self.device, self.compile_backend or None, self.torch_dtype)
+        except (DeviceError, RuntimeError) as exc:
+            raise ConfigError(f"parameter 'device' ({self.device!r}): {exc}") from None
 
     def kv_blocks(self, bytes_per_token: int) -> int:
         """Blocks in the KV pool (one more is reserved for padding)."""

@@ -24,7 +24,7 @@ def make_stack(checkpoint, **params) -> Stack:
     raw = {"checkpoint": str(checkpoint), "max_context": "1024", "max_running": "4",
            "decode_batch_sizes": "1 2 4", "prefill_chunk": "64", **params}
     return Stack(LLMService(ServingConfig.from_strings(raw)), Preprocessor(str(checkpoint)),
-                 VisionEncoder(str(checkpoint), device=torch.device("cpu"), dtype=torch.float32))
+                 VisionEncoder(str(checkpoint)))
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ SIZES = [(1, 1), (56, 56), (57, 55), (200, 150), (150, 200), (400, 20), (20, 400
 
 @pytest.fixture(scope="module")
 def pipeline(checkpoint):
-    return Preprocessor(str(checkpoint)), VisionEncoder(str(checkpoint), device=torch.device("cpu"),
-                                                        dtype=torch.float32)
+    return Preprocessor(str(checkpoint)), VisionEncoder(str(checkpoint))
 
 
 @pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])

@@ -1,9 +1,11 @@
 """Runs the FMS Granite decoder on embeddings over the paged KV cache, with static padded shapes.
 
-Shapes the runner may be asked to run (Spyre compiles each one ahead of time):
-- prefill: one sequence, ``q_len`` padded to a multiple of the block size;
-- decode: ``batch`` padded to one of ``decode_batch_sizes``, one token per row;
-- both: the context read through block tables padded to a power-of-two number of blocks.
+The shapes the runner can be asked to run form a finite set, fixed at load and all compiled at
+warmup (what a Spyre card needs; on the CPU or GPU with inductor it also means no recompiles):
+- prefill: ``q_len`` a multiple of the block size, up to ``prefill_chunk``;
+- decode: ``batch`` one of ``decode_batch_sizes``, one token per row;
+- both: the context read through block tables is a power-of-two number of blocks, capped at
+  ``max_context``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Callable
 import torch
 from fms.models import get_model
 
+from spyre_backend.device import DevicePlan
 from spyre_backend.engine import attention
 from spyre_backend.engine.kv_cache import NULL_BLOCK, PagedKVCache
+from spyre_backend.multimodal import MultimodalSpec
 
 
 @dataclass
@@ -28,43 +32,69 @@ class StepInputs:
     block_table: torch.Tensor  # [batch, ctx_blocks]
     last_index: torch.Tensor  # [batch] column of the token whose logits are wanted
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.embeds.shape[0], self.embeds.shape[1], self.block_table.shape[1])
+
 
 def next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
 class ModelRunner:
-    def __init__(self, checkpoint: str, *, device: torch.device, dtype: torch.dtype,
+    def __init__(self, checkpoint: str, *, plan: DevicePlan, spec: MultimodalSpec,
                  num_kv_blocks: int | Callable[[int], int], block_size: int, max_context: int,
-                 decode_batch_sizes: list[int]):
+                 prefill_chunk: int, decode_batch_sizes: list[int]):
         """``num_kv_blocks`` may be a function of the KV bytes per token (sizing from a memory budget)."""
-        self.device = device
-        self.dtype = dtype
+        self.plan = plan
+        self.device = plan.torch_device
+        self.dtype = plan.dtype
+        self.spec = spec
         self.block_size = block_size
         self.max_context = max_context
+        self.prefill_chunk = prefill_chunk
         self.decode_batch_sizes = sorted(decode_batch_sizes)
+        self.max_blocks_per_seq = -(-max_context // block_size)
         self.attn_name = attention.register()
 
-        full = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=dtype, device_type=device.type)
-        config = full.config
-        self.image_token_id = int(config.image_token_index)
+        full = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=self.dtype,
+                         device_type=self.device.type)
+        self.image_token_id = int(full.config.image_token_index)
         lm = full.language_model
         del full  # the vision tower lives in the vision_encoder model, not here
-        self.lm = lm.to(device).eval()
+        self.lm = lm.to(self.device).eval()
         text = lm.config
         self.hidden_size = text.emb_dim
-        self.vocab_size = text.src_vocab_size
         self.logits_scaling = float(text.logits_scaling)
         kv_heads = text.kvheads or text.nheads
-        head_dim = text.head_dim
-        bytes_per_token = 2 * text.nlayers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        bytes_per_token = 2 * text.nlayers * kv_heads * text.head_dim * torch.finfo(self.dtype).bits // 8
         if callable(num_kv_blocks):
             num_kv_blocks = num_kv_blocks(bytes_per_token)
         self.kv_cache = PagedKVCache(
             num_layers=text.nlayers, num_blocks=num_kv_blocks, block_size=block_size,
-            kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, device=device,
+            kv_heads=kv_heads, head_dim=text.head_dim, dtype=self.dtype, device=self.device,
         )
-        self.max_blocks_per_seq = -(-max_context // block_size)
+        self._forward = plan.compile(self._forward_impl, name="granite_decoder")
+        self.shapes_run: set[tuple[int, int, int]] = set()
+
+    # -- the static shape set --------------------------------------------------------------
+    def context_buckets(self) -> list[int]:
+        buckets, b = [], 1
+        while b < self.max_blocks_per_seq:
+            buckets.append(b)
+            b *= 2
+        return buckets + [self.max_blocks_per_seq]
+
+    def _ctx_blocks(self, needed: int) -> int:
+        return next(b for b in self.context_buckets() if b >= needed)
+
+    def shape_set(self) -> list[tuple[int, int, int]]:
+        """Every (batch, q_len, ctx_blocks) this runner can run."""
+        shapes = []
+        for q_len in range(self.block_size, self.prefill_chunk + 1, self.block_size):
+            shapes += [(1, q_len, ctx) for ctx in self.context_buckets() if ctx * self.block_size >= q_len]
+        shapes += [(batch, 1, ctx) for batch in self.decode_batch_sizes for ctx in self.context_buckets()]
+        return shapes
 
     # -- embeddings ------------------------------------------------------------------------
     @torch.no_grad()
@@ -73,36 +103,32 @@ class ModelRunner:
 
     @torch.no_grad()
     def embed_prompt(self, token_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image features written over the ``<image>`` placeholder positions."""
-        from spyre_backend.multimodal import merge_image_features
-
+        """Token embeddings with image features written over the image placeholder positions."""
         embeds = self.embed_tokens(token_ids.unsqueeze(0))
         features = None if image_features is None else image_features.to(self.device, self.dtype).unsqueeze(0)
-        return merge_image_features(token_ids.unsqueeze(0).to(self.device), embeds, features,
-                                    self.image_token_id)[0]
+        return self.spec.merge(token_ids.unsqueeze(0).to(self.device), embeds, features, self.image_token_id)[0]
 
-    # -- forward ---------------------------------------------------------------------------
-    def _ctx_blocks(self, needed: int) -> int:
-        return min(next_power_of_two(needed), self.max_blocks_per_seq)
-
+    # -- padded inputs ---------------------------------------------------------------------
     def prefill_inputs(self, embeds: torch.Tensor, start: int, block_table: list[int]) -> StepInputs:
         """One sequence's new tokens ``embeds`` [n, hidden] starting at position ``start``."""
         n = embeds.shape[0]
+        if n > self.prefill_chunk:
+            raise ValueError(f"prefill of {n} tokens exceeds prefill_chunk {self.prefill_chunk}")
         q_len = -(-n // self.block_size) * self.block_size
         padded = torch.zeros(1, q_len, self.hidden_size, dtype=self.dtype, device=self.device)
         padded[0, :n] = embeds
         positions = torch.arange(start, start + q_len, device=self.device).unsqueeze(0)
+        ctx = self._ctx_blocks(-(-(start + q_len) // self.block_size))
+        bt = torch.full((1, ctx), NULL_BLOCK, dtype=torch.long, device=self.device)
+        table = torch.tensor(block_table[:ctx], dtype=torch.long, device=self.device)
+        bt[0, : len(table)] = table
         slots = torch.full((1, q_len), NULL_BLOCK * self.block_size, dtype=torch.long, device=self.device)
         real = positions[0, :n]
-        table = torch.tensor(block_table, dtype=torch.long, device=self.device)
-        slots[0, :n] = table[real // self.block_size] * self.block_size + real % self.block_size
-        ctx = self._ctx_blocks(max(len(block_table), -(-(start + q_len) // self.block_size)))
-        bt = torch.full((1, ctx), NULL_BLOCK, dtype=torch.long, device=self.device)
-        bt[0, : len(block_table)] = table
+        slots[0, :n] = bt[0, real // self.block_size] * self.block_size + real % self.block_size
         return StepInputs(padded, positions, slots, bt, torch.tensor([n - 1], device=self.device))
 
     def decode_inputs(self, embeds: torch.Tensor, positions: list[int], block_tables: list[list[int]]) -> StepInputs:
-        """One new token per sequence; the batch is padded to a configured decode size."""
+        """One new token per sequence at ``positions``; the batch is padded to a configured size."""
         n = len(positions)
         batch = next((b for b in self.decode_batch_sizes if b >= n), None)
         if batch is None:
@@ -111,28 +137,37 @@ class ModelRunner:
         padded[:n, 0] = embeds
         pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         pos[:n, 0] = torch.tensor(positions, device=self.device)
-        ctx = self._ctx_blocks(max(len(t) for t in block_tables))
+        ctx = self._ctx_blocks(max(p // self.block_size + 1 for p in positions))
         bt = torch.full((batch, ctx), NULL_BLOCK, dtype=torch.long, device=self.device)
         for row, table in enumerate(block_tables):
-            bt[row, : len(table)] = torch.tensor(table, device=self.device)
+            used = table[:ctx]
+            bt[row, : len(used)] = torch.tensor(used, device=self.device)
         slots = torch.full((batch, 1), NULL_BLOCK * self.block_size, dtype=torch.long, device=self.device)
         rows = torch.arange(n, device=self.device)
         slots[:n, 0] = bt[rows, pos[:n, 0] // self.block_size] * self.block_size + pos[:n, 0] % self.block_size
         return StepInputs(padded, pos, slots, bt, torch.zeros(batch, dtype=torch.long, device=self.device))
 
+    def dummy_inputs(self, batch: int, q_len: int, ctx: int) -> StepInputs:
+        """Inputs of a given shape that only touch the null block (for warmup)."""
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=self.device)  # noqa: E731
+        return StepInputs(torch.zeros(batch, q_len, self.hidden_size, dtype=self.dtype, device=self.device),
+                          z(batch, q_len), z(batch, q_len), z(batch, ctx), z(batch))
+
+    # -- forward ---------------------------------------------------------------------------
+    def _forward_impl(self, embeds, positions, slots, block_table, last_index):
+        ctx_len = block_table.shape[1] * self.block_size
+        kv_pos = torch.arange(ctx_len, device=embeds.device)
+        # causal by absolute position; also hides the never-written tail of the last block
+        mask = kv_pos.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1)
+        hidden, _ = self.lm.base_model(
+            embeds, position_ids=positions, past_key_value_states=self.kv_cache.layers, use_cache=True,
+            attn_name=self.attn_name, slot_mapping=slots, block_table=block_table, mask=mask,
+        )
+        last = hidden[torch.arange(hidden.shape[0], device=embeds.device), last_index]
+        return (self.lm.head(last) / self.logits_scaling).float()
+
     @torch.no_grad()
     def forward(self, step: StepInputs) -> torch.Tensor:
-        """Returns float32 logits [batch, vocab] at each row's ``last_index`` (Granite-scaled)."""
-        ctx_len = step.block_table.shape[1] * self.block_size
-        kv_pos = torch.arange(ctx_len, device=self.device)
-        # causal by absolute position; also hides the never-written tail of the last block
-        mask = (kv_pos.view(1, 1, 1, -1) <= step.positions.unsqueeze(1).unsqueeze(-1))
-        hidden, _ = self.lm.base_model(
-            step.embeds, position_ids=step.positions, past_key_value_states=self.kv_cache.layers,
-            use_cache=True, attn_name=self.attn_name, slot_mapping=step.slots,
-            block_table=step.block_table, mask=mask,
-        )
-        rows = torch.arange(hidden.shape[0], device=self.device)
-        last = hidden[rows, step.last_index]
-        logits = self.lm.head(last) / self.logits_scaling
-        return logits.float()
+        """Float32 logits [batch, vocab] at each row's ``last_index`` (Granite-scaled)."""
+        self.shapes_run.add(step.shape)
+        return self._forward(step.embeds, step.positions, step.slots, step.block_table, step.last_index)

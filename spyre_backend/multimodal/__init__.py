@@ -1,31 +1,12 @@
-"""Multimodal helpers shared by the vision encoder and the LLM."""
+"""Per-architecture multimodal utilities, looked up from a checkpoint's config.
 
-from __future__ import annotations
+Each supported architecture has one file here describing what the serving code needs to know
+about it: how to unwrap its config, its image token, how image features are merged into the
+token embeddings (every batch row), and a real multimodal warmup input. Adding a model means
+adding one file and registering it below.
+"""
 
-import torch
+from spyre_backend.multimodal.merge import ImageFeatureMismatch, merge_image_features
+from spyre_backend.multimodal.registry import MultimodalSpec, get_spec, register
 
-
-class ImageFeatureMismatch(ValueError):
-    pass
-
-
-def merge_image_features(token_ids: torch.Tensor, embeds: torch.Tensor,
-                         image_features: torch.Tensor | None, image_token_id: int) -> torch.Tensor:
-    """Write each row's image features over that row's ``<image>`` placeholder positions.
-
-    token_ids [batch, seq], embeds [batch, seq, hidden], image_features [batch, n_features, hidden]
-    (or None for text-only). Every row is merged (FMS's own merge handles batch row 0 only).
-    """
-    placeholders = token_ids == image_token_id
-    counts = placeholders.sum(dim=1)
-    n_features = 0 if image_features is None else image_features.shape[1]
-    for row, count in enumerate(counts.tolist()):
-        if count != n_features:
-            raise ImageFeatureMismatch(
-                f"prompt row {row} has {count} image placeholder tokens but the vision encoder "
-                f"returned {n_features} features")
-    if n_features == 0:
-        return embeds
-    merged = embeds.clone()
-    merged[placeholders] = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
-    return merged
+__all__ = ["ImageFeatureMismatch", "MultimodalSpec", "get_spec", "merge_image_features", "register"]

@@ -21,6 +21,8 @@ from spyre_backend.engine.llm_engine import EngineLimits, EngineStats, LLMEngine
 from spyre_backend.engine.model_runner import ModelRunner
 from spyre_backend.engine.request import FinishReason, Request, RequestOutput
 from spyre_backend.engine.sampling_params import SamplingParams
+from spyre_backend.multimodal import get_spec
+from spyre_backend.serving.warmup import warmup_llm
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +43,30 @@ class GenerateInputs:
 
 
 class LLMService:
-    def __init__(self, config: ServingConfig, on_stats: Callable[[EngineStats], None] | None = None):
+    def __init__(self, config: ServingConfig, on_stats: Callable[[EngineStats], None] | None = None,
+                 warmup: bool = True):
         config.apply_threads()
         started = time.monotonic()
         self.config = config
         checkpoint = config.checkpoint_dir
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.spec = get_spec(checkpoint)
         runner = ModelRunner(
-            checkpoint, device=config.torch_device, dtype=config.torch_dtype, num_kv_blocks=config.kv_blocks,
-            block_size=config.block_size, max_context=config.max_context,
+            checkpoint, plan=config.device_plan(), spec=self.spec, num_kv_blocks=config.kv_blocks,
+            block_size=config.block_size, max_context=config.max_context, prefill_chunk=config.prefill_chunk,
             decode_batch_sizes=config.decode_batch_sizes,
         )
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         limits = EngineLimits(max_running=config.max_running, prefill_chunk=config.prefill_chunk,
                               session_ttl_s=config.session_ttl_s, max_request_s=config.max_request_s)
         self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids=eos, limits=limits, on_step=on_stats)
+        loaded = time.monotonic() - started
         self.engine.start()
-        log.warning("granite_llm loaded %s in %.1f s (KV: %d blocks of %d tokens)", checkpoint,
-                    time.monotonic() - started, runner.kv_cache.allocator.num_blocks, config.block_size)
+        warmed = warmup_llm(self, checkpoint) if warmup else 0.0
+        plan = runner.plan
+        log.warning("granite_llm: loaded %s in %.1f s, warmup %.1f s (%s, %s, %s; %d static shapes; "
+                    "KV %d blocks of %d tokens)", checkpoint, loaded, warmed, plan.kind, plan.compile_backend,
+                    config.dtype, len(runner.shape_set()), runner.kv_cache.allocator.num_blocks, config.block_size)
 
     def submit(self, inputs: GenerateInputs, send: Callable[[str, RequestOutput], None],
                is_cancelled: Callable[[], bool] = lambda: False) -> None:

@@ -1,7 +1,9 @@
-"""Encodes preprocessed images into the features that replace ``<image>`` placeholders.
+"""Encodes preprocessed images into the features that replace the image placeholders.
 
 Uses FMS's LlavaNext loaded with ``vision_only=True`` (vision tower, projector, image_newline):
-the LLM's decoder layers are never loaded here.
+the LLM's decoder layers are never loaded here. The tower and projector run on a static number
+of crops (a power of two, padded with zero crops), so a compiled program exists for every
+request; choosing the anyres grid and packing with image_newline stay in eager Python.
 """
 
 from __future__ import annotations
@@ -9,14 +11,43 @@ from __future__ import annotations
 import torch
 from fms.models import get_model
 
+from spyre_backend.device import DevicePlan, resolve
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
 
 class VisionEncoder:
-    def __init__(self, checkpoint: str, *, device: torch.device, dtype: torch.dtype):
-        self.device = device
-        self.dtype = dtype
-        self.model = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=dtype,
-                               device_type=device.type, vision_only=True).eval()
-        self.hidden_size = self.model.config.text_config.emb_dim
+    def __init__(self, checkpoint: str, plan: DevicePlan | None = None):
+        self.plan = plan or resolve("cpu", "eager", torch.float32)
+        self.device, self.dtype = self.plan.torch_device, self.plan.dtype
+        self.model = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=self.dtype,
+                               device_type=self.device.type, vision_only=True).eval()
+        config = self.model.config
+        self.hidden_size = config.text_config.emb_dim
+        self.crop_size = config.vision_config.image_size
+        self._tower = self.plan.compile(self._tower_impl, name="vision_tower")
+        self.crop_batches_run: set[int] = set()
+
+    def _tower_impl(self, crops: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] crops -> [n, patches, hidden] projected multi-layer features."""
+        config = self.model.config
+        _, _, hidden_states = self.model.vision_tower(crops, output_hidden_states=True)
+        layers = config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else layers
+        selected = torch.cat([hidden_states[i] for i in layers], dim=-1)
+        if config.vision_feature_select_strategy == "default":
+            selected = selected[:, 1:]  # drop CLS (SigLIP has none: Granite Vision uses "full")
+        return self.model.multi_modal_projector(selected)
+
+    def run_tower(self, crops: torch.Tensor) -> torch.Tensor:
+        n = crops.shape[0]
+        batch = next_power_of_two(n)
+        if batch != n:
+            crops = torch.cat([crops, crops.new_zeros(batch - n, *crops.shape[1:])])
+        self.crop_batches_run.add(batch)
+        return self._tower(crops)[:n]
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
@@ -24,6 +55,22 @@ class VisionEncoder:
         features [total_features, hidden], images in order, each packed with image_newline."""
         if pixel_values.shape[0] == 0:
             return torch.zeros(0, self.hidden_size, dtype=self.dtype)
-        pixel_values = pixel_values.to(self.device, self.dtype)
-        per_image = self.model.get_image_features(pixel_values, image_sizes)
-        return self.model.pack_image_features(per_image, image_sizes, image_newline=self.model.image_newline)
+        config = self.model.config
+        counts = [self.model.image_size_to_num_patches(size, config.image_grid_pinpoints, self.crop_size)
+                  for size in image_sizes]
+        crops = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)]).to(self.device, self.dtype)
+        per_image = torch.split(self.run_tower(crops), counts)
+        return self.model.pack_image_features(list(per_image), image_sizes, image_newline=self.model.image_newline)
+
+    @torch.no_grad()
+    def warmup(self, crops: torch.Tensor, max_crops: int) -> list[int]:
+        """Run every crop-batch size up to ``max_crops`` on real preprocessed crops (raw pixels of
+        a real image, tiled to fill the batch), so each compiled program exists before serving."""
+        sizes, b = [], 1
+        while b < next_power_of_two(max_crops) * 2:
+            sizes.append(b)
+            b *= 2
+        crops = crops.to(self.device, self.dtype)
+        for size in sizes:
+            self.run_tower(crops.repeat((size + crops.shape[0] - 1) // crops.shape[0], 1, 1, 1)[:size])
+        return sizes

@@ -1,0 +1,67 @@
+"""Where the model runs and how it is compiled: Spyre, CUDA or the CPU, one program everywhere.
+
+``device``: auto | spyre | cpu | cuda. ``compile_backend``: eager | inductor | sendnn.
+auto picks spyre where IBM's Spyre stack imports, else cuda where available, else cpu.
+On Spyre, tensors live on the host and the compiled graphs run on the card (torch_sendnn);
+everything Spyre-specific is in ``spyre.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from spyre_backend.device import spyre
+
+DEVICES = ("auto", "spyre", "cpu", "cuda")
+COMPILE_BACKENDS = ("eager", "inductor", "sendnn")
+
+
+class DeviceError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    kind: str  # spyre | cpu | cuda
+    compile_backend: str  # eager | inductor | sendnn
+    dtype: torch.dtype
+
+    @property
+    def torch_device(self) -> torch.device:
+        # Spyre graphs take host tensors; the card is reached through the compiled program.
+        return torch.device("cuda" if self.kind == "cuda" else "cpu")
+
+    def compile(self, fn: Callable, *, name: str) -> Callable:
+        """Compile ``fn`` for static shapes: each distinct shape is one graph, built at warmup."""
+        if self.compile_backend == "eager":
+            return fn
+        import torch._dynamo
+
+        # one graph per warmed-up shape; dynamo's default limit (8) would silently fall back to eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        backend = spyre.compile_backend() if self.compile_backend == "sendnn" else "inductor"
+        return torch.compile(fn, backend=backend, dynamic=False, fullgraph=False)
+
+
+def resolve(device: str, compile_backend: str | None, dtype: torch.dtype) -> DevicePlan:
+    if device not in DEVICES:
+        raise DeviceError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "auto":
+        device = "spyre" if spyre.available() else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "spyre":
+        spyre.require()  # fails with what is missing
+        compile_backend = compile_backend or "sendnn"
+        if compile_backend != "sendnn":
+            raise DeviceError(f"device spyre runs compiled graphs only: compile_backend must be sendnn, "
+                              f"got {compile_backend!r}")
+    else:
+        compile_backend = compile_backend or "eager"
+        if compile_backend not in ("eager", "inductor"):
+            raise DeviceError(f"compile_backend {compile_backend!r} needs device spyre; "
+                              f"use eager or inductor on {device}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise DeviceError("device cuda was asked for but torch sees no CUDA device")
+    return DevicePlan(device, compile_backend, dtype)

@@ -1,0 +1,67 @@
+"""Warmup before a model reports ready: every shape that will be compiled runs once, driven by a
+real synthetic image through the real preprocessing and vision code (never pre-merged inputs).
+
+Eager execution has nothing to compile, so it runs only the real end-to-end warmup requests;
+compiled backends (inductor, sendnn) also run every shape of the static shape set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from spyre_backend.device import DevicePlan
+from spyre_backend.engine.request import Request
+from spyre_backend.engine.sampling_params import SamplingParams
+from spyre_backend.preprocess.processor import Preprocessor
+from spyre_backend.vision.encoder import VisionEncoder
+
+log = logging.getLogger(__name__)
+
+
+def real_image_inputs(checkpoint: str, spec) -> tuple[Preprocessor, object]:
+    preprocessor = Preprocessor(checkpoint)
+    question, images = spec.warmup_request()
+    return preprocessor, preprocessor(question, images, apply_chat_template=True)
+
+
+def warmup_vision(encoder: VisionEncoder, checkpoint: str, spec, max_images: int) -> float:
+    started = time.monotonic()
+    preprocessor, prompt = real_image_inputs(checkpoint, spec)
+    encoder.encode(torch.from_numpy(prompt.pixel_values), torch.from_numpy(prompt.image_sizes))
+    if encoder.plan.compile_backend != "eager":
+        crops = torch.from_numpy(prompt.pixel_values[0])
+        max_crops = max_images * max(1 + (h // encoder.crop_size) * (w // encoder.crop_size)
+                                     for w, h in spec.warmup_image_sizes(_config(checkpoint)))
+        encoder.warmup(crops, max_crops)
+    return time.monotonic() - started
+
+
+def warmup_llm(service, checkpoint: str) -> float:
+    """Runs before the engine serves: all compiled shapes, then real requests (an image prompt
+    through the vision encoder's code, greedy and random sampling) through the engine."""
+    started = time.monotonic()
+    runner = service.engine.runner
+    if runner.plan.compile_backend != "eager":
+        for batch, q_len, ctx in runner.shape_set():
+            runner.forward(runner.dummy_inputs(batch, q_len, ctx))
+    _, prompt = real_image_inputs(checkpoint, service.spec)
+    encoder = VisionEncoder(checkpoint, DevicePlan(runner.plan.kind, "eager", runner.plan.dtype))
+    features = encoder.encode(torch.from_numpy(prompt.pixel_values), torch.from_numpy(prompt.image_sizes))
+    del encoder  # only its code path was needed
+    ids = torch.from_numpy(prompt.input_ids)
+    for params in (SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, temperature=1.0, top_p=0.9, seed=0)):
+        done = threading.Event()
+        service.engine.add_request(Request(ids, features, params, lambda out: out.finished and done.set()))
+        if not done.wait(600):
+            raise RuntimeError("warmup request did not finish")
+    return time.monotonic() - started
+
+
+def _config(checkpoint: str) -> dict:
+    from spyre_backend.multimodal.registry import read_config
+
+    return read_config(checkpoint)

@@ -1,0 +1,69 @@
+"""The device layer, the static shape set, and compiled execution (inductor on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spyre_backend.config import ConfigError, ServingConfig
+from spyre_backend.device import DeviceError, resolve
+from spyre_backend.device import spyre as spyre_device
+from tests.images import shape_png
+from tests.test_engine import make_stack
+
+
+def test_spyre_without_ibm_stack_fails_clearly():
+    assert not spyre_device.available()
+    with pytest.raises(RuntimeError, match="torch_sendnn"):
+        resolve("spyre", None, torch.float16)
+    with pytest.raises(ConfigError, match="'device'.*torch_sendnn"):
+        ServingConfig.from_strings({"device": "spyre"}).device_plan()
+
+
+def test_device_choices():
+    assert resolve("auto", None, torch.float32).kind == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve("cpu", None, torch.float32).compile_backend == "eager"
+    with pytest.raises(DeviceError, match="needs device spyre"):
+        resolve("cpu", "sendnn", torch.float32)
+    with pytest.raises(ConfigError, match="'compile_backend'"):
+        ServingConfig.from_strings({"compile_backend": "tvm"})
+
+
+def test_shape_set_is_static_and_covers_what_runs(checkpoint):
+    stack = make_stack(checkpoint)
+    try:
+        runner = stack.engine.runner
+        shapes = set(runner.shape_set())
+        assert all(q % runner.block_size == 0 for b, q, _ in shapes if q > 1)
+        assert {b for b, q, _ in shapes if q == 1} == set(runner.decode_batch_sizes)
+        image = shape_png("triangle", "green", "white", (200, 150))
+        handles = [stack.submit("What is in the image?", [image]), stack.submit("Say hello."),
+                   stack.submit("What shape is it?", [shape_png(size=(400, 20))])]
+        for h in handles:
+            h.wait()
+        assert runner.shapes_run <= shapes  # nothing ran outside the warmed-up set
+    finally:
+        stack.service.shutdown()
+
+
+def test_inductor_warmup_compiles_everything_and_matches_eager(checkpoint):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    small = {"max_context": "256", "prefill_chunk": "64", "max_running": "2", "decode_batch_sizes": "2",
+             "device": "cpu"}
+    torch._dynamo.reset()
+    compiled = make_stack(checkpoint, compile_backend="inductor", **small)
+    eager = make_stack(checkpoint, compile_backend="eager", **small)
+    try:
+        graphs_after_warmup = counters["stats"]["unique_graphs"]
+        assert graphs_after_warmup >= len(compiled.engine.runner.shape_set())
+        traffic = [("What is in the image?", [shape_png("triangle", "green", "white", (200, 150))]),
+                   ("Say hello.", []), ("What is the capital of France?", [])]
+        got = [compiled.submit(q, imgs, max_tokens=12) for q, imgs in traffic]  # batched together
+        want = [eager.submit(q, imgs, max_tokens=12).wait().text for q, imgs in traffic]
+        assert [h.wait().text for h in got] == want
+        assert counters["stats"]["unique_graphs"] == graphs_after_warmup  # no recompilation
+    finally:
+        compiled.service.shutdown()
+        eager.service.shutdown()

@@ -33,7 +33,14 @@ class ServingConfig:
     session_ttl_s: int = 600  # idle sessions are freed after this
     max_request_s: int = 600  # wall-clock limit of one request
     decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    max_images: int = 8
+    # request limits, enforced before any work is done (each refusal names the limit)
+    max_images: int = 8  # images per request
+    max_image_bytes: int = 20 * 2**20  # encoded bytes per image
+    max_image_pixels: int = 4096 * 4096  # per image, read from the header before decoding
+    max_text_bytes: int = 2**20  # text_input size
+    max_prompt_tokens: int = 0  # 0: max_context
+    max_tokens_limit: int = 4096  # cap on max_tokens
+    max_sessions: int = 256  # open sessions (sequences kept between turns)
     default_max_tokens: int = 16
     num_threads: int = 0  # torch intra-op threads; 0: torch's default
 
@@ -91,6 +98,10 @@ class ServingConfig:
               "must be a positive multiple of block_size")
         check(self.session_ttl_s > 0, "session_ttl_s", "must be positive")
         check(self.max_request_s > 0, "max_request_s", "must be positive")
+        for name in ("max_images", "max_image_bytes", "max_image_pixels", "max_text_bytes", "max_tokens_limit",
+                     "max_sessions"):
+            check(getattr(self, name) > 0, name, "must be positive")
+        check(self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0")
 
     @property
     def checkpoint_dir(self) -> str:

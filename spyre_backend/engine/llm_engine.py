@@ -35,6 +35,7 @@ class EngineLimits:
     prefill_chunk: int = 512
     session_ttl_s: float = 600.0
     max_request_s: float = 600.0
+    max_sessions: int = 256
 
 
 @dataclass
@@ -170,6 +171,11 @@ class LLMEngine:
         """Make ``request`` its session's running turn; False if it was refused instead."""
         sid = request.sequence_id
         if request.sequence_start:
+            if (not request.sequence_end and self.sessions.get(sid) is None
+                    and self.sessions.kept() >= self.limits.max_sessions and not self.sessions.evict_oldest_idle()):
+                self._reject(request, f"{self.sessions.kept()} sessions are open, the limit "
+                                      f"max_sessions={self.limits.max_sessions}; end one (END) and retry")
+                return False
             session = self.sessions.open(sid)
         else:
             session = self.sessions.get(sid)

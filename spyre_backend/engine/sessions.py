@@ -62,6 +62,16 @@ class SessionTable:
         self.kv_cache.free(session.block_table)
         self.sessions.pop(session.sequence_id, None)
 
+    def kept(self) -> int:
+        """Sessions held between turns (not one-off sequences)."""
+        return sum(1 for s in self.sessions.values() if not (s.active is not None and s.active.sequence_end))
+
+    def evict_oldest_idle(self) -> bool:
+        idle = self.idle()
+        if idle:
+            self._evict(idle[0])
+        return bool(idle)
+
     def idle(self) -> list[Session]:
         return sorted((s for s in self.sessions.values() if not s.busy),
                       key=lambda s: s.last_active)

@@ -11,8 +11,6 @@ from PIL import Image, ImageOps
 
 from spyre_backend.engine.sampling_params import InvalidRequest
 
-# Refuse decompression bombs before decoding: PIL reads the size from the header first.
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 _MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 
 
@@ -35,19 +33,29 @@ def image_bytes(payload: bytes, index: int) -> bytes:
         raise InvalidRequest(f"image {index} is neither a known image format nor valid base64") from None
 
 
-def decode_image(payload: bytes, index: int = 0) -> Image.Image:
+def decode_image(payload: bytes, index: int = 0, *, max_bytes: int = 20 * 2**20,
+                 max_pixels: int = 4096 * 4096) -> Image.Image:
+    """Decodes one image to RGB. Animated images give their first frame."""
+    if len(payload) > max_bytes * 4 // 3 + 64:  # base64 is 4/3 larger: refuse before decoding it
+        raise InvalidRequest(f"image {index} is {len(payload)} bytes, over the limit max_image_bytes={max_bytes}")
     data = image_bytes(payload, index)
+    if len(data) > max_bytes:
+        raise InvalidRequest(f"image {index} is {len(data)} bytes, over the limit max_image_bytes={max_bytes}")
     try:
         with warnings.catch_warnings():
+            # a decompression bomb is refused from its header, before its pixels are decoded
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
+            if width * height > max_pixels:
                 raise InvalidRequest(
-                    f"image {index} has {width}x{height} pixels, over the limit of {MAX_IMAGE_PIXELS} pixels")
+                    f"image {index} has {width}x{height} = {width * height} pixels, over the limit "
+                    f"max_image_pixels={max_pixels}")
             image.load()
     except InvalidRequest:
         raise
+    except Image.DecompressionBombError as exc:  # PIL's own check, for sizes far over any limit
+        raise InvalidRequest(f"image {index} is over the limit max_image_pixels={max_pixels}: {exc}") from None
     except Exception as exc:  # PIL raises many types for corrupt data
         raise InvalidRequest(f"image {index} could not be decoded: {type(exc).__name__}: {exc}") from None
     image = ImageOps.exif_transpose(image)

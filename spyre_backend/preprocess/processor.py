@@ -22,12 +22,26 @@ class ProcessedPrompt:
     image_sizes: np.ndarray  # [num_images, 2] int64 (height, width)
 
 
+@dataclass
+class InputLimits:
+    max_images: int = 8
+    max_image_bytes: int = 20 * 2**20
+    max_image_pixels: int = 4096 * 4096
+    max_text_bytes: int = 2**20
+    max_prompt_tokens: int = 4096
+
+    @classmethod
+    def from_config(cls, config) -> "InputLimits":
+        return cls(config.max_images, config.max_image_bytes, config.max_image_pixels, config.max_text_bytes,
+                   config.max_prompt_tokens or config.max_context)
+
+
 class Preprocessor:
-    def __init__(self, checkpoint: str, max_images: int = 8):
+    def __init__(self, checkpoint: str, limits: InputLimits | None = None):
         self.processor = AutoProcessor.from_pretrained(checkpoint)
         self.tokenizer = self.processor.tokenizer
         self.image_token = self.processor.image_token
-        self.max_images = max_images
+        self.limits = limits or InputLimits()
         crop = self.processor.image_processor.crop_size
         self._crop_hw = (crop["height"], crop["width"])
 
@@ -49,8 +63,12 @@ class Preprocessor:
                                np.zeros((0, 2), dtype=np.int64))
 
     def __call__(self, text: str, images: list[bytes], apply_chat_template: bool = False) -> ProcessedPrompt:
-        if len(images) > self.max_images:
-            raise InvalidRequest(f"{len(images)} images in one request, over the limit of {self.max_images}")
+        limits = self.limits
+        if len(images) > limits.max_images:
+            raise InvalidRequest(f"{len(images)} images in one request, over the limit max_images={limits.max_images}")
+        if len(text.encode("utf-8")) > limits.max_text_bytes:
+            raise InvalidRequest(f"text_input is {len(text.encode())} bytes, over the limit "
+                                 f"max_text_bytes={limits.max_text_bytes}")
         if apply_chat_template:
             text = self.chat_prompt(text, len(images))
         tags = text.count(self.image_token)
@@ -59,11 +77,17 @@ class Preprocessor:
                 f"the prompt has {tags} {self.image_token} tag(s) but {len(images)} image(s) were sent; "
                 "each image needs exactly one tag")
         if not images:
-            return self.empty(self.tokenizer(text, return_tensors="np")["input_ids"][0].astype(np.int64))
-        pil_images = [decode_image(payload, i) for i, payload in enumerate(images)]
-        out = self.processor(images=pil_images, text=text, return_tensors="np")
-        return ProcessedPrompt(
-            out["input_ids"][0].astype(np.int64),
-            np.ascontiguousarray(out["pixel_values"], dtype=np.float32),
-            np.asarray(out["image_sizes"], dtype=np.int64),
-        )
+            result = self.empty(self.tokenizer(text, return_tensors="np")["input_ids"][0].astype(np.int64))
+        else:
+            pil_images = [decode_image(payload, i, max_bytes=limits.max_image_bytes,
+                                       max_pixels=limits.max_image_pixels) for i, payload in enumerate(images)]
+            out = self.processor(images=pil_images, text=text, return_tensors="np")
+            result = ProcessedPrompt(
+                out["input_ids"][0].astype(np.int64),
+                np.ascontiguousarray(out["pixel_values"], dtype=np.float32),
+                np.asarray(out["image_sizes"], dtype=np.int64),
+            )
+        if len(result.input_ids) > limits.max_prompt_tokens:
+            raise InvalidRequest(f"the prompt is {len(result.input_ids)} tokens, over the limit "
+                                 f"max_prompt_tokens={limits.max_prompt_tokens}")
+        return result

@@ -20,7 +20,7 @@ from spyre_backend.config import ServingConfig
 from spyre_backend.engine.llm_engine import EngineLimits, EngineStats, LLMEngine
 from spyre_backend.engine.model_runner import ModelRunner
 from spyre_backend.engine.request import FinishReason, Request, RequestOutput
-from spyre_backend.engine.sampling_params import SamplingParams
+from spyre_backend.engine.sampling_params import InvalidRequest, SamplingParams
 from spyre_backend.multimodal import get_spec
 from spyre_backend.serving.warmup import warmup_llm
 
@@ -58,7 +58,8 @@ class LLMService:
         )
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         limits = EngineLimits(max_running=config.max_running, prefill_chunk=config.prefill_chunk,
-                              session_ttl_s=config.session_ttl_s, max_request_s=config.max_request_s)
+                              session_ttl_s=config.session_ttl_s, max_request_s=config.max_request_s,
+                              max_sessions=config.max_sessions)
         self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids=eos, limits=limits, on_step=on_stats)
         loaded = time.monotonic() - started
         self.engine.start()
@@ -77,6 +78,9 @@ class LLMService:
         params = SamplingParams.from_request(inputs.sampling_parameters, max_tokens=inputs.max_tokens,
                                              default_max_tokens=self.config.default_max_tokens,
                                              overrides=inputs.sampling_overrides)
+        if params.max_tokens > self.config.max_tokens_limit:
+            raise InvalidRequest(f"max_tokens {params.max_tokens} is over the limit "
+                                 f"max_tokens_limit={self.config.max_tokens_limit}")
         features = None
         if inputs.image_features is not None and inputs.image_features.size:
             features = torch.from_numpy(np.ascontiguousarray(inputs.image_features))

@@ -5,6 +5,7 @@ import triton_python_backend_utils as pb_utils
 from spyre_backend.config import ServingConfig
 from spyre_backend.engine.sampling_params import InvalidRequest
 from spyre_backend.serving import triton_io as io
+from spyre_backend.serving.control import StopListener
 from spyre_backend.serving.llm_service import GenerateInputs, LLMService
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -14,6 +15,8 @@ class TritonPythonModel:
     def initialize(self, args):
         self._init_metrics()
         self.service = LLMService(ServingConfig.from_model_config(args["model_config"]), on_stats=self._on_stats)
+        # stops from the granite_vision front when its client goes away (see serving/control.py)
+        self.stop_listener = StopListener(lambda sid: self.service.stop(sid, True, lambda error: None))
 
     def _init_metrics(self):
         gauge = pb_utils.MetricFamily.GAUGE
@@ -88,4 +91,5 @@ class TritonPythonModel:
         return reply
 
     def finalize(self):
+        self.stop_listener.close()
         self.service.shutdown()

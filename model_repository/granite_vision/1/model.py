@@ -3,7 +3,8 @@
 granite_llm is sequence-batched, so every request into the ensemble needs a correlation id;
 Triton 2.51's Python backend cannot assign one from inside an ensemble step, hence this BLS front.
 Triton 2.51 also does not forward a client's cancellation into an ensemble: when this request is
-cancelled (gRPC cancel, HTTP disconnect) the front sends a ``stop`` request on the same sequence id.
+cancelled (gRPC cancel, HTTP disconnect) the front tells granite_llm to stop that sequence over
+the side channel of ``spyre_backend.serving.control``.
 """
 
 import itertools
@@ -11,15 +12,14 @@ import json
 import os
 import threading
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from spyre_backend.serving import triton_io as io
+from spyre_backend.serving.control import send_stop
 
 PIPELINE = "granite_vision_ensemble"
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-START = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
-END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+START_END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START | pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
 
 
 class TritonPythonModel:
@@ -43,7 +43,7 @@ class TritonPythonModel:
             if sequence_id:  # the client runs its own sequence: keep its id and START/END bits
                 flags = request.flags()
             else:
-                sequence_id, flags = next(self._ids), START | END
+                sequence_id, flags = next(self._ids), START_END
             inputs = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in self.inputs) if t is not None]
             missing = sorted(set(self.required) - {t.name() for t in inputs})
             if missing:
@@ -55,11 +55,7 @@ class TritonPythonModel:
             ).exec(decoupled=True)
             for response in responses:
                 if request.is_cancelled():
-                    self._stop(sequence_id, flags)
-                    for _ in responses:  # let the pipeline close this request's stream
-                        pass
-                    sender.send(io.error_response(pb_utils, "request cancelled"), flags=FINAL)
-                    return
+                    return self._abandon(sequence_id, responses, sender)
                 if response.has_error():
                     sender.send(io.error_response(pb_utils, response.error().message()), flags=FINAL)
                     return
@@ -68,7 +64,10 @@ class TritonPythonModel:
                     continue  # the pipeline's empty closing response
                 reason = pb_utils.get_output_tensor_by_name(response, "finish_reason").as_numpy().reshape(-1)[0]
                 last = bool(reason)  # granite_llm sets a finish reason on its last response only
-                sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if last else 0)
+                try:
+                    sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if last else 0)
+                except Exception:  # the client is gone (cancelled or disconnected) before we noticed
+                    return self._abandon(sequence_id, responses, sender)
                 if last:
                     return
             sender.send(io.error_response(pb_utils, "the pipeline ended without a final response"), flags=FINAL)
@@ -78,13 +77,22 @@ class TritonPythonModel:
             except Exception:
                 pass  # the client is gone
 
-    def _stop(self, sequence_id, flags):
-        # After END, Triton's sequence batcher wants START again on that id: a finished one-off
-        # sequence is addressed as a fresh START|END request; an open session with no flags.
-        end_flag = START | END if flags & END else 0
-        stop = [pb_utils.Tensor("text_input", np.array([b""], dtype=np.object_)),
-                pb_utils.Tensor("stop", np.array([True]))]
-        request = pb_utils.InferenceRequest(model_name=PIPELINE, inputs=stop, requested_output_names=self.outputs,
-                                            correlation_id=sequence_id, flags=end_flag)
-        for _ in request.exec(decoupled=True):
+    def _abandon(self, sequence_id, flags, responses, sender):
+        """The client went away: stop the generation, let the pipeline close, end our request."""
+        self._stop(sequence_id, flags)
+        for _ in responses:
             pass
+        try:
+            sender.send(io.error_response(pb_utils, "request cancelled"), flags=FINAL)
+        except Exception:
+            pass  # nobody is listening; the request still ends
+
+    def _abandon(self, sequence_id, responses, sender):
+        """The client went away: stop the generation, let the pipeline close, end our request."""
+        send_stop(sequence_id)
+        for _ in responses:  # if it had not reached granite_llm yet, the next stop finds it
+            send_stop(sequence_id)
+        try:
+            sender.send(io.error_response(pb_utils, "request cancelled"), flags=FINAL)
+        except Exception:
+            pass  # nobody is listening; the request still ends

@@ -1,0 +1,63 @@
+"""A side channel from the granite_vision front to granite_llm for stopping a sequence.
+
+Triton 2.51 forwards no cancellation into an ensemble, and a ``stop`` request sent from the
+front as BLS through the ensemble can wait behind the very sequence it should stop (the stub
+handles BLS calls one at a time). Both models run as Python-backend stubs of one tritonserver,
+so a Unix datagram socket named after that server's pid reaches the engine at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+def socket_path(server_pid: int | None = None) -> Path:
+    pid = server_pid if server_pid is not None else os.getppid()  # stubs are children of tritonserver
+    return Path(tempfile.gettempdir()) / f"spyre-backend-{pid}" / "granite_llm.sock"
+
+
+class StopListener:
+    """Receives ``{"stop": sequence_id}`` datagrams and calls ``on_stop(sequence_id)``."""
+
+    def __init__(self, on_stop: Callable[[int | str], None], path: Path | None = None):
+        self.path = path or socket_path()
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.unlink(missing_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.on_stop = on_stop
+        threading.Thread(target=self._serve, name="stop-listener", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                return  # closed
+            try:
+                self.on_stop(json.loads(data)["stop"])
+            except Exception:
+                log.exception("bad stop message %r", data[:100])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+def send_stop(sequence_id: int | str, path: Path | None = None) -> bool:
+    """Fire and forget; False when no granite_llm listens (then the request runs to its end)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(json.dumps({"stop": sequence_id}).encode(), str(path or socket_path()))
+        return True
+    except OSError:
+        return False

@@ -20,7 +20,7 @@ def pins(text: str) -> dict[str, str]:
 def test_docker_image_is_triton_2_51_and_uses_the_project_pins():
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:24\.10-py3\s*$", dockerfile, re.M)  # Triton 2.51
-    assert "-r /tmp/requirements-docker.txt" in dockerfile and "requirements.txt" in dockerfile
+    assert "-r requirements-docker.txt" in dockerfile and "requirements.txt" in dockerfile
     assert "--shm-size" in dockerfile
     project = pins((ROOT / "requirements.txt").read_text())
     assert project["tritonclient"] == "2.51.0" and project["nvidia-pytriton"] == "0.7.0"

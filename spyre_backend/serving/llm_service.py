@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from spyre_backend.config import ServingConfig
 from spyre_backend.engine.llm_engine import EngineLimits, EngineStats, LLMEngine
 from spyre_backend.engine.model_runner import ModelRunner
-from spyre_backend.engine.request import FinishReason, Request, RequestOutput
+from spyre_backend.engine.request import Request, RequestOutput
 from spyre_backend.engine.sampling_params import InvalidRequest, SamplingParams
 from spyre_backend.multimodal import get_spec
 from spyre_backend.serving.warmup import warmup_llm
@@ -114,5 +114,3 @@ class LLMService:
     def shutdown(self) -> None:
         self.engine.stop()
 
-
-__all__ = ["GenerateInputs", "LLMService", "FinishReason"]

@@ -55,6 +55,7 @@ class ModelRunner:
         self.prefill_chunk = prefill_chunk
         self.decode_batch_sizes = sorted(decode_batch_sizes)
         self.max_blocks_per_seq = -(-max_context // block_size)
+        self.context_buckets = self._context_buckets()  # fixed at load; looked up every step
         self.attn_name = attention.register()
 
         full = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=self.dtype,
@@ -78,7 +79,7 @@ class ModelRunner:
         self.shapes_run: set[tuple[int, int, int]] = set()
 
     # -- the static shape set --------------------------------------------------------------
-    def context_buckets(self) -> list[int]:
+    def _context_buckets(self) -> list[int]:
         buckets, b = [], 1
         while b < self.max_blocks_per_seq:
             buckets.append(b)
@@ -86,14 +87,14 @@ class ModelRunner:
         return buckets + [self.max_blocks_per_seq]
 
     def _ctx_blocks(self, needed: int) -> int:
-        return next(b for b in self.context_buckets() if b >= needed)
+        return next(b for b in self.context_buckets if b >= needed)
 
     def shape_set(self) -> list[tuple[int, int, int]]:
         """Every (batch, q_len, ctx_blocks) this runner can run."""
         shapes = []
         for q_len in range(self.block_size, self.prefill_chunk + 1, self.block_size):
-            shapes += [(1, q_len, ctx) for ctx in self.context_buckets() if ctx * self.block_size >= q_len]
-        shapes += [(batch, 1, ctx) for batch in self.decode_batch_sizes for ctx in self.context_buckets()]
+            shapes += [(1, q_len, ctx) for ctx in self.context_buckets if ctx * self.block_size >= q_len]
+        shapes += [(batch, 1, ctx) for batch in self.decode_batch_sizes for ctx in self.context_buckets]
         return shapes
 
     # -- embeddings ------------------------------------------------------------------------

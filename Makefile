@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CHECKPOINT ?= checkpoints/tiny-granite-vision
 ARGS ?=
 
-.PHONY: setup serve test checkpoint clean
+.PHONY: setup serve test stress soak checkpoint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,15 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)
+
+# Load tests outside `make test`: the cancellation storm, and a soak (MINUTES, STREAMS).
+stress: setup
+	$(PY) -m pytest -q tests -m stress $(ARGS)
+
+MINUTES ?= 10
+STREAMS ?= 32
+soak: setup
+	$(PY) scripts/soak.py --minutes $(MINUTES) --streams $(STREAMS)
 
 # Rebuilds (retrains) the shipped tiny checkpoint from its script, with a fixed seed.
 checkpoint: setup

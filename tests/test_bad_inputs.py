@@ -66,7 +66,7 @@ BAD = {
     "invalid_utf8_text": (with_(chat(0), text_input=b"\xff\xfe\xfa bad"), "UTF-8"),
     "text_over_limit": (with_(chat(0), text_input="a" * (2**20 + 10)), "max_text_bytes"),
     "prompt_over_token_limit": (with_(chat(0), text_input="hello there " * 3000), "max_prompt_tokens"),
-    "empty_stop_request_id": ({"text_input": "", "stop": True}, "no open session"),
+    "stop_without_a_sequence_id": ({"text_input": "", "stop": True}, "needs the sequence id"),
     # sampling_parameters JSON
     "invalid_json": (with_(chat(0), sampling_parameters="{not json"), "not valid JSON"),
     "json_not_object": (with_(chat(0), sampling_parameters="[1, 2]"), "JSON object"),

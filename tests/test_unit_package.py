@@ -109,3 +109,50 @@ def test_config_errors_name_the_parameter():
     with pytest.raises(ConfigError, match="'max_running'"):
         ServingConfig.from_strings({"max_running": "lots"})
     assert ServingConfig.from_strings({"decode_batch_sizes": "1 4 16"}).decode_batch_sizes == [1, 4, 16]
+
+
+def test_stop_side_channel_carries_the_engine_answer_back(tmp_path):
+    from spyre_backend.serving.control import StopListener, request_stop, send_stop
+
+    calls = []
+
+    def on_stop(sequence_id, end, reply):
+        calls.append((sequence_id, end))
+        reply(None if sequence_id == 7 else f"sequence {sequence_id} has no open session")
+
+    path = tmp_path / "llm.sock"
+    listener = StopListener(on_stop, path=path)
+    try:
+        assert request_stop(7, end=False, path=path) is None
+        assert request_stop(8, end=True, path=path) == "sequence 8 has no open session"
+        assert send_stop(9, path=path)  # fire and forget: no reply expected, none sent
+        assert request_stop(7, end=True, path=path) is None
+        assert calls == [(7, False), (8, True), (9, True), (7, True)]
+    finally:
+        listener.close()
+    assert request_stop(7, end=True, path=path) == "granite_llm is not running"
+    assert not send_stop(7, path=path)
+
+
+def test_outbox_merges_a_streams_outputs_while_the_sender_is_busy():
+    import threading
+
+    from spyre_backend.engine.request import FinishReason, RequestOutput
+    from spyre_backend.serving.outbox import Outbox
+
+    gate, delivered = threading.Event(), []
+
+    def deliver(text, out):
+        gate.wait(10)
+        delivered.append((text, out.num_output_tokens, out.finished, out.logprobs))
+
+    outbox = Outbox()
+    send = outbox.stream(deliver)
+    send("a", RequestOutput("a", False, 5, 1, logprobs=[{"t": 1}]))  # taken by the sender at once
+    while outbox._pending:
+        pass
+    send("b", RequestOutput("b", False, 5, 2, logprobs=[{"t": 2}]))  # these two wait and merge
+    send("c", RequestOutput("c", True, 5, 3, FinishReason.LENGTH, logprobs=[{"t": 3}]))
+    gate.set()
+    outbox.close()
+    assert delivered == [("a", 1, False, [{"t": 1}]), ("bc", 3, True, [{"t": 2}, {"t": 3}])]

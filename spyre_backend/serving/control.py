@@ -3,7 +3,8 @@
 Triton 2.51 forwards no cancellation into an ensemble, and a ``stop`` request sent from the
 front as BLS through the ensemble can wait behind the very sequence it should stop (the stub
 handles BLS calls one at a time). Both models run as Python-backend stubs of one tritonserver,
-so a Unix datagram socket named after that server's pid reaches the engine at once.
+so a Unix datagram socket named after that server's pid reaches the engine at once. A sender
+that binds its own (abstract, autobound) address gets the engine's answer back.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
+# on_stop(sequence_id, end, reply): reply(None) when a turn was stopped, reply(error) otherwise.
+OnStop = Callable[[int | str, bool, Callable[[str | None], None]], None]
+
 
 def socket_path(server_pid: int | None = None) -> Path:
     pid = server_pid if server_pid is not None else os.getppid()  # stubs are children of tritonserver
@@ -26,9 +30,9 @@ def socket_path(server_pid: int | None = None) -> Path:
 
 
 class StopListener:
-    """Receives ``{"stop": sequence_id}`` datagrams and calls ``on_stop(sequence_id)``."""
+    """Receives ``{"stop": sequence_id, "end": bool}`` datagrams and calls ``on_stop``."""
 
-    def __init__(self, on_stop: Callable[[int | str], None], path: Path | None = None):
+    def __init__(self, on_stop: OnStop, path: Path | None = None):
         self.path = path or socket_path()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path.unlink(missing_ok=True)
@@ -40,13 +44,25 @@ class StopListener:
     def _serve(self) -> None:
         while True:
             try:
-                data = self.sock.recv(4096)
+                data, sender = self.sock.recvfrom(4096)
             except OSError:
                 return  # closed
             try:
-                self.on_stop(json.loads(data)["stop"])
+                message = json.loads(data)
+                self.on_stop(message["stop"], bool(message.get("end", True)), self._replier(sender))
             except Exception:
                 log.exception("bad stop message %r", data[:100])
+
+    def _replier(self, sender) -> Callable[[str | None], None]:
+        def reply(error: str | None) -> None:
+            if not sender:  # fire and forget
+                return
+            try:
+                self.sock.sendto(json.dumps({"error": error}).encode(), sender)
+            except OSError:
+                pass  # the sender gave up waiting
+
+        return reply
 
     def close(self) -> None:
         self.sock.close()
@@ -57,7 +73,24 @@ def send_stop(sequence_id: int | str, path: Path | None = None) -> bool:
     """Fire and forget; False when no granite_llm listens (then the request runs to its end)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(json.dumps({"stop": sequence_id}).encode(), str(path or socket_path()))
+            s.sendto(json.dumps({"stop": sequence_id, "end": True}).encode(), str(path or socket_path()))
         return True
     except OSError:
         return False
+
+
+def request_stop(sequence_id: int | str, end: bool, timeout: float = 10.0, path: Path | None = None) -> str | None:
+    """Stops the running turn of ``sequence_id`` and waits for the engine's answer.
+
+    Returns None when a turn was stopped, else the engine's error message.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind("")  # autobind to a unique abstract address, so the listener can answer
+        s.settimeout(timeout)
+        try:
+            s.sendto(json.dumps({"stop": sequence_id, "end": end}).encode(), str(path or socket_path()))
+            return json.loads(s.recv(4096))["error"]
+        except socket.timeout:
+            return f"granite_llm did not answer the stop request within {timeout:.0f} s"
+        except OSError:
+            return "granite_llm is not running"

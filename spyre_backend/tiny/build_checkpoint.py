@@ -212,13 +212,15 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaNextProcessor:
     )
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast, text_init_std: float = 0.02) -> LlavaNextConfig:
+def build_config(
+    tokenizer: PreTrainedTokenizerFast, text_init_std: float = 0.02, vision_hidden: int = 32, vision_heads: int = 2
+) -> LlavaNextConfig:
     vocab_size = len(tokenizer)
     vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=128,
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
         num_hidden_layers=27,
-        num_attention_heads=2,
+        num_attention_heads=vision_heads,
         image_size=CROP,
         patch_size=PATCH,
         hidden_act="gelu_pytorch_tanh",
@@ -371,8 +373,11 @@ class AttributeProbe(torch.nn.Module):
     and column; position-aware, this is learnt far faster). Not part of the saved model.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, shape_weight: float = 1.0):
         super().__init__()
+        # Relative weight of the averaged-shape head: the LM reads an image much like an
+        # average over its tokens, so that head is the one that matters for the answers.
+        self.weights = (shape_weight, 1.0, 1.0, 1.0)
         self.sizes = (len(synthetic.SHAPES), len(COLOR_NAMES), len(COLOR_NAMES))
         self.mean_head = torch.nn.Linear(dim, sum(self.sizes))
         self.crop_head = torch.nn.Linear(CROP_TOKENS * dim, len(synthetic.SHAPES))
@@ -383,7 +388,8 @@ class AttributeProbe(torch.nn.Module):
         base = torch.stack([f[:CROP_TOKENS].flatten() for f in image_features])
         logits = [*self.mean_head(pooled).split(self.sizes, dim=-1), self.crop_head(base)]
         targets = [attributes[:, 0], attributes[:, 1], attributes[:, 2], attributes[:, 0]]
-        loss = sum(F.cross_entropy(lg, t) for lg, t in zip(logits, targets)) / len(logits)
+        losses = [w * F.cross_entropy(lg, t) for w, lg, t in zip(self.weights, logits, targets)]
+        loss = sum(losses) / sum(self.weights)
         accuracy = [(lg.argmax(-1) == t).float().mean().item() for lg, t in zip(logits, targets)]
         return loss, accuracy
 
@@ -779,7 +785,8 @@ demos. It was trained from scratch on synthetic images of one coloured shape
 
 Rebuild (deterministic for a seed and thread count; about {wall / 60:.0f} min on 2 CPU cores):
 
-    python -m spyre_backend.tiny.build_checkpoint --out {args.out} --seed {args.seed} --steps {args.steps}
+    python -m spyre_backend.tiny.build_checkpoint --out {args.out} --seed {args.seed} --steps {args.steps} \\
+        --vision-steps {args.vision_steps} --shape-weight {args.shape_weight:g} --threads {args.threads}
 
 ## Shape
 
@@ -831,21 +838,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to (re)create")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-turns", type=int, default=5, help="questions per training conversation")
     parser.add_argument("--vision-lr-mult", type=float, default=1.0, help="vision tower lr / LM lr")
     parser.add_argument("--vision-freeze", type=float, default=0.0, help="fraction of steps with a frozen tower")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-samples", type=int, default=150, help="random held-out samples")
-    parser.add_argument("--vision-steps", type=int, default=500, help="stage 1: tower + projector on crops")
+    parser.add_argument("--vision-steps", type=int, default=1500, help="stage 1: tower + projector on crops")
     parser.add_argument("--vision-batch-size", type=int, default=64)
     parser.add_argument("--probe-weight", type=float, default=1.0, help="weight of the attribute probe loss")
+    parser.add_argument("--shape-weight", type=float, default=4.0, help="probe weight of the averaged shape head")
+    parser.add_argument("--vision-hidden", type=int, default=32, help="vision tower width")
+    parser.add_argument("--vision-heads", type=int, default=2)
     parser.add_argument("--text-init-std", type=float, default=0.1, help="init std of LM/projector weights")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
-    # The shipped run reaches ~0.5 (colours and backgrounds right, shapes not yet learned); the
-    # goal is 0.98. The bar guards against a broken build, not a weak one: raise it with the fix.
-    parser.add_argument("--min-accuracy", type=float, default=0.45)
+    # The shipped run reaches 0.957 (single images 123/124; two-image prompts are the weak part).
+    parser.add_argument("--min-accuracy", type=float, default=0.9)
     args = parser.parse_args(argv)
 
     started = time.time()
@@ -860,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
-    config = build_config(tokenizer, args.text_init_std)
+    config = build_config(tokenizer, args.text_init_std, args.vision_hidden, args.vision_heads)
     model = LlavaNextForConditionalGeneration(config)
     with torch.no_grad():
         # The loss sees logits divided by logits_scaling; starting the final norm's gain at that
@@ -870,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"tokenizer: {len(tokenizer)} tokens; model: {n_params:,} parameters")
 
-    probe = AttributeProbe(config.text_config.hidden_size)
+    probe = AttributeProbe(config.text_config.hidden_size, args.shape_weight)
     pretrain_vision(model, processor, probe, args, log)
     train(model, processor, probe, args, log)
     log(f"trained in {time.time() - started:.0f}s")

@@ -7,6 +7,7 @@ from spyre_backend.engine.sampling_params import InvalidRequest
 from spyre_backend.serving import triton_io as io
 from spyre_backend.serving.control import StopListener
 from spyre_backend.serving.llm_service import GenerateInputs, LLMService
+from spyre_backend.serving.outbox import Outbox
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -14,9 +15,11 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class TritonPythonModel:
     def initialize(self, args):
         self._init_metrics()
+        self.outbox = Outbox("granite_llm-responses")  # sends off the engine thread, merging when behind
         self.service = LLMService(ServingConfig.from_model_config(args["model_config"]), on_stats=self._on_stats)
-        # stops from the granite_vision front when its client goes away (see serving/control.py)
-        self.stop_listener = StopListener(lambda sid: self.service.stop(sid, True, lambda error: None))
+        # stops from the granite_vision front: its clients' stop requests, and its clients going
+        # away (see serving/control.py)
+        self.stop_listener = StopListener(self.service.stop)
 
     def _init_metrics(self):
         gauge = pb_utils.MetricFamily.GAUGE
@@ -78,7 +81,7 @@ class TritonPythonModel:
                                         out.logprobs)
             sender.send(response, flags=FINAL if out.finished else 0)
 
-        return send
+        return self.outbox.stream(send)
 
     @staticmethod
     def _stop_reply(sender):
@@ -93,3 +96,4 @@ class TritonPythonModel:
     def finalize(self):
         self.stop_listener.close()
         self.service.shutdown()
+        self.outbox.close()

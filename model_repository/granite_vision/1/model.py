@@ -15,7 +15,7 @@ import threading
 import triton_python_backend_utils as pb_utils
 
 from spyre_backend.serving import triton_io as io
-from spyre_backend.serving.control import send_stop
+from spyre_backend.serving.control import request_stop, send_stop
 
 PIPELINE = "granite_vision_ensemble"
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -44,6 +44,8 @@ class TritonPythonModel:
                 flags = request.flags()
             else:
                 sequence_id, flags = next(self._ids), START_END
+            if self._is_stop(request):
+                return self._stop(request, sender)
             inputs = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in self.inputs) if t is not None]
             missing = sorted(set(self.required) - {t.name() for t in inputs})
             if missing:
@@ -77,21 +79,34 @@ class TritonPythonModel:
             except Exception:
                 pass  # the client is gone
 
-    def _abandon(self, sequence_id, flags, responses, sender):
-        """The client went away: stop the generation, let the pipeline close, end our request."""
-        self._stop(sequence_id, flags)
-        for _ in responses:
-            pass
-        try:
-            sender.send(io.error_response(pb_utils, "request cancelled"), flags=FINAL)
-        except Exception:
-            pass  # nobody is listening; the request still ends
+    @staticmethod
+    def _is_stop(request):
+        stop = pb_utils.get_input_tensor_by_name(request, "stop")
+        return stop is not None and bool(stop.as_numpy().reshape(-1)[:1].any())
+
+    @staticmethod
+    def _stop(request, sender):
+        """A client's stop request goes straight to granite_llm: through the ensemble it would queue
+        behind the very turn it stops."""
+        sequence_id = request.correlation_id()
+        if not sequence_id:
+            error = "a stop request needs the sequence id of the turn to stop"
+        else:
+            end = bool(request.flags() & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END)
+            error = request_stop(sequence_id, end)
+        if error:
+            sender.send(io.error_response(pb_utils, error), flags=FINAL)
+        else:
+            sender.send(io.text_response(pb_utils, "", "stopped", 0, 0), flags=FINAL)
 
     def _abandon(self, sequence_id, responses, sender):
         """The client went away: stop the generation, let the pipeline close, end our request."""
         send_stop(sequence_id)
-        for _ in responses:  # if it had not reached granite_llm yet, the next stop finds it
-            send_stop(sequence_id)
+        resent = False
+        for _ in responses:
+            if not resent:  # it may not have reached granite_llm at the first stop: now it has
+                send_stop(sequence_id)
+                resent = True
         try:
             sender.send(io.error_response(pb_utils, "request cancelled"), flags=FINAL)
         except Exception:

@@ -264,7 +264,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     options = ServerOptions(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-    server = TritonServer(options, log_path=ROOT / ".triton" / "soak-server.log").start()
+    log_path = ROOT / ".triton" / "soak-server.log"
+    log_path.parent.mkdir(exist_ok=True)
+    server = TritonServer(options, log_path=log_path).start()
     try:
         urls = (server.grpc_url, server.http_url, server.metrics_url.removeprefix("http://").removesuffix("/metrics"))
         soak = Soak(urls, args.seed)

@@ -61,7 +61,9 @@ class TritonPythonModel:
                 if response.has_error():
                     sender.send(io.error_response(pb_utils, response.error().message()), flags=FINAL)
                     return
-                outputs = response.output_tensors()
+                # Copies: a BLS response's tensors live in shared memory that is freed with it,
+                # while the response we send may still be in flight.
+                outputs = [pb_utils.Tensor(t.name(), t.as_numpy().copy()) for t in response.output_tensors()]
                 if not outputs:
                     continue  # the pipeline's empty closing response
                 reason = pb_utils.get_output_tensor_by_name(response, "finish_reason").as_numpy().reshape(-1)[0]

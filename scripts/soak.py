@@ -281,7 +281,8 @@ def main(argv=None) -> int:
 
         run(args.warm_minutes)
         start = {"idle": idle_state(urls[2]), "rss_mb": rss_mb(server.process.pid)}
-        soak.errors.clear(), soak.latencies.clear(), soak.counts.clear()
+        for collected in (soak.errors, soak.latencies, soak.counts):  # measure from the snapshot on
+            collected.clear()
         began = time.monotonic()
         run(args.minutes)
         end = {"idle": idle_state(urls[2]), "rss_mb": rss_mb(server.process.pid)}

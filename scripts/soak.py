@@ -14,7 +14,6 @@ blocks or sessions not back to their idle values, or on RSS growth over ``--max-
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import queue
 import random
@@ -25,22 +24,16 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
-from spyre_backend.tiny.synthetic import draw_shape_image  # noqa: E402
+from tests.images import shape_png as png  # noqa: E402
+from tests.streaming import to_grpc_inputs as tensors  # noqa: E402
 
 MODEL = "granite_vision"
-
-
-def png(shape, color, background, size) -> bytes:
-    buffer = io.BytesIO()
-    draw_shape_image(shape, color, background, size=size).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 PROMPTS = [
@@ -58,23 +51,6 @@ BAD = [
     {"text_input": "hi", "sampling_parameters": "{not json"},
     {"text_input": "hi", "max_tokens": -3},
 ]
-
-
-def tensors(inputs: dict) -> list:
-    out = []
-    for name, value in inputs.items():
-        if name == "image":
-            array, dtype = np.array(value, dtype=np.object_), "BYTES"
-        elif isinstance(value, bool):
-            array, dtype = np.array([value]), "BOOL"
-        elif isinstance(value, int):
-            array, dtype = np.array([value], dtype=np.int32), "INT32"
-        else:
-            array, dtype = np.array([value.encode()], dtype=np.object_), "BYTES"
-        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        out.append(tensor)
-    return out
 
 
 class Stream:

@@ -39,13 +39,13 @@ class TritonPythonModel:
     def _relay(self, request):
         sender = request.get_response_sender()
         try:
+            if self._is_stop(request):
+                return self._stop(request, sender)
             sequence_id = request.correlation_id()
             if sequence_id:  # the client runs its own sequence: keep its id and START/END bits
                 flags = request.flags()
             else:
                 sequence_id, flags = next(self._ids), START_END
-            if self._is_stop(request):
-                return self._stop(request, sender)
             inputs = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in self.inputs) if t is not None]
             missing = sorted(set(self.required) - {t.name() for t in inputs})
             if missing:

@@ -97,3 +97,8 @@ class TritonPythonModel:
         self.stop_listener.close()
         self.service.shutdown()
         self.outbox.close()
+        # Drop the metrics while the stub can still talk to the server: a Metric collected later,
+        # at interpreter exit, reaches for freed shared memory and the stub segfaults on the way out.
+        self._gauges.clear()
+        self._finished.clear()
+        del self._kv, self._requests, self._sessions, self._finished_family

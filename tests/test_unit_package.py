@@ -156,3 +156,36 @@ def test_outbox_merges_a_streams_outputs_while_the_sender_is_busy():
     gate.set()
     outbox.close()
     assert delivered == [("a", 1, False, [{"t": 1}]), ("bc", 3, True, [{"t": 2}, {"t": 3}])]
+
+
+def test_deferred_release_keeps_an_object_alive_until_its_delay_has_passed():
+    import time
+    import weakref
+
+    from spyre_backend.serving.deferred_release import DeferredRelease
+
+    class Stream:
+        pass
+
+    release = DeferredRelease(delay_s=3600)
+    try:
+        stream = Stream()
+        alive = weakref.ref(stream)
+        release.later(stream)
+        del stream
+        assert alive() is not None and len(release) == 1
+        assert release.release_due(now=time.monotonic()) == 0 and alive() is not None
+        assert release.release_due(now=time.monotonic() + 3601) == 1
+        assert alive() is None and len(release) == 0
+    finally:
+        release.close()
+
+
+def test_cancellation_is_polled_at_most_once_per_interval():
+    from spyre_backend.serving.llm_service import polled_every
+
+    calls = []
+    poll = polled_every(lambda: calls.append(1) or True, interval_s=3600)
+    assert poll() is True  # the first check goes through
+    assert [poll() for _ in range(5)] == [False] * 5  # later ones wait for the interval
+    assert len(calls) == 1

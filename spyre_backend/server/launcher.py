@@ -152,6 +152,20 @@ class TritonServer:
     def _log_hint(self) -> str:
         return f" (see {self.log_path})" if self.log_path else ""
 
+    def stub_pids(self) -> dict[str, int]:
+        """The Python-backend stub process of each model, by model name (one instance each)."""
+        pids = {}
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        for pid in map(int, children):
+            try:
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except FileNotFoundError:
+                continue  # exited meanwhile
+            model = next((Path(a.decode()).parts[-3] for a in args if a.endswith(b"/model.py")), None)
+            if model:
+                pids[model] = pid
+        return pids
+
     def send_signal(self, sig: int) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(sig)

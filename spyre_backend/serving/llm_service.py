@@ -27,6 +27,26 @@ from spyre_backend.serving.warmup import warmup_llm
 log = logging.getLogger(__name__)
 
 
+# The engine checks every request for cancellation each step; through Triton that check is an IPC
+# round trip, so it is asked at most this often per request.
+CANCEL_POLL_S = 0.05
+
+
+def polled_every(check: Callable[[], bool], interval_s: float) -> Callable[[], bool]:
+    """``check`` asked at most once per ``interval_s``; in between the answer is "not yet"."""
+    next_at = 0.0
+
+    def poll() -> bool:
+        nonlocal next_at
+        now = time.monotonic()
+        if now < next_at:
+            return False
+        next_at = now + interval_s
+        return check()
+
+    return poll
+
+
 @dataclass
 class GenerateInputs:
     input_ids: np.ndarray  # [n] int64, placeholders expanded
@@ -102,7 +122,8 @@ class LLMService:
 
         request = Request(
             prompt_ids=torch.from_numpy(np.ascontiguousarray(inputs.input_ids, dtype=np.int64)),
-            image_features=features, params=params, on_output=on_output, is_cancelled=is_cancelled,
+            image_features=features, params=params, on_output=on_output,
+            is_cancelled=polled_every(is_cancelled, CANCEL_POLL_S),
             sequence_id=inputs.sequence_id, sequence_start=inputs.sequence_start, sequence_end=inputs.sequence_end,
         )
         self.engine.add_request(request)

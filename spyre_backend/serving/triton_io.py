@@ -83,12 +83,16 @@ def error_response(pb_utils, message: str):
 
 
 def text_response(pb_utils, text: str, finish_reason: str, num_input: int, num_output: int,
-                  logprobs: list | None = None):
-    return pb_utils.InferenceResponse(output_tensors=[
-        pb_utils.Tensor("logprobs", np.array([json.dumps(logprobs).encode() if logprobs is not None else b""],
-                                             dtype=np.object_)),
-        pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-        pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
-        pb_utils.Tensor("num_input_tokens", np.array([num_input], dtype=np.int32)),
-        pb_utils.Tensor("num_output_tokens", np.array([num_output], dtype=np.int32)),
-    ])
+                  logprobs: list | None = None, names=None):
+    """A response with the standard outputs, or only ``names`` (the outputs the requester asked for:
+    Triton 2.51's stub drops the others without holding the GIL, which can crash it)."""
+    values = {
+        "text_output": lambda: np.array([text.encode("utf-8")], dtype=np.object_),
+        "finish_reason": lambda: np.array([finish_reason.encode()], dtype=np.object_),
+        "num_input_tokens": lambda: np.array([num_input], dtype=np.int32),
+        "num_output_tokens": lambda: np.array([num_output], dtype=np.int32),
+        "logprobs": lambda: np.array([json.dumps(logprobs).encode() if logprobs is not None else b""],
+                                     dtype=np.object_),
+    }
+    wanted = [name for name in values if not names or name in names]
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, values[name]()) for name in wanted])

@@ -11,15 +11,23 @@ import itertools
 import json
 import os
 import threading
+import time
 
 import triton_python_backend_utils as pb_utils
 
 from spyre_backend.serving import triton_io as io
 from spyre_backend.serving.control import request_stop, send_stop
+from spyre_backend.serving.deferred_release import DeferredRelease
 
 PIPELINE = "granite_vision_ensemble"
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 START_END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START | pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+CANCEL_POLL_S = 0.05
+
+
+def _drain(responses):
+    for _ in responses:  # the iterator must reach its end to be let go (see DeferredRelease)
+        pass
 
 
 class TritonPythonModel:
@@ -30,6 +38,11 @@ class TritonPythonModel:
         self.outputs = [o["name"] for o in config["output"]]
         # Ids for clients that send none: a per-process range far from small client-chosen ids.
         self._ids = itertools.count((1 << 62) + (os.getpid() << 24))
+        self._release = DeferredRelease(name="granite_vision-release")
+        starts = int(config.get("parameters", {}).get("max_pipeline_starts", {}).get("string_value", "24"))
+        if starts < 1:
+            raise pb_utils.TritonModelException(f"max_pipeline_starts must be >= 1, got {starts}")
+        self._starts = threading.BoundedSemaphore(starts)  # see config.pbtxt
 
     def execute(self, requests):
         for request in requests:
@@ -51,35 +64,52 @@ class TritonPythonModel:
             if missing:
                 sender.send(io.error_response(pb_utils, f"missing required input(s) {missing}"), flags=FINAL)
                 return
-            responses = pb_utils.InferenceRequest(
-                model_name=PIPELINE, inputs=inputs, requested_output_names=self.outputs,
-                correlation_id=sequence_id, flags=flags,
-            ).exec(decoupled=True)
-            for response in responses:
-                if request.is_cancelled():
-                    return self._abandon(sequence_id, responses, sender)
-                if response.has_error():
-                    sender.send(io.error_response(pb_utils, response.error().message()), flags=FINAL)
-                    return
-                # Copies: a BLS response's tensors live in shared memory that is freed with it,
-                # while the response we send may still be in flight.
-                outputs = [pb_utils.Tensor(t.name(), t.as_numpy().copy()) for t in response.output_tensors()]
-                if not outputs:
-                    continue  # the pipeline's empty closing response
-                reason = pb_utils.get_output_tensor_by_name(response, "finish_reason").as_numpy().reshape(-1)[0]
-                last = bool(reason)  # granite_llm sets a finish reason on its last response only
-                try:
-                    sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if last else 0)
-                except Exception:  # the client is gone (cancelled or disconnected) before we noticed
-                    return self._abandon(sequence_id, responses, sender)
-                if last:
-                    return
-            sender.send(io.error_response(pb_utils, "the pipeline ended without a final response"), flags=FINAL)
+            with self._starts:  # exec() returns at the first response; see max_pipeline_starts
+                responses = pb_utils.InferenceRequest(
+                    model_name=PIPELINE, inputs=inputs, requested_output_names=self.outputs,
+                    correlation_id=sequence_id, flags=flags,
+                ).exec(decoupled=True)
+            try:
+                self._forward(request, sender, sequence_id, responses)
+            except Exception as exc:
+                self._abandon(sequence_id, responses, sender, f"granite_vision: {exc}")
+            finally:
+                self._release.later(responses)  # see DeferredRelease: never let the stub drop it
         except Exception as exc:  # never leave a client without a final response
             try:
                 sender.send(io.error_response(pb_utils, f"granite_vision: {exc}"), flags=FINAL)
             except Exception:
                 pass  # the client is gone
+
+    def _forward(self, request, sender, sequence_id, responses):
+        """Relays the pipeline's stream to the client; returns only once the stream is read to its end."""
+        wanted = set(request.requested_output_names()) or set(self.outputs)
+        next_cancel_check = 0.0
+        for response in responses:
+            # is_cancelled() is an IPC round trip: ask at most every CANCEL_POLL_S, not per token.
+            now = time.monotonic()
+            if now >= next_cancel_check:
+                next_cancel_check = now + CANCEL_POLL_S
+                if request.is_cancelled():
+                    return self._abandon(sequence_id, responses, sender)
+            if response.has_error():
+                sender.send(io.error_response(pb_utils, response.error().message()), flags=FINAL)
+                return _drain(responses)
+            if not response.output_tensors():
+                continue  # the pipeline's empty closing response
+            # Only the outputs the client asked for: the stub drops the others without the GIL.
+            # Copies, because a BLS response's tensors live in shared memory freed with it.
+            outputs = [pb_utils.Tensor(t.name(), t.as_numpy().copy())
+                       for t in response.output_tensors() if t.name() in wanted]
+            reason = pb_utils.get_output_tensor_by_name(response, "finish_reason").as_numpy().reshape(-1)[0]
+            last = bool(reason)  # granite_llm sets a finish reason on its last response only
+            try:
+                sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if last else 0)
+            except Exception:  # the client is gone (cancelled or disconnected) before we noticed
+                return self._abandon(sequence_id, responses, sender)
+            if last:
+                return _drain(responses)
+        sender.send(io.error_response(pb_utils, "the pipeline ended without a final response"), flags=FINAL)
 
     @staticmethod
     def _is_stop(request):
@@ -99,9 +129,11 @@ class TritonPythonModel:
         if error:
             sender.send(io.error_response(pb_utils, error), flags=FINAL)
         else:
-            sender.send(io.text_response(pb_utils, "", "stopped", 0, 0), flags=FINAL)
+            names = request.requested_output_names()
+            sender.send(io.text_response(pb_utils, "", "stopped", 0, 0, names=names), flags=FINAL)
 
-    def _abandon(self, sequence_id, responses, sender):
+    @staticmethod
+    def _abandon(sequence_id, responses, sender, message="request cancelled"):
         """The client went away: stop the generation, let the pipeline close, end our request."""
         send_stop(sequence_id)
         resent = False
@@ -110,6 +142,9 @@ class TritonPythonModel:
                 send_stop(sequence_id)
                 resent = True
         try:
-            sender.send(io.error_response(pb_utils, "request cancelled"), flags=FINAL)
+            sender.send(io.error_response(pb_utils, message), flags=FINAL)
         except Exception:
             pass  # nobody is listening; the request still ends
+
+    def finalize(self):
+        self._release.close()

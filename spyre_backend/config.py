@@ -43,6 +43,7 @@ class ServingConfig:
     max_sessions: int = 256  # open sessions (sequences kept between turns)
     default_max_tokens: int = 16
     num_threads: int = 0  # torch intra-op threads; 0: torch's default
+    encoder_cache_mb: int = 256  # vision_encoder: features of recent images kept (MiB); 0: no cache
 
     @classmethod
     def from_model_config(cls, model_config: dict | str) -> "ServingConfig":
@@ -102,6 +103,7 @@ class ServingConfig:
                      "max_sessions"):
             check(getattr(self, name) > 0, name, "must be positive")
         check(self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0")
+        check(self.encoder_cache_mb >= 0, "encoder_cache_mb", "must be >= 0")
 
     @property
     def checkpoint_dir(self) -> str:

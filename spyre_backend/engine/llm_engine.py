@@ -20,7 +20,7 @@ import torch
 
 from spyre_backend.engine.detokenizer import IncrementalDetokenizer
 from spyre_backend.engine.model_runner import ModelRunner
-from spyre_backend.engine.request import FinishReason, Request, RequestOutput
+from spyre_backend.engine.request import FinishReason, Request, RequestOutput, RequestTiming
 from spyre_backend.engine.sampler import SampleRow, make_generator, sample
 from spyre_backend.engine.sampling_params import InvalidRequest
 from spyre_backend.engine.scheduler import Scheduler
@@ -180,7 +180,8 @@ class LLMEngine:
         else:
             session = self.sessions.get(sid)
             if session is None:
-                why = "was evicted or expired" if sid in self.sessions.evicted else "is not open"
+                why = ("was evicted or expired" if sid in self.sessions.evicted
+                       else "is not open on this server (it ended, or was lost in a restart)")
                 self._reject(request, f"sequence {sid} {why}; resend the whole conversation with sequence_start")
                 return False
         history = len(session.token_ids)
@@ -288,7 +289,12 @@ class LLMEngine:
             if len(r.output_ids) < p.min_tokens:
                 banned = [*([] if p.ignore_eos else self.eos_token_ids), *p.stop_token_ids]
             rows.append(SampleRow(p, r.generator, r.prompt_ids, r.output_ids, banned))
-        for request, result in zip(requests, sample(logits, rows)):
+        results = sample(logits, rows)
+        now = time.monotonic()  # one clock read per step: every row's token is ready now
+        for request, result in zip(requests, results):
+            if request.first_token_at is None:
+                request.first_token_at = now
+            request.last_token_at = now
             self._on_token(request, result)
 
     def _on_token(self, request: Request, result) -> None:
@@ -325,8 +331,12 @@ class LLMEngine:
         logprobs = request.pending_logprobs if request.params.logprobs is not None else None
         request.pending_logprobs = []
         prefilled = request.num_prefilled
+        timing = None
+        if finished:
+            timing = RequestTiming(request.arrival, request.first_token_at, request.last_token_at,
+                                   time.monotonic(), len(request.output_ids))
         request.on_output(RequestOutput(text, finished, request.num_prompt_tokens, len(request.output_ids),
-                                        reason, error, logprobs, prefilled))
+                                        reason, error, logprobs, prefilled, timing))
 
     def _finish(self, request: Request, reason: FinishReason, error: str | None = None,
                 stop_at: int | None = None) -> None:

@@ -27,6 +27,36 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"
 
 
+@dataclass(frozen=True)
+class RequestTiming:
+    """When a request arrived, produced its first and last token and finished (time.monotonic()).
+
+    Measured by the engine, so latencies start at the request's arrival in the LLM engine (after
+    preprocessing and the vision encoder, whose times Triton's own per-model metrics show).
+    """
+
+    arrival: float
+    first_token: float | None  # None: finished before its prefill completed
+    last_token: float | None
+    finished: float
+    num_output_tokens: int
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Mean gap between consecutive output tokens; None with fewer than two."""
+        if self.first_token is None or self.num_output_tokens < 2:
+            return None
+        return (self.last_token - self.first_token) / (self.num_output_tokens - 1)
+
+    @property
+    def e2e_latency(self) -> float:
+        return self.finished - self.arrival
+
+
 @dataclass
 class RequestOutput:
     text: str  # new text since the previous output
@@ -37,6 +67,7 @@ class RequestOutput:
     error: str | None = None
     logprobs: list[dict] | None = None  # per token of this output, when requested
     num_prefill_tokens: int = 0  # tokens this turn computed at prefill (new ones only, in a session)
+    timing: RequestTiming | None = None  # on the final output of a request the engine ran
 
 
 @dataclass(eq=False)  # identity: requests hold tensors, and each one is unique
@@ -62,6 +93,8 @@ class Request:
     num_emitted_chars: int = 0
     pending_logprobs: list[dict] = field(default_factory=list)
     stop_requested: bool = False
+    first_token_at: float | None = None  # time.monotonic() when its first / latest token was sampled
+    last_token_at: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,6 +4,10 @@ Uses FMS's LlavaNext loaded with ``vision_only=True`` (vision tower, projector, 
 the LLM's decoder layers are never loaded here. The tower and projector run on a static number
 of crops (a power of two, padded with zero crops), so a compiled program exists for every
 request; choosing the anyres grid and packing with image_newline stay in eager Python.
+
+Each image is encoded in a batch of its own crops, so its features depend on that image alone:
+that is what lets an optional EncoderCache hand back a repeated image's features, bit for bit
+those of a fresh encode, whatever other images came with either request.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch
 from fms.models import get_model
 
 from spyre_backend.device import DevicePlan, resolve
+from spyre_backend.vision.cache import EncoderCache, image_key
 
 
 def next_power_of_two(n: int) -> int:
@@ -19,7 +24,7 @@ def next_power_of_two(n: int) -> int:
 
 
 class VisionEncoder:
-    def __init__(self, checkpoint: str, plan: DevicePlan | None = None):
+    def __init__(self, checkpoint: str, plan: DevicePlan | None = None, cache: EncoderCache | None = None):
         self.plan = plan or resolve("cpu", "eager", torch.float32)
         self.device, self.dtype = self.plan.torch_device, self.plan.dtype
         self.model = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=self.dtype,
@@ -29,6 +34,7 @@ class VisionEncoder:
         self.crop_size = config.vision_config.image_size
         self._tower = self.plan.compile(self._tower_impl, name="vision_tower")
         self.crop_batches_run: set[int] = set()
+        self.cache = cache
 
     def _tower_impl(self, crops: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] crops -> [n, patches, hidden] projected multi-layer features."""
@@ -58,9 +64,23 @@ class VisionEncoder:
         config = self.model.config
         counts = [self.model.image_size_to_num_patches(size, config.image_grid_pinpoints, self.crop_size)
                   for size in image_sizes]
-        crops = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)]).to(self.device, self.dtype)
-        per_image = torch.split(self.run_tower(crops), counts)
-        return self.model.pack_image_features(list(per_image), image_sizes, image_newline=self.model.image_newline)
+        features = []
+        for pv, n, size in zip(pixel_values, counts, image_sizes):
+            crops = pv[:n]  # the rest is the processor's padding to the request's largest image
+            if self.cache is None:
+                features.append(self._encode_image(crops, size))
+                continue
+            key = image_key(crops, size)
+            image = self.cache.get(key)
+            if image is None:
+                image = self._encode_image(crops, size)
+                self.cache.put(key, image)
+            features.append(image)
+        return torch.cat(features)
+
+    def _encode_image(self, crops: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
+        tower = self.run_tower(crops.to(self.device, self.dtype))
+        return self.model.pack_image_features([tower], image_size[None], image_newline=self.model.image_newline)
 
     @torch.no_grad()
     def warmup(self, crops: torch.Tensor, max_crops: int) -> list[int]:

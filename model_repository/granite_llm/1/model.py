@@ -11,12 +11,22 @@ from spyre_backend.serving.outbox import Outbox
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
+# Histogram buckets (seconds) wide enough for a tiny model on an accelerator and a full-size one
+# on these CPUs (prefill of a large image ~1 min, decode ~0.5 s per token).
+TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320]
+TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5]
+E2E_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640]
+
 
 class TritonPythonModel:
     def initialize(self, args):
         self._init_metrics()
         self.outbox = Outbox("granite_llm-responses")  # sends off the engine thread, merging when behind
-        self.service = LLMService(ServingConfig.from_model_config(args["model_config"]), on_stats=self._on_stats)
+        try:
+            self.service = LLMService(ServingConfig.from_model_config(args["model_config"]), on_stats=self._on_stats)
+        except BaseException:
+            self._drop_metrics()  # finalize() is not called after a failed initialize()
+            raise
         # stops from the granite_vision front: its clients' stop requests, and its clients going
         # away (see serving/control.py)
         self.stop_listener = StopListener(self.service.stop)
@@ -38,6 +48,24 @@ class TritonPythonModel:
             kind=pb_utils.MetricFamily.COUNTER)
         self._finished = {reason: self._finished_family.Metric(labels={"reason": reason})
                           for reason in ("stop", "length", "cancelled", "timeout", "error")}
+        counter, histogram = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM
+        self._token_families = [
+            pb_utils.MetricFamily(name="spyre_prompt_tokens_total", kind=counter,
+                                  description="Prompt tokens of requests that completed their prefill"),
+            pb_utils.MetricFamily(name="spyre_generation_tokens_total", kind=counter,
+                                  description="Tokens generated (counted when each request finishes)"),
+        ]
+        self._prompt_tokens, self._generation_tokens = (f.Metric(labels={}) for f in self._token_families)
+        self._latency_families = [
+            pb_utils.MetricFamily(name="spyre_time_to_first_token_seconds", kind=histogram,
+                                  description="From a request's arrival at granite_llm to its first token"),
+            pb_utils.MetricFamily(name="spyre_time_per_output_token_seconds", kind=histogram,
+                                  description="Mean gap between a request's output tokens (one sample per request)"),
+            pb_utils.MetricFamily(name="spyre_e2e_request_latency_seconds", kind=histogram,
+                                  description="From a request's arrival at granite_llm to its last response"),
+        ]
+        self._ttft, self._tpot, self._e2e = (family.Metric(labels={}, buckets=buckets) for family, buckets in zip(
+            self._latency_families, (TTFT_BUCKETS, TPOT_BUCKETS, E2E_BUCKETS)))
 
     def _on_stats(self, stats):
         values = {"free_blocks": stats.free_blocks, "used_blocks": stats.total_blocks - stats.free_blocks,
@@ -48,10 +76,11 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            names = request.requested_output_names()  # send only these (see io.text_response)
             try:
                 start, end = io.sequence_flags(pb_utils, request)
                 if io.optional_bool(pb_utils, request, "stop", False):
-                    self.service.stop(request.correlation_id(), end, self._stop_reply(sender))
+                    self.service.stop(request.correlation_id(), end, self._stop_reply(sender, names))
                     continue
                 inputs = GenerateInputs(
                     input_ids=io.tensor(pb_utils, request, "input_ids"),
@@ -64,32 +93,47 @@ class TritonPythonModel:
                     sampling_overrides=io.sampling_overrides(pb_utils, request),
                     sequence_id=request.correlation_id(), sequence_start=start, sequence_end=end,
                 )
-                self.service.submit(inputs, self._sender(sender), is_cancelled=request.is_cancelled)
+                self.service.submit(inputs, self._sender(sender, names), is_cancelled=request.is_cancelled)
             except InvalidRequest as exc:
                 sender.send(io.error_response(pb_utils, str(exc)), flags=FINAL)
         return None
 
-    def _sender(self, sender):
+    def _sender(self, sender, names):
         def send(text, out):
             if out.finished:
                 self._finished[out.finish_reason.value if out.finish_reason else "error"].increment(1)
+                self._record_timing(out)
             if out.error:
                 sender.send(io.error_response(pb_utils, out.error), flags=FINAL)
                 return
             reason = out.finish_reason.value if out.finish_reason else ""
             response = io.text_response(pb_utils, text, reason, out.num_input_tokens, out.num_output_tokens,
-                                        out.logprobs)
+                                        out.logprobs, names=names)
             sender.send(response, flags=FINAL if out.finished else 0)
 
         return self.outbox.stream(send)
 
+    def _record_timing(self, out):
+        """Token counts and latencies of a finished request: a handful of metric updates per
+        request (each one is a round trip to the server), never one per token."""
+        timing = out.timing
+        if timing is None:
+            return  # refused before the engine ran it
+        self._generation_tokens.increment(out.num_output_tokens)
+        self._e2e.observe(timing.e2e_latency)
+        if timing.time_to_first_token is not None:
+            self._prompt_tokens.increment(out.num_input_tokens)
+            self._ttft.observe(timing.time_to_first_token)
+        if timing.time_per_output_token is not None:
+            self._tpot.observe(timing.time_per_output_token)
+
     @staticmethod
-    def _stop_reply(sender):
+    def _stop_reply(sender, names):
         def reply(error):
             if error:
                 sender.send(io.error_response(pb_utils, error), flags=FINAL)
             else:
-                sender.send(io.text_response(pb_utils, "", "stopped", 0, 0), flags=FINAL)
+                sender.send(io.text_response(pb_utils, "", "stopped", 0, 0, names=names), flags=FINAL)
 
         return reply
 
@@ -97,8 +141,14 @@ class TritonPythonModel:
         self.stop_listener.close()
         self.service.shutdown()
         self.outbox.close()
-        # Drop the metrics while the stub can still talk to the server: a Metric collected later,
-        # at interpreter exit, reaches for freed shared memory and the stub segfaults on the way out.
+        self._drop_metrics()
+
+    def _drop_metrics(self):
+        """Drop the metrics while the stub can still talk to the server: a Metric collected later,
+        at interpreter exit, reaches for freed shared memory and the stub segfaults on the way out."""
         self._gauges.clear()
         self._finished.clear()
         del self._kv, self._requests, self._sessions, self._finished_family
+        del self._prompt_tokens, self._generation_tokens, self._ttft, self._tpot, self._e2e
+        self._token_families.clear()
+        self._latency_families.clear()

@@ -1,0 +1,61 @@
+"""An LRU cache of encoded images, keyed by the preprocessed image's content.
+
+A repeated image (same crops after preprocessing, same original size) gets the features of its
+first encode back instead of going through the vision tower again. The key hashes the bytes of
+the crops the encoder would run, so two uploads of one picture in different file formats hit only
+if they preprocess to the same pixels. The budget counts the bytes of the stored features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+
+def image_key(crops: torch.Tensor, image_size) -> bytes:
+    """Content key of one image: its real crops [n, 3, H, W] (no padding crops) and (height, width)."""
+    array = np.ascontiguousarray(crops.detach().cpu().numpy())
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{array.dtype}:{array.shape}:{[int(x) for x in image_size]}".encode())
+    h.update(memoryview(array).cast("B"))
+    return h.digest()
+
+
+class EncoderCache:
+    """Features per image key, least recently used evicted first, within ``max_bytes``.
+
+    Not thread-safe: the vision_encoder instance that owns it runs one request at a time.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        features = self._entries.get(key)
+        if features is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return features
+
+    def put(self, key: bytes, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        if size > self.max_bytes or key in self._entries:
+            return  # would evict everything else, or is already there
+        while self.bytes + size > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        # a copy of its own: a view would keep the whole batch's output alive
+        self._entries[key] = features.detach().clone()
+        self.bytes += size

@@ -237,9 +237,12 @@ def main(argv=None) -> int:
     parser.add_argument("--warm-minutes", type=float, default=1.0,
                         help="traffic before the start snapshot (caches, allocator pools)")
     parser.add_argument("--report", type=Path, help="also write the JSON report here")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment for the server (e.g. MALLOC_ARENA_MAX=2); repeatable")
     args = parser.parse_args(argv)
 
-    options = ServerOptions(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    options = ServerOptions(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                            extra_env=dict(item.split("=", 1) for item in args.server_env))
     log_path = ROOT / ".triton" / "soak-server.log"
     log_path.parent.mkdir(exist_ok=True)
     server = TritonServer(options, log_path=log_path).start()
@@ -260,7 +263,16 @@ def main(argv=None) -> int:
         for collected in (soak.errors, soak.latencies, soak.counts):  # measure from the snapshot on
             collected.clear()
         began = time.monotonic()
+        series, sampling = [], threading.Event()
+
+        def sample() -> None:  # RSS under load over time: a leak climbs, allocator warm-up levels off
+            while not sampling.wait(30):
+                series.append({"t_s": round(time.monotonic() - began), **rss_mb(server.process.pid)})
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         run(args.minutes)
+        sampling.set()
         end = {"idle": idle_state(urls[2]), "rss_mb": rss_mb(server.process.pid)}
     finally:
         server.stop()
@@ -280,7 +292,7 @@ def main(argv=None) -> int:
                             "e2e_p50": percentile([e for _, _, e in late], 50),
                             "e2e_p95": percentile([e for _, _, e in late], 95)},
         },
-        "start": start, "end": end, "rss_growth": growth,
+        "start": start, "end": end, "rss_growth": growth, "rss_series_mb": series,
     }
     text = json.dumps(report, indent=2, default=float)
     print(text)

@@ -64,6 +64,9 @@ def server_environment(options: ServerOptions) -> dict[str, str]:
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libpython_dir(), env.get("LD_LIBRARY_PATH", "")) if p)
     env["SPYRE_CHECKPOINT"] = str(Path(options.checkpoint).resolve())
+    # glibc's per-thread malloc arenas fragment under tritonserver's many threads: in a 10-minute
+    # soak its RSS grew 7.1% with the default and 4.4% with two arenas (scripts/soak.py).
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     env.update(options.extra_env)
     return env
 

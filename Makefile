@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CHECKPOINT ?= checkpoints/tiny-granite-vision
 ARGS ?=
 
-.PHONY: setup serve test stress soak checkpoint clean
+.PHONY: setup serve test soak bench checkpoint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -15,14 +15,17 @@ serve: setup
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)
 
-# Load tests outside `make test`: the cancellation storm, and a soak (MINUTES, STREAMS).
-stress: setup
-	$(PY) -m pytest -q tests -m stress $(ARGS)
-
+# A soak outside `make test` (MINUTES, STREAMS); the cancellation storm is part of `make test`.
 MINUTES ?= 10
 STREAMS ?= 32
 soak: setup
 	$(PY) scripts/soak.py --minutes $(MINUTES) --streams $(STREAMS)
+
+# Benchmark outside `make test`: tiny and mid-size checkpoints through transformers, the engine and
+# Triton (Python client and perf_analyzer) at concurrency 1, 4, 16; results/bench-<time>/.
+# QUICK=1: tiny checkpoint only, fewer requests. More options: ARGS="--help".
+bench: setup
+	$(PY) -m bench $(if $(QUICK),--quick) $(ARGS)
 
 # Rebuilds (retrains) the shipped tiny checkpoint from its script, with a fixed seed.
 checkpoint: setup

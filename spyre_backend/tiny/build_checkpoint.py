@@ -192,11 +192,16 @@ def _filler_text() -> list[str]:
     return [" ".join(words)] + [f"{i} + {j} = {i + j}" for i in range(10) for j in range(10)]
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaNextProcessor:
+def scaled_pinpoints(crop: int) -> list[list[int]]:
+    """GRID_PINPOINTS for another crop size (the same grids of crops)."""
+    return [[h // CROP * crop, w // CROP * crop] for h, w in GRID_PINPOINTS]
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast, crop: int = CROP) -> LlavaNextProcessor:
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": CROP},
-        crop_size={"height": CROP, "width": CROP},
-        image_grid_pinpoints=GRID_PINPOINTS,
+        size={"shortest_edge": crop},
+        crop_size={"height": crop, "width": crop},
+        image_grid_pinpoints=scaled_pinpoints(crop),
         image_mean=[0.5, 0.5, 0.5],  # SigLIP normalisation
         image_std=[0.5, 0.5, 0.5],
         do_pad=True,
@@ -213,33 +218,37 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaNextProcessor:
 
 
 def build_config(
-    tokenizer: PreTrainedTokenizerFast, text_init_std: float = 0.02, vision_hidden: int = 32, vision_heads: int = 2
+    tokenizer: PreTrainedTokenizerFast, text_init_std: float = 0.02, vision_hidden: int = 32, vision_heads: int = 2,
+    *, crop: int = CROP, text_hidden: int = 64, text_layers: int = 4, text_heads: int = 4, text_kv_heads: int = 2,
+    attention_multiplier: float = ATTENTION_MULTIPLIER,
 ) -> LlavaNextConfig:
+    """The shipped tiny shape by default; the keywords give other sizes of the same architecture
+    (spyre_backend/tiny/random_checkpoint.py builds a mid-size one for benchmarks)."""
     vocab_size = len(tokenizer)
     vision = SiglipVisionConfig(
         hidden_size=vision_hidden,
         intermediate_size=4 * vision_hidden,
         num_hidden_layers=27,
         num_attention_heads=vision_heads,
-        image_size=CROP,
+        image_size=crop,
         patch_size=PATCH,
         hidden_act="gelu_pytorch_tanh",
         layer_norm_eps=1e-6,
     )
     text = GraniteConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=text_hidden,
+        intermediate_size=4 * text_hidden,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        num_key_value_heads=text_kv_heads,
         hidden_act="silu",
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         embedding_multiplier=EMBEDDING_MULTIPLIER,
         residual_multiplier=RESIDUAL_MULTIPLIER,
-        attention_multiplier=ATTENTION_MULTIPLIER,
+        attention_multiplier=attention_multiplier,
         logits_scaling=LOGITS_SCALING,
         tie_word_embeddings=True,
         initializer_range=text_init_std,
@@ -250,7 +259,7 @@ def build_config(
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,
-        image_grid_pinpoints=GRID_PINPOINTS,
+        image_grid_pinpoints=scaled_pinpoints(crop),
         vision_feature_layer=VISION_FEATURE_LAYERS,
         vision_feature_select_strategy="full",
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),

@@ -1,0 +1,70 @@
+"""The requests every path runs: one question about one image each, a fixed number of new tokens.
+
+Request ``i`` is the same everywhere (transformers, engine, Triton, perf_analyzer). Images differ
+from request to request (shape x colour x background, always 200x150 px, so every prompt has the
+same number of image tokens): a repeated image could be answered from a feature cache instead of
+the vision tower, and that is not what is measured here.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+from spyre_backend.tiny import synthetic
+from tests.images import shape_png
+
+QUESTIONS = ["What is in the image?", "What shape is it?", "What color is the background?",
+             "What color is the shape?"]
+IMAGE_SIZE = (200, 150)
+
+
+@lru_cache(maxsize=None)
+def _image_specs() -> list[tuple[str, str, str]]:
+    colors = sorted(synthetic.COLORS)
+    return [(s, c, b) for s, c, b in itertools.product(synthetic.SHAPES, colors, colors) if c != b]
+
+
+@dataclass(frozen=True)
+class Workload:
+    max_tokens: int  # every request generates exactly this many tokens (min_tokens = max_tokens)
+
+    def question(self, i: int) -> str:
+        return QUESTIONS[i % len(QUESTIONS)]
+
+    def image(self, i: int) -> bytes:
+        specs = _image_specs()
+        return _png(*specs[i % len(specs)])
+
+    @property
+    def sampling_parameters(self) -> str:
+        # Greedy, and eos suppressed until max_tokens: random weights would otherwise stop anywhere.
+        # (ignore_eos would also do, but tokens after an eos decode to no text and send nothing.)
+        return json.dumps({"max_tokens": self.max_tokens, "min_tokens": self.max_tokens, "temperature": 0})
+
+    def triton_inputs(self, i: int) -> dict:
+        """Inputs of request ``i`` for granite_vision / granite_vision_ensemble (tests.streaming format)."""
+        return {"text_input": self.question(i), "image": [self.image(i)], "apply_chat_template": True,
+                "max_tokens": self.max_tokens, "stream": True, "sampling_parameters": self.sampling_parameters}
+
+    def perf_analyzer_data(self, n: int) -> dict:
+        """``--input-data`` JSON with requests 0..n-1 (perf_analyzer cycles through them)."""
+        data = []
+        for i in range(n):
+            data.append({
+                "text_input": [self.question(i)],
+                "image": {"content": [base64.b64encode(self.image(i)).decode()], "shape": [1]},
+                "apply_chat_template": [True],
+                "max_tokens": [self.max_tokens],
+                "stream": [True],
+                "sampling_parameters": [self.sampling_parameters],
+            })
+        return {"data": data}
+
+
+@lru_cache(maxsize=512)
+def _png(shape: str, color: str, background: str) -> bytes:
+    return shape_png(shape, color, background, IMAGE_SIZE)

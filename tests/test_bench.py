@@ -1,0 +1,142 @@
+"""The benchmark's pure arithmetic (no server, no model): latency statistics from response arrival
+times, and the roofline's FLOP and byte counts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import perf_analyzer, roofline
+from bench.main import ratios, targets
+from bench.stats import RequestRecord, distribution, percentile, summarize
+from spyre_backend import DEFAULT_CHECKPOINT
+
+
+def test_percentile_interpolates_between_closest_ranks():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]  # unsorted on purpose
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 100) == 5.0
+    assert percentile(values, 95) == pytest.approx(4.8)  # 4 + 0.8 * (5 - 4)
+    assert percentile(list(range(1, 101)), 99) == pytest.approx(99.01)
+    assert percentile([7.0], 99) == 7.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_one_token_per_response():
+    r = RequestRecord(sent=10.0, arrivals=[(10.5, 1), (10.6, 2), (10.8, 3), (11.1, 4)])
+    assert r.ttft() == pytest.approx(0.5)
+    assert r.itls() == pytest.approx([0.1, 0.2, 0.3])
+    assert r.output_tokens == 4 and r.finished == 11.1
+
+
+def test_a_response_carrying_several_tokens_shares_its_gap():
+    # the second response carries tokens 2..4 (merged, or empty-text tokens held back)
+    r = RequestRecord(sent=0.0, arrivals=[(1.0, 1), (1.3, 4), (1.4, 5)])
+    assert r.itls() == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    assert sum(r.itls()) == pytest.approx(r.finished - (r.sent + r.ttft()))
+
+
+def test_first_response_with_several_tokens_and_a_final_response_without_new_ones():
+    r = RequestRecord(sent=0.0, arrivals=[(0.2, 3), (0.5, 4), (0.6, 4)])
+    assert r.ttft() == pytest.approx(0.2)
+    assert r.itls() == pytest.approx([0.0, 0.0, 0.3])  # tokens - 1 gaps, summing to first..last token
+    assert r.output_tokens == 4
+
+
+def test_summary_throughput_and_percentiles():
+    records = [RequestRecord(0.0, [(1.0, 1), (2.0, 2)]),
+               RequestRecord(0.5, [(1.5, 1), (4.0, 2)]),
+               RequestRecord(1.0, error="boom")]
+    s = summarize(records)
+    assert s["requests"] == 3 and s["errors"] == 1 and s["error_examples"] == ["boom"]
+    assert s["output_tokens"] == 4
+    assert s["duration_s"] == pytest.approx(4.0)  # first send to last arrival
+    assert s["tokens_per_s"] == pytest.approx(1.0)
+    assert s["requests_per_s"] == pytest.approx(0.5)
+    assert s["ttft_ms"]["p50"] == pytest.approx(1000.0)
+    assert s["itl_ms"]["mean"] == pytest.approx((1000.0 + 2500.0) / 2)
+    assert s["e2e_ms"]["p99"] == pytest.approx(2000 + 0.99 * 1500)  # e2e 2.0 s and 3.5 s
+    assert distribution([1.0, 3.0], 1000.0) == pytest.approx({"mean": 2000.0, "p50": 2000.0, "p95": 2900.0,
+                                                              "p99": 2980.0})
+
+
+def test_perf_analyzer_profile_export_becomes_records():
+    export = {"experiments": [{"experiment": {"mode": "concurrency", "value": 1}, "requests": [
+        {"timestamp": 1_000_000_000, "response_timestamps": [1_500_000_000, 1_600_000_000, 1_650_000_000],
+         "response_outputs": [{"num_output_tokens": 1}, {"num_output_tokens": 2}, {"num_output_tokens": 2}]}]}]}
+    (r,) = perf_analyzer.records_from_export(export)
+    assert r.ttft() == pytest.approx(0.5)
+    assert r.itls() == pytest.approx([0.1])
+    assert r.finished == pytest.approx(1.65)
+
+
+SHAPE = roofline.ModelShape(hidden=1024, layers=8, heads=16, kv_heads=4, head_dim=64, intermediate=4096, vocab=512,
+                            v_hidden=384, v_intermediate=1536, v_layers=27, crop=384, patch=14, feature_layers=4)
+
+
+def test_model_shape_from_the_shipped_config():
+    config = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())
+    s = roofline.ModelShape.from_config(config)
+    assert (s.hidden, s.layers, s.heads, s.kv_heads, s.head_dim, s.intermediate) == (64, 4, 4, 2, 16, 256)
+    assert (s.v_hidden, s.v_layers, s.crop, s.patch, s.feature_layers, s.patches) == (32, 27, 56, 14, 4, 16)
+
+
+def test_granite_layer_and_decode_bytes():
+    # q, o: 1024x1024 each; k, v: 1024x256 each (4 kv heads of 64); gate, up, down: 1024x4096 each
+    assert SHAPE.layer_params == 2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 1024 * 4096
+    weights = 8 * SHAPE.layer_params + 512 * 1024
+    kv_per_token = 2 * 8 * 4 * 64
+    assert roofline.decode_bytes(SHAPE, batch=1, context=0) == 4 * weights
+    assert roofline.decode_bytes(SHAPE, batch=16, context=1000) == 4 * (weights + 16 * 1000 * kv_per_token)
+    # one token per sequence: 2 FLOPs per weight, plus attention over the context
+    assert roofline.decode_flops(SHAPE, 2, 100) == pytest.approx(
+        2 * (2 * 8 * SHAPE.layer_params + 2 * 1024 * 512) + 4 * 16 * 64 * 2 * 100 * 8)
+
+
+def test_prefill_flops_are_linear_plus_causal_attention():
+    n = 100
+    linear = 2 * n * 8 * SHAPE.layer_params
+    causal_keys = n * (n + 1) / 2  # token t attends to t + 1 keys
+    expected = linear + 4 * 16 * 64 * causal_keys * 8 + 2 * 1024 * 512
+    assert roofline.prefill_flops(SHAPE, n) == pytest.approx(expected)
+    # a later chunk attends to everything before it as well
+    assert roofline.prefill_flops(SHAPE, n, start=50) - roofline.prefill_flops(SHAPE, n) == pytest.approx(
+        4 * 16 * 64 * 50 * n * 8)
+
+
+def test_vision_flops_per_crop():
+    p = 27 * 27  # 729 patches of 14 px in a 384 px crop
+    per_layer = 2 * p * (4 * 384 ** 2 + 2 * 384 * 1536) + 4 * p * p * 384
+    per_crop = 2 * p * 3 * 14 * 14 * 384 + 27 * per_layer + 2 * p * (4 * 384 * 1024 + 1024 * 1024)
+    assert roofline.vision_flops(SHAPE, 2) == pytest.approx(2 * per_crop)
+    assert 95e9 < per_crop < 97e9  # ~96 GFLOP per crop
+
+
+def test_roofline_fraction_takes_the_binding_limit():
+    # 100 GFLOP at 100 GFLOP/s is 1 s of compute; 10 GB at 20 GB/s is 0.5 s of memory traffic
+    r = roofline.roofline_fraction(100e9, 10e9, seconds=2.0, peak_flops=100e9, bandwidth=20e9)
+    assert r["bound"] == "compute" and r["fraction"] == pytest.approx(0.5)
+    assert r["achieved_gflops"] == pytest.approx(50.0)
+    r = roofline.roofline_fraction(1e9, 10e9, seconds=1.0, peak_flops=100e9, bandwidth=20e9)
+    assert r["bound"] == "memory" and r["fraction"] == pytest.approx(0.5)
+
+
+def test_ratios_and_targets():
+    ck = {"transformers": {"tokens_per_s": 10.0},
+          "engine": {1: {"tokens_per_s": 50.0, "itl_ms": {"mean": 10.0}}, 16: {"tokens_per_s": 400.0}},
+          "triton": {1: {"tokens_per_s": 40.0, "itl_ms": {"mean": 12.5}}, 16: {"tokens_per_s": 320.0}},
+          "roofline": {"prefill": {"fraction": 0.8}, "vision": {"fraction": 0.5}}}
+    r = ratios(ck, [1, 16])
+    assert r["Triton overhead per token, ms (mean ITL, Triton - engine, c=1)"] == pytest.approx(2.5)
+    assert r["Triton overhead per token, ms (1/throughput, Triton - engine, c=1)"] == pytest.approx(5.0)
+    assert r["batching gain triton (tokens/s c=16 / c=1)"] == pytest.approx(8.0)
+    assert r["speed-up over transformers (Triton c=16 / transformers serial, tokens/s)"] == pytest.approx(32.0)
+    ck["ratios"] = r
+    met = {t["name"]: t["met"] for t in targets("x", ck, [1, 16])}
+    assert met == {"Triton overhead per token, ms (mean ITL, Triton - engine, c=1)": False,
+                   "batching gain triton (tokens/s c=16 / c=1)": True,
+                   "speed-up over transformers (Triton c=16 / transformers serial, tokens/s)": True,
+                   "prefill fraction of roofline": True, "vision fraction of roofline": False}

@@ -26,14 +26,14 @@ from safetensors import safe_open
 
 from spyre_backend import DEFAULT_CHECKPOINT, MODEL_REPOSITORY, PROJECT_ROOT
 
-from bench import perf_analyzer, report, roofline
+from bench import perf_analyzer, report, roofline, session
 from bench.loadgen import EngineTarget, TritonTarget, closed_loop
 from bench.stats import summarize
 from bench.workload import IMAGE_SIZE, Workload
 
 # outside checkpoints/ (which the Docker image copies), in the uncommitted results/ folder
 MID_CHECKPOINT = PROJECT_ROOT / "results" / "checkpoints" / "random-mid"
-PHASES = ("transformers", "engine", "roofline", "triton", "perf_analyzer", "ensemble")
+PHASES = ("transformers", "engine", "roofline", "triton", "perf_analyzer", "ensemble", "session")
 # vision_encoder's cache of repeated images would skip the vision tower: every request here has a
 # new image anyway, and the cache stays off.
 SERVER_ENV = {"SPYRE_ENCODER_CACHE_MB": "0"}
@@ -203,6 +203,9 @@ def run_triton(prof: Profile, workload: Workload, levels: list[int], skip: set, 
                 finally:
                     target.close()
                 results[key][level] = {**summarize(records), "loadavg": loadavg()}
+        if "session" not in skip:
+            log("session: second turn vs a fresh request with the whole conversation and the image")
+            results["session"] = session.measure(server.grpc_url, workload)
         if "perf_analyzer" not in skip:
             results["perf_analyzer"], results["perf_analyzer_own"] = {}, {}
             for level in levels:
@@ -254,6 +257,10 @@ def targets(name: str, ck: dict, levels: list[int]) -> list[dict]:
                lambda v: v >= 10.0)]
     out = [{"checkpoint": name, "name": key, "target": goal, "value": r[key], "met": ok(r[key])}
            for key, goal, ok in wanted if key in r]
+    if "session" in ck:
+        value = ck["session"]["ratio"]
+        out.append({"checkpoint": name, "name": "session second-turn TTFT vs fresh whole conversation (p50 ratio)",
+                    "target": ">= 5x", "value": value, "met": value >= 5.0})
     roof = ck.get("roofline") or {}
     for phase in ("prefill", "vision"):
         if phase in roof:
@@ -297,7 +304,7 @@ def run_checkpoint(name: str, prof: Profile, args, machine: dict, out_dir: Path)
             ck["roofline"] = roof
             ck["prompt_tokens"] = roof["prompt_tokens"]
         gc.collect()
-    if {"triton", "perf_analyzer", "ensemble"} - skip:
+    if {"triton", "perf_analyzer", "ensemble", "session"} - skip:
         log(f"{name}: tritonserver")
         ck.update(run_triton(prof, workload, args.levels, skip, ck_dir))
     ck.setdefault("prompt_tokens", _prompt_tokens(prof, workload))

@@ -1,0 +1,62 @@
+"""A session's second turn vs a fresh request carrying the whole conversation and the image.
+
+The second turn of a session prefills only its own tokens on top of the kept KV cache; a client
+without sessions resends the conversation and the image, which preprocessing, the vision encoder
+and a full prefill then redo. Time to first token of each, one request at a time.
+"""
+
+from __future__ import annotations
+
+import queue
+import statistics
+import time
+
+import tritonclient.grpc as grpcclient
+
+from bench.workload import Workload
+from tests.streaming import to_grpc_inputs
+
+TURN_1 = "<|user|>\n<image>\n{question}\n<|assistant|>\n"
+TURN_2 = "\n<|user|>\nWhat color is the background?\n<|assistant|>\n"
+FIRST_SESSION_ID = 770_000  # far from the ids perf_analyzer and the load generator use
+
+
+def _first_token_ms(url: str, inputs: dict, **sequence) -> tuple[float, str]:
+    """Time to the first response with text, and the whole answer."""
+    arrivals: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: arrivals.put((time.perf_counter(), result, error)))
+    try:
+        sent = time.perf_counter()
+        client.async_stream_infer("granite_vision", to_grpc_inputs(inputs), **sequence)
+        first, pieces = None, []
+        while True:
+            at, result, error = arrivals.get(timeout=1200)
+            if error is not None:
+                raise RuntimeError(f"session benchmark request failed: {error}")
+            text = result.as_numpy("text_output")[0].decode()
+            if text and first is None:
+                first = at
+            pieces.append(text)
+            if result.as_numpy("finish_reason")[0]:
+                return ((first or at) - sent) * 1000, "".join(pieces)
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def measure(url: str, workload: Workload, repeats: int = 4) -> dict:
+    second, fresh = [], []
+    for i in range(repeats):
+        image = [workload.image(i)]
+        turn_1 = TURN_1.format(question=workload.question(i))
+        plain = {"max_tokens": workload.max_tokens, "stream": True}
+        sid = FIRST_SESSION_ID + i
+        _, answer = _first_token_ms(url, {"text_input": turn_1, "image": image, **plain},
+                                    sequence_id=sid, sequence_start=True)
+        ms, _ = _first_token_ms(url, {"text_input": TURN_2, **plain}, sequence_id=sid, sequence_end=True)
+        second.append(ms)
+        ms, _ = _first_token_ms(url, {"text_input": turn_1 + answer + TURN_2, "image": image, **plain})
+        fresh.append(ms)
+    return {"second_turn_ttft_ms": second, "fresh_ttft_ms": fresh,
+            "ratio": statistics.median(fresh) / statistics.median(second)}

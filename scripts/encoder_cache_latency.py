@@ -60,7 +60,9 @@ def timed_request(url: str, image: bytes, max_tokens: int) -> tuple[float, float
 def measure(cache_mb: int, repeats: int, max_tokens: int, size: tuple[int, int]) -> dict:
     options = ServerOptions(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                             extra_env={"SPYRE_ENCODER_CACHE_MB": str(cache_mb)})
-    server = TritonServer(options, log_path=Path(f"/tmp/encoder_cache_latency_{cache_mb}.log")).start()
+    log_path = ROOT / ".triton" / f"encoder-cache-latency-{cache_mb}.log"
+    log_path.parent.mkdir(exist_ok=True)
+    server = TritonServer(options, log_path=log_path).start()
     try:
         timed_request(server.grpc_url, shape_png("circle", "white", "black", size), max_tokens)  # settle
         ttft, e2e, encoder_ms, texts = [], [], [], []

@@ -182,7 +182,7 @@ def test_deferred_release_keeps_an_object_alive_until_its_delay_has_passed():
 
 
 def test_cancellation_is_polled_at_most_once_per_interval():
-    from spyre_backend.serving.llm_service import polled_every
+    from spyre_backend.serving.control import polled_every
 
     calls = []
     poll = polled_every(lambda: calls.append(1) or True, interval_s=3600)

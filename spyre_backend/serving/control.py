@@ -15,6 +15,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -94,3 +95,24 @@ def request_stop(sequence_id: int | str, end: bool, timeout: float = 10.0, path:
             return f"granite_llm did not answer the stop request within {timeout:.0f} s"
         except OSError:
             return "granite_llm is not running"
+
+
+# Cancellation, the other way a generation ends early: Triton's is_cancelled() is an IPC round
+# trip, and the engine (every request, every step) and the front (every response) would ask it
+# constantly; each asks at most this often per request.
+CANCEL_POLL_S = 0.05
+
+
+def polled_every(check: Callable[[], bool], interval_s: float = CANCEL_POLL_S) -> Callable[[], bool]:
+    """``check`` asked at most once per ``interval_s``; in between the answer is "not yet"."""
+    next_at = 0.0
+
+    def poll() -> bool:
+        nonlocal next_at
+        now = time.monotonic()
+        if now < next_at:
+            return False
+        next_at = now + interval_s
+        return check()
+
+    return poll

@@ -22,29 +22,10 @@ from spyre_backend.engine.model_runner import ModelRunner
 from spyre_backend.engine.request import Request, RequestOutput
 from spyre_backend.engine.sampling_params import InvalidRequest, SamplingParams
 from spyre_backend.multimodal import get_spec
+from spyre_backend.serving.control import polled_every
 from spyre_backend.serving.warmup import warmup_llm
 
 log = logging.getLogger(__name__)
-
-
-# The engine checks every request for cancellation each step; through Triton that check is an IPC
-# round trip, so it is asked at most this often per request.
-CANCEL_POLL_S = 0.05
-
-
-def polled_every(check: Callable[[], bool], interval_s: float) -> Callable[[], bool]:
-    """``check`` asked at most once per ``interval_s``; in between the answer is "not yet"."""
-    next_at = 0.0
-
-    def poll() -> bool:
-        nonlocal next_at
-        now = time.monotonic()
-        if now < next_at:
-            return False
-        next_at = now + interval_s
-        return check()
-
-    return poll
 
 
 @dataclass
@@ -123,7 +104,7 @@ class LLMService:
         request = Request(
             prompt_ids=torch.from_numpy(np.ascontiguousarray(inputs.input_ids, dtype=np.int64)),
             image_features=features, params=params, on_output=on_output,
-            is_cancelled=polled_every(is_cancelled, CANCEL_POLL_S),
+            is_cancelled=polled_every(is_cancelled),
             sequence_id=inputs.sequence_id, sequence_start=inputs.sequence_start, sequence_end=inputs.sequence_end,
         )
         self.engine.add_request(request)

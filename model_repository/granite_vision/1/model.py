@@ -11,18 +11,16 @@ import itertools
 import json
 import os
 import threading
-import time
 
 import triton_python_backend_utils as pb_utils
 
 from spyre_backend.serving import triton_io as io
-from spyre_backend.serving.control import request_stop, send_stop
+from spyre_backend.serving.control import polled_every, request_stop, send_stop
 from spyre_backend.serving.deferred_release import DeferredRelease
 
 PIPELINE = "granite_vision_ensemble"
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 START_END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START | pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
-CANCEL_POLL_S = 0.05
 
 
 def _drain(responses):
@@ -84,14 +82,10 @@ class TritonPythonModel:
     def _forward(self, request, sender, sequence_id, responses):
         """Relays the pipeline's stream to the client; returns only once the stream is read to its end."""
         wanted = set(request.requested_output_names()) or set(self.outputs)
-        next_cancel_check = 0.0
+        is_cancelled = polled_every(request.is_cancelled)  # an IPC round trip: not once per token
         for response in responses:
-            # is_cancelled() is an IPC round trip: ask at most every CANCEL_POLL_S, not per token.
-            now = time.monotonic()
-            if now >= next_cancel_check:
-                next_cancel_check = now + CANCEL_POLL_S
-                if request.is_cancelled():
-                    return self._abandon(sequence_id, responses, sender)
+            if is_cancelled():
+                return self._abandon(sequence_id, responses, sender)
             if response.has_error():
                 sender.send(io.error_response(pb_utils, response.error().message()), flags=FINAL)
                 return _drain(responses)

@@ -48,6 +48,17 @@ def survivor_inputs(i: int) -> dict:
     return inputs
 
 
+def stream_end(results: queue.Queue) -> tuple[str, str | None]:
+    """Reads a stream's remaining responses: (its finish reason, None), or ("", the error)."""
+    while True:
+        result, error = results.get(timeout=300)
+        if error is not None:
+            return "", str(error)
+        reason = result.as_numpy("finish_reason")[0].decode()
+        if reason:
+            return reason, None
+
+
 def cut_grpc_stream(url: str, after: int, sequence_id: int, via_stop: bool) -> str:
     """Reads ``after`` responses of a long stream, then cancels it or sends a stop request."""
     results: queue.Queue = queue.Queue()
@@ -68,27 +79,17 @@ def cut_grpc_stream(url: str, after: int, sequence_id: int, via_stop: bool) -> s
         stop = grpc_stream(url, {"text_input": "", "stop": True}, sequence_id=sequence_id,
                            sequence_start=False, sequence_end=True)
         if "no open session" in stop.get("error", ""):  # lost the race with the stream's end?
-            while True:
-                result, error = results.get(timeout=300)
-                if error is not None:
-                    return f"stop request found nothing open; stream error {error}"
-                reason = result.as_numpy("finish_reason")[0].decode()
-                if reason:
-                    return "finished before the cut" if reason == "length" else f"stream ended with {reason!r}"
+            reason, error = stream_end(results)
+            if error:
+                return f"stop request found nothing open; stream error {error}"
+            return "finished before the cut" if reason == "length" else f"stream ended with {reason!r}"
         if stop.get("finish_reason") != "stopped":
-            while True:
-                result, error = results.get(timeout=300)
-                if error is not None:
-                    return f"stop request failed: {stop}; stream error {error}"
-                if result.as_numpy("finish_reason")[0]:
-                    return f"stop request failed: {stop}; stream ended {result.as_numpy('finish_reason')[0]}"
-        while True:  # the stopped stream still ends with a final response
-            result, error = results.get(timeout=300)
-            if error is not None:
-                return f"error after the stop: {error}"
-            reason = result.as_numpy("finish_reason")[0].decode()
-            if reason:
-                return "stopped" if reason == "cancelled" else f"stream ended with {reason!r}"
+            reason, error = stream_end(results)
+            return f"stop request failed: {stop}; stream {f'error {error}' if error else f'ended {reason!r}'}"
+        reason, error = stream_end(results)  # the stopped stream still ends with a final response
+        if error:
+            return f"error after the stop: {error}"
+        return "stopped" if reason == "cancelled" else f"stream ended with {reason!r}"
     finally:
         client.stop_stream()
         client.close()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import queue
+
 import pytest
+import tritonclient.grpc as grpcclient
 
 from tests.images import shape_png
-from tests.streaming import grpc_stream, http_generate_stream
+from tests.streaming import grpc_stream, http_generate_stream, to_grpc_inputs
 
 MAX_TOKENS = 24
 
@@ -87,3 +90,31 @@ def test_max_tokens_limits_the_answer(server, reference):
                                         "max_tokens": 2, "stream": True})
     assert got["finish_reason"] == "length"
     assert got["num_output_tokens"] == 2
+
+
+def test_a_client_may_ask_for_some_outputs_only(server):
+    """Only the requested outputs come back (and the server builds no others: Triton 2.51's stub
+    would drop them without holding the GIL)."""
+    inputs = {"text_input": "Say hello.", "apply_chat_template": True, "max_tokens": 24, "stream": True}
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    pieces, names = [], set()
+    try:
+        client.async_stream_infer("granite_vision", to_grpc_inputs(inputs),
+                                  outputs=[grpcclient.InferRequestedOutput("text_output")],
+                                  enable_empty_final_response=True)
+        while True:
+            result, error = results.get(timeout=300)
+            assert error is None, error
+            response = result.get_response()
+            names.update(output.name for output in response.outputs)
+            if response.outputs:
+                pieces.append(result.as_numpy("text_output")[0].decode())
+            if response.parameters["triton_final_response"].bool_param:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    assert names == {"text_output"}
+    assert "".join(pieces) == grpc_stream(server.grpc_url, inputs)["text"]

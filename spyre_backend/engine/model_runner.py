@@ -80,9 +80,14 @@ class ModelRunner:
 
     # -- the static shape set --------------------------------------------------------------
     def _context_buckets(self) -> list[int]:
+        """Context sizes in blocks: powers of two with a midpoint between each pair from 8 on
+        (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, ...), so a context is padded by at most a third, not
+        doubled: attention gathers and reads the whole bucket every step."""
         buckets, b = [], 1
         while b < self.max_blocks_per_seq:
             buckets.append(b)
+            if b >= 8 and b + b // 2 < self.max_blocks_per_seq:
+                buckets.append(b + b // 2)
             b *= 2
         return buckets + [self.max_blocks_per_seq]
 

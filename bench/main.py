@@ -57,7 +57,7 @@ class Profile:
 
 PROFILES = {
     # tiny: cheap, so enough requests for stable percentiles
-    "tiny": Profile(DEFAULT_CHECKPOINT, max_tokens=64, min_requests=8, rounds=2, transformers_requests=8,
+    "tiny": Profile(DEFAULT_CHECKPOINT, max_tokens=64, min_requests=16, rounds=4, transformers_requests=16,
                     ensemble_levels=None, roofline=False),
     # mid: a 1.4k-token image prompt costs seconds of vision and prefill on 2 cores, and decode
     # steps of 16 long sequences are slow: one round per level, 16 new tokens
@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mid-checkpoint", type=Path, default=MID_CHECKPOINT,
                    help="where the mid-size random model is built (a checkpoint not built there is used as it is)")
     p.add_argument("--out", type=Path, help="results folder (default: results/bench-<time>)")
+    p.add_argument("--compile", choices=("inductor", "eager"), default="inductor",
+                   help="compile_backend of every served and in-process path (default: inductor, the fastest on "
+                        "the CPU; the first run compiles for a few minutes, later runs hit inductor's cache)")
     args = p.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
     args.checkpoints = ["tiny"] if args.quick and args.checkpoints == "tiny,mid" else args.checkpoints.split(",")
@@ -325,6 +328,8 @@ def main(argv=None) -> int:
     out_dir = args.out or PROJECT_ROOT / "results" / f"bench-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"results in {out_dir}")
+    # read by serving_config() in-process and inherited by every tritonserver the run starts
+    os.environ["SPYRE_COMPILE_BACKEND"] = args.compile
     result: dict = {"started": stamp, "levels": args.levels, "args": {k: (sorted(v) if isinstance(v, set) else v)
                                                                      for k, v in vars(args).items()},
                     "checkpoints": {}, "targets": []}

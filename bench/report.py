@@ -48,7 +48,8 @@ def markdown(result: dict) -> str:
              f"Wall time {_f(result.get('wall_s', math.nan) / 60, 1)} min. Machine: {m['cpus']} CPUs, "
              f"fp32 matmul {_f(m['matmul_gflops'])} GFLOP/s, memory {_f(m['bandwidth_gbs'])} GB/s "
              f"(copy {_f(m['copy_gbs'])}, read {_f(m['read_gbs'])}); load average at start {m['loadavg_start']}, "
-             f"end {m.get('loadavg_end')}.", ""]
+             f"end {m.get('loadavg_end')}. Served with compile_backend "
+             f"`{result['args'].get('compile', 'eager')}`.", ""]
     for name, ck in result["checkpoints"].items():
         lines += [f"## {name}: `{ck['checkpoint']}`", "",
                   f"{ck['params_m']:.1f} M parameters; prompts of {ck.get('prompt_tokens', '?')} tokens "

@@ -14,6 +14,9 @@ from spyre_backend.device import COMPILE_BACKENDS, DEVICES, DeviceError, DeviceP
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+NARROW_MODEL_WIDTH = 256  # hidden size under which num_threads=0 means one thread
+
+
 class ConfigError(ValueError):
     pass
 
@@ -42,7 +45,7 @@ class ServingConfig:
     max_tokens_limit: int = 4096  # cap on max_tokens
     max_sessions: int = 256  # open sessions (sequences kept between turns)
     default_max_tokens: int = 16
-    num_threads: int = 0  # torch intra-op threads; 0: torch's default
+    num_threads: int = 0  # torch intra-op threads; 0: one for narrow models, else torch's default
     encoder_cache_mb: int = 256  # vision_encoder: features of recent images kept (MiB); 0: no cache
 
     @classmethod
@@ -128,6 +131,15 @@ class ServingConfig:
             return max(2, self.kv_memory_mb * 2**20 // (bytes_per_token * self.block_size))
         return self.max_running * (self.max_context // self.block_size) + 1
 
-    def apply_threads(self) -> None:
-        if self.num_threads > 0:
-            torch.set_num_threads(self.num_threads)
+    def apply_threads(self, model_width: int) -> int:
+        """Sets torch's intra-op threads for a model ``model_width`` wide; returns the count.
+
+        0 (auto): a model narrower than NARROW_MODEL_WIDTH gets one thread. Its ops are too small to
+        split (each parallel region costs more than it saves), and every Triton stub is a process
+        of its own on the same cores: two threads each made the tiny checkpoint 1.6x slower at 16
+        streams (README, Benchmarks). Wider models keep torch's default, one thread per core.
+        """
+        threads = self.num_threads or (1 if model_width < NARROW_MODEL_WIDTH else 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        return torch.get_num_threads()

@@ -40,10 +40,43 @@ class DevicePlan:
             return fn
         import torch._dynamo
 
+        _utf8_locale()
         # one graph per warmed-up shape; dynamo's default limit (8) would silently fall back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         backend = spyre.compile_backend() if self.compile_backend == "sendnn" else "inductor"
         return torch.compile(fn, backend=backend, dynamic=False, fullgraph=False)
+
+    def mark_bucket_dims(self, *marks: tuple[torch.Tensor, int]) -> None:
+        """Mark (tensor, dim) pairs whose size only ever takes the static set's padded bucket values.
+
+        sendnn compiles every shape of the set as it is (a Spyre card runs static graphs only).
+        Inductor is told these dims are symbolic, so one graph serves every bucket: the inputs are
+        padded exactly as on Spyre, but ~110 static shapes would take 20 minutes of compiling on
+        two CPU cores and a handful of graphs take about one. Sizes 0 and 1 stay specialized.
+        """
+        if self.compile_backend != "inductor":
+            return
+        import torch._dynamo
+
+        for tensor, dim in marks:
+            if tensor.shape[dim] > 1:
+                torch._dynamo.mark_dynamic(tensor, dim)
+
+
+def _utf8_locale() -> None:
+    """Triton's Python stub embeds an isolated interpreter: it ignores PYTHONUTF8 and LANG and
+    leaves LC_CTYPE at "C", so files open as ASCII, and inductor fails at load reading its own
+    UTF-8 templates. open() follows the current LC_CTYPE, so switching it here is enough."""
+    import locale
+
+    if locale.getpreferredencoding(False).lower().replace("-", "") == "utf8":
+        return
+    for name in ("C.UTF-8", "C.utf8", "en_US.UTF-8"):
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+            return
+        except locale.Error:
+            continue
 
 
 def resolve(device: str, compile_backend: str | None, dtype: torch.dtype) -> DevicePlan:

@@ -1,10 +1,11 @@
 """Runs the FMS Granite decoder on embeddings over the paged KV cache, with static padded shapes.
 
 The shapes the runner can be asked to run form a finite set, fixed at load and all compiled at
-warmup (what a Spyre card needs; on the CPU or GPU with inductor it also means no recompiles):
+warmup (what a Spyre card needs; inductor on the CPU or GPU compiles one graph per kind of shape,
+symbolic in the bucketed dims, and never recompiles while serving):
 - prefill: ``q_len`` a multiple of the block size, up to ``prefill_chunk``;
 - decode: ``batch`` one of ``decode_batch_sizes``, one token per row;
-- both: the context read through block tables is a power-of-two number of blocks, capped at
+- both: the context read through block tables is one of ``context_buckets`` (blocks), capped at
   ``max_context``.
 """
 
@@ -176,4 +177,7 @@ class ModelRunner:
     def forward(self, step: StepInputs) -> torch.Tensor:
         """Float32 logits [batch, vocab] at each row's ``last_index`` (Granite-scaled)."""
         self.shapes_run.add(step.shape)
+        tokens = (step.embeds, step.positions, step.slots)
+        self.plan.mark_bucket_dims((step.block_table, 1), *[(t, 0) for t in (*tokens, step.block_table, step.last_index)],
+                                   *[(t, 1) for t in tokens])
         return self._forward(step.embeds, step.positions, step.slots, step.block_table, step.last_index)

@@ -22,6 +22,7 @@ from spyre_backend.engine.model_runner import ModelRunner
 from spyre_backend.engine.request import Request, RequestOutput
 from spyre_backend.engine.sampling_params import InvalidRequest, SamplingParams
 from spyre_backend.multimodal import get_spec
+from spyre_backend.multimodal.registry import read_config
 from spyre_backend.serving.control import polled_every
 from spyre_backend.serving.warmup import warmup_llm
 
@@ -46,10 +47,10 @@ class GenerateInputs:
 class LLMService:
     def __init__(self, config: ServingConfig, on_stats: Callable[[EngineStats], None] | None = None,
                  warmup: bool = True):
-        config.apply_threads()
         started = time.monotonic()
         self.config = config
         checkpoint = config.checkpoint_dir
+        threads = config.apply_threads(read_config(checkpoint)["text_config"]["hidden_size"])
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.spec = get_spec(checkpoint)
         runner = ModelRunner(
@@ -66,9 +67,10 @@ class LLMService:
         self.engine.start()
         warmed = warmup_llm(self, checkpoint) if warmup else 0.0
         plan = runner.plan
-        log.warning("granite_llm: loaded %s in %.1f s, warmup %.1f s (%s, %s, %s; %d static shapes; "
+        log.warning("granite_llm: loaded %s in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; %d static shapes; "
                     "KV %d blocks of %d tokens)", checkpoint, loaded, warmed, plan.kind, plan.compile_backend,
-                    config.dtype, len(runner.shape_set()), runner.kv_cache.allocator.num_blocks, config.block_size)
+                    config.dtype, threads, len(runner.shape_set()), runner.kv_cache.allocator.num_blocks,
+                    config.block_size)
 
     def submit(self, inputs: GenerateInputs, send: Callable[[str, RequestOutput], None],
                is_cancelled: Callable[[], bool] = lambda: False) -> None:

@@ -53,6 +53,7 @@ class VisionEncoder:
         if batch != n:
             crops = torch.cat([crops, crops.new_zeros(batch - n, *crops.shape[1:])])
         self.crop_batches_run.add(batch)
+        self.plan.mark_bucket_dims((crops, 0))
         return self._tower(crops)[:n]
 
     @torch.no_grad()

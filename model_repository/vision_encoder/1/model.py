@@ -8,6 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from spyre_backend.config import ServingConfig
 from spyre_backend.multimodal import get_spec
+from spyre_backend.multimodal.registry import read_config
 from spyre_backend.serving import triton_io as io
 from spyre_backend.serving.warmup import warmup_vision
 from spyre_backend.vision.cache import EncoderCache
@@ -18,7 +19,7 @@ class TritonPythonModel:
     def initialize(self, args):
         started = time.monotonic()
         config = ServingConfig.from_model_config(args["model_config"])
-        config.apply_threads()
+        threads = config.apply_threads(read_config(config.checkpoint_dir)["vision_config"]["hidden_size"])
         plan = config.device_plan()
         self.encoder = VisionEncoder(config.checkpoint_dir, plan)
         loaded = time.monotonic() - started
@@ -28,8 +29,9 @@ class TritonPythonModel:
             self.encoder.cache = EncoderCache(config.encoder_cache_mb * 2**20)
         self._init_metrics()
         logging.getLogger(__name__).warning(
-            "vision_encoder: loaded in %.1f s, warmup %.1f s (%s, %s, %s; crop batches %s; encoder cache %d MiB)",
-            loaded, warmed, plan.kind, plan.compile_backend, config.dtype, sorted(self.encoder.crop_batches_run),
+            "vision_encoder: loaded in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; crop batches %s; "
+            "encoder cache %d MiB)", loaded, warmed, plan.kind, plan.compile_backend, config.dtype, threads,
+            sorted(self.encoder.crop_batches_run),
             config.encoder_cache_mb)
 
     def _init_metrics(self):

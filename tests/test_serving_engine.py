@@ -68,7 +68,9 @@ def test_session_turns_through_the_server(server, reference):
 
 def long_generation(**extra):
     return {"text_input": "Say hello.", "apply_chat_template": True, "max_tokens": 3000, "stream": True,
-            "sampling_parameters": json.dumps({"ignore_eos": True}), **extra}
+            # min_tokens, not ignore_eos: tokens after an eos decode to no text and send nothing, and an
+            # HTTP client's disconnect is only noticed when the server next writes to it
+            "sampling_parameters": json.dumps({"min_tokens": 3000}), **extra}
 
 
 def open_stream(url, model, inputs, **kwargs):

@@ -46,6 +46,7 @@ class ServingConfig:
     max_sessions: int = 256  # open sessions (sequences kept between turns)
     default_max_tokens: int = 16
     num_threads: int = 0  # torch intra-op threads; 0: one for narrow models, else torch's default
+    stream_interval_ms: int = 0  # granite_llm: least time between two responses of one stream (0: per token)
     encoder_cache_mb: int = 256  # vision_encoder: features of recent images kept (MiB); 0: no cache
 
     @classmethod
@@ -90,6 +91,7 @@ class ServingConfig:
               f"must be one of {list(COMPILE_BACKENDS)} (or empty for the device's default)")
         check(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}")
         check(self.block_size > 0, "block_size", "must be positive")
+        check(self.stream_interval_ms >= 0, "stream_interval_ms", "must be >= 0")
         check(self.max_context > 0 and self.max_context % self.block_size == 0, "max_context",
               "must be a positive multiple of block_size")
         check(self.max_running > 0, "max_running", "must be positive")

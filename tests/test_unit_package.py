@@ -158,6 +158,31 @@ def test_outbox_merges_a_streams_outputs_while_the_sender_is_busy():
     assert delivered == [("a", 1, False, [{"t": 1}]), ("bc", 3, True, [{"t": 2}, {"t": 3}])]
 
 
+def test_outbox_min_gap_holds_and_merges_a_streams_responses_but_never_its_first_or_final():
+    import time
+
+    from spyre_backend.engine.request import FinishReason, RequestOutput
+    from spyre_backend.serving.outbox import Outbox
+
+    delivered = []
+    outbox = Outbox(min_gap_s=0.3)
+    send = outbox.stream(lambda text, out: delivered.append((time.monotonic(), text, out.finished)))
+    started = time.monotonic()
+    send("a", RequestOutput("a", False, 5, 1))  # the first response goes at once
+    time.sleep(0.05)
+    send("b", RequestOutput("b", False, 5, 2))  # held: within the gap
+    send("c", RequestOutput("c", False, 5, 3))
+    time.sleep(0.6)
+    send("d", RequestOutput("d", False, 5, 4))  # held again, then overtaken by the final one
+    send("e", RequestOutput("e", True, 5, 5, FinishReason.LENGTH))
+    outbox.close()
+    assert [(text, finished) for _, text, finished in delivered] == [("a", False), ("bc", False), ("de", True)]
+    first, merged, final = (at - started for at, _, _ in delivered)
+    assert first < 0.1
+    assert 0.28 < merged < 0.45  # one gap after the first response, not when "b" arrived
+    assert final < 0.75  # the final response did not wait for another gap
+
+
 def test_deferred_release_keeps_an_object_alive_until_its_delay_has_passed():
     import time
     import weakref

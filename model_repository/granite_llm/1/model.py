@@ -21,9 +21,11 @@ E2E_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160
 class TritonPythonModel:
     def initialize(self, args):
         self._init_metrics()
-        self.outbox = Outbox("granite_llm-responses")  # sends off the engine thread, merging when behind
         try:
-            self.service = LLMService(ServingConfig.from_model_config(args["model_config"]), on_stats=self._on_stats)
+            config = ServingConfig.from_model_config(args["model_config"])
+            # sends off the engine thread, merging when behind or within stream_interval_ms
+            self.outbox = Outbox("granite_llm-responses", min_gap_s=config.stream_interval_ms / 1000)
+            self.service = LLMService(config, on_stats=self._on_stats)
         except BaseException:
             self._drop_metrics()  # finalize() is not called after a failed initialize()
             raise

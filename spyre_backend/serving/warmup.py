@@ -37,7 +37,6 @@ def warmup_vision(encoder: VisionEncoder, checkpoint: str, spec, max_images: int
         max_crops = max_images * max(1 + (h // encoder.crop_size) * (w // encoder.crop_size)
                                      for w, h in spec.warmup_image_sizes(_config(checkpoint)))
         encoder.warmup(crops, max_crops)
-        encoder.plan.seal()
     return time.monotonic() - started
 
 
@@ -59,7 +58,6 @@ def warmup_llm(service, checkpoint: str) -> float:
         service.engine.add_request(Request(ids, features, params, lambda out: out.finished and done.set()))
         if not done.wait(600):
             raise RuntimeError("warmup request did not finish")
-    runner.plan.seal()
     return time.monotonic() - started
 
 

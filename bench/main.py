@@ -125,8 +125,12 @@ def loadavg() -> list[float]:
 
 # -- phases -------------------------------------------------------------------------------------
 def run_transformers(prof: Profile, workload: Workload) -> dict:
-    from bench.baselines import TransformersBaseline
+    import torch
 
+    from bench.baselines import TransformersBaseline
+    from spyre_backend.config import TORCH_DEFAULT_THREADS
+
+    torch.set_num_threads(TORCH_DEFAULT_THREADS)  # every core, whatever an earlier phase set
     baseline = TransformersBaseline(str(prof.checkpoint))
     baseline.run(workload, -1)  # warm: first-call costs are not what is compared
     records = [baseline.run(workload, i) for i in range(prof.transformers_requests)]

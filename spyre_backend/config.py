@@ -15,6 +15,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 NARROW_MODEL_WIDTH = 256  # hidden size under which num_threads=0 means one thread
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before any model changed it (one per core, or OMP_NUM_THREADS)
 
 
 class ConfigError(ValueError):
@@ -141,7 +142,6 @@ class ServingConfig:
         of its own on the same cores: two threads each made the tiny checkpoint 1.6x slower at 16
         streams (README, Benchmarks). Wider models keep torch's default, one thread per core.
         """
-        threads = self.num_threads or (1 if model_width < NARROW_MODEL_WIDTH else 0)
-        if threads > 0:
-            torch.set_num_threads(threads)
-        return torch.get_num_threads()
+        threads = self.num_threads or (1 if model_width < NARROW_MODEL_WIDTH else TORCH_DEFAULT_THREADS)
+        torch.set_num_threads(threads)  # also undoes an earlier model's setting in the same process
+        return threads

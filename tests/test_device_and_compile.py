@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spyre_backend.config import ConfigError, ServingConfig
+from spyre_backend.config import TORCH_DEFAULT_THREADS, ConfigError, ServingConfig
 from spyre_backend.device import DeviceError, resolve, seal_compiled
 from spyre_backend.device import spyre as spyre_device
 from tests.images import shape_png
@@ -79,8 +79,7 @@ def test_auto_threads_one_for_narrow_models():
     try:
         auto = ServingConfig.from_strings({})
         assert auto.apply_threads(64) == 1  # the tiny checkpoint: ops too small to split
-        torch.set_num_threads(before)
-        assert auto.apply_threads(1024) == before  # wide models keep torch's default
+        assert auto.apply_threads(1024) == TORCH_DEFAULT_THREADS == torch.get_num_threads()  # torch's default again
         assert ServingConfig.from_strings({"num_threads": "3"}).apply_threads(64) == 3  # explicit wins
     finally:
         torch.set_num_threads(before)

@@ -141,7 +141,6 @@ def run_engine(prof: Profile, workload: Workload, levels: list[int], machine: di
                with_load: bool) -> tuple[dict, dict | None]:
     import torch
 
-    from spyre_backend.device import seal_compiled
     from spyre_backend.preprocess.processor import Preprocessor
     from spyre_backend.serving.llm_service import LLMService
     from spyre_backend.vision.encoder import VisionEncoder
@@ -174,14 +173,14 @@ def run_engine(prof: Profile, workload: Workload, levels: list[int], machine: di
         if with_load:
             target = EngineTarget(service, pre, encoder, workload)
             closed_loop(target.send, 1, 1)  # warm: also compiles the vision tower for this image size
-            seal_compiled(service.engine.runner.plan.compile_backend != "eager")  # as the Triton stubs do
+            service.engine.runner.plan.seal_compiled()  # as the Triton stubs do
             for level in levels:
                 log(f"engine in-process: concurrency {level}, {prof.requests(level)} requests")
                 records = closed_loop(target.send, prof.requests(level), level)
                 results[level] = {**summarize(records), "loadavg": loadavg()}
         return results, roof
     finally:
-        seal_compiled(False)  # the next checkpoint compiles its own graphs
+        service.engine.runner.plan.seal_compiled(False)  # the next checkpoint compiles its own graphs
         service.shutdown()
 
 

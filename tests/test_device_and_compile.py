@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spyre_backend.config import TORCH_DEFAULT_THREADS, ConfigError, ServingConfig
-from spyre_backend.device import DeviceError, resolve, seal_compiled
+from spyre_backend.device import DeviceError, resolve
 from spyre_backend.device import spyre as spyre_device
 from tests.images import shape_png
 from tests.test_engine import make_stack
@@ -61,7 +61,7 @@ def test_inductor_warmup_compiles_everything_and_matches_eager(checkpoint):
         # bucketed dims are symbolic for inductor: fewer graphs than shapes, every shape ran at warmup
         assert 0 < graphs_after_warmup < len(runner.shape_set())
         assert runner.shapes_run == set(runner.shape_set())
-        seal_compiled()  # as the granite_llm stub does after warmup: nothing may compile from here
+        runner.plan.seal_compiled()  # as the granite_llm stub does after warmup: nothing may compile from here
         traffic = [("What is in the image?", [shape_png("triangle", "green", "white", (200, 150))]),
                    ("Say hello.", []), ("What is the capital of France?", [])]
         got = [compiled.submit(q, imgs, max_tokens=12) for q, imgs in traffic]  # batched together
@@ -69,7 +69,7 @@ def test_inductor_warmup_compiles_everything_and_matches_eager(checkpoint):
         assert [h.wait().text for h in got] == want
         assert counters["stats"]["unique_graphs"] == graphs_after_warmup  # no recompilation
     finally:
-        seal_compiled(False)
+        compiled.engine.runner.plan.seal_compiled(False)
         compiled.service.shutdown()
         eager.service.shutdown()
 

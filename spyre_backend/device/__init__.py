@@ -46,6 +46,16 @@ class DevicePlan:
         backend = spyre.compile_backend() if self.compile_backend == "sendnn" else "inductor"
         return torch.compile(fn, backend=backend, dynamic=False, fullgraph=False)
 
+    def seal_compiled(self, sealed: bool = True) -> None:
+        """Process-wide: once every compiled function of the process has run every shape it will
+        serve, dynamo checks only the guards that tell its cached graphs apart, not every parameter
+        and KV pool tensor on every call (a quarter of a tiny decode step's time in the granite_llm
+        stub). A compile after this fails instead of running, so only a process that serves a
+        warmed-up model seals: each Triton model's stub after its warmup, the benchmark around its
+        load runs. Eager has nothing to seal (and need not import dynamo)."""
+        if self.compile_backend != "eager":
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=sealed)
+
     def mark_bucket_dims(self, *marks: tuple[torch.Tensor, int]) -> None:
         """Mark (tensor, dim) pairs whose size only ever takes the static set's padded bucket values.
 
@@ -61,15 +71,6 @@ class DevicePlan:
         for tensor, dim in marks:
             if tensor.shape[dim] > 1:
                 torch._dynamo.mark_dynamic(tensor, dim)
-
-
-def seal_compiled(sealed: bool = True) -> None:
-    """Process-wide: once every compiled function of the process has run every shape it will
-    serve, dynamo checks only the guards that tell its cached graphs apart, not every parameter and
-    KV pool tensor on every call (a quarter of a tiny decode step's time in the granite_llm stub).
-    A compile after this fails instead of running, so only a process that serves a warmed-up model
-    seals: each Triton model's stub, after its warmup; the benchmark around its load runs."""
-    torch.compiler.set_stance("default", skip_guard_eval_unsafe=sealed)
 
 
 def _utf8_locale() -> None:

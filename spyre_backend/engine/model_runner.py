@@ -178,7 +178,6 @@ class ModelRunner:
         """Float32 logits [batch, vocab] at each row's ``last_index`` (Granite-scaled)."""
         if step.shape not in self.shapes_run:  # its first run compiles (warmup): later runs reuse the graph
             self.shapes_run.add(step.shape)
-            tokens = (step.embeds, step.positions, step.slots)
-            self.plan.mark_bucket_dims((step.block_table, 1), *[(t, 0) for t in (*tokens, step.block_table, step.last_index)],
-                                       *[(t, 1) for t in tokens])
+            rows = (step.embeds, step.positions, step.slots, step.block_table, step.last_index)
+            self.plan.mark_bucket_dims(*[(t, 0) for t in rows], *[(t, 1) for t in rows[:4]])
         return self._forward(step.embeds, step.positions, step.slots, step.block_table, step.last_index)

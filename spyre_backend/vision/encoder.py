@@ -52,8 +52,9 @@ class VisionEncoder:
         batch = next_power_of_two(n)
         if batch != n:
             crops = torch.cat([crops, crops.new_zeros(batch - n, *crops.shape[1:])])
-        self.crop_batches_run.add(batch)
-        self.plan.mark_bucket_dims((crops, 0))
+        if batch not in self.crop_batches_run:  # its first run compiles (warmup): later runs reuse the graph
+            self.crop_batches_run.add(batch)
+            self.plan.mark_bucket_dims((crops, 0))
         return self._tower(crops)[:n]
 
     @torch.no_grad()

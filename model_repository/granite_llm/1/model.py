@@ -3,7 +3,6 @@
 import triton_python_backend_utils as pb_utils
 
 from spyre_backend.config import ServingConfig
-from spyre_backend.device import seal_compiled
 from spyre_backend.engine.sampling_params import InvalidRequest
 from spyre_backend.serving import triton_io as io
 from spyre_backend.serving.control import StopListener
@@ -27,8 +26,7 @@ class TritonPythonModel:
             # sends off the engine thread, merging when behind or within stream_interval_ms
             self.outbox = Outbox("granite_llm-responses", min_gap_s=config.stream_interval_ms / 1000)
             self.service = LLMService(config, on_stats=self._on_stats)  # warmed up: every shape ran
-            if config.device_plan().compile_backend != "eager":
-                seal_compiled()  # this process serves this model only
+            self.service.engine.runner.plan.seal_compiled()  # this process serves this model only
         except BaseException:
             self._drop_metrics()  # finalize() is not called after a failed initialize()
             raise

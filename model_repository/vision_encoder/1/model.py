@@ -7,7 +7,6 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from spyre_backend.config import ServingConfig
-from spyre_backend.device import seal_compiled
 from spyre_backend.multimodal import get_spec
 from spyre_backend.multimodal.registry import read_config
 from spyre_backend.serving import triton_io as io
@@ -25,8 +24,7 @@ class TritonPythonModel:
         self.encoder = VisionEncoder(config.checkpoint_dir, plan)
         loaded = time.monotonic() - started
         warmed = warmup_vision(self.encoder, config.checkpoint_dir, get_spec(config.checkpoint_dir), config.max_images)
-        if plan.compile_backend != "eager":
-            seal_compiled()  # every crop batch ran; this process serves this model only
+        plan.seal_compiled()  # every crop batch ran; this process serves this model only
         # attached after warmup, so that the warmup image neither counts nor takes room
         if config.encoder_cache_mb:
             self.encoder.cache = EncoderCache(config.encoder_cache_mb * 2**20)

@@ -25,6 +25,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from spyre_backend import DEFAULT_CHECKPOINT, MODEL_REPOSITORY, PROJECT_ROOT
+from spyre_backend.device.host_memory import keep_freed_memory
 
 from bench import perf_analyzer, report, roofline, session
 from bench.loadgen import EngineTarget, TritonTarget, closed_loop
@@ -336,9 +337,12 @@ def main(argv=None) -> int:
     log(f"results in {out_dir}")
     # read by serving_config() in-process and inherited by every tritonserver the run starts
     os.environ["SPYRE_COMPILE_BACKEND"] = args.compile
+    # as every serving process sets it (LLMService, vision_encoder): every in-process path here,
+    # the transformers baseline included, runs with the same allocator settings
+    keep_freed = keep_freed_memory()
     result: dict = {"started": stamp, "levels": args.levels, "args": {k: (sorted(v) if isinstance(v, set) else v)
                                                                      for k, v in vars(args).items()},
-                    "checkpoints": {}, "targets": []}
+                    "checkpoints": {}, "targets": [], "keep_freed_memory": keep_freed}
     log("machine limits: fp32 matmul and memory bandwidth")
     machine = {**roofline.measure_machine(), "cpus": os.cpu_count(), "loadavg_start": loadavg()}
     result["machine"] = machine

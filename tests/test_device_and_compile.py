@@ -83,3 +83,49 @@ def test_auto_threads_one_for_narrow_models():
         assert ServingConfig.from_strings({"num_threads": "3"}).apply_threads(64) == 3  # explicit wins
     finally:
         torch.set_num_threads(before)
+
+
+# Run in a fresh interpreter (malloc settings are process-wide): a serving thread gathers KV-sized
+# blocks that are all alive at once, as a decode step does layer after layer, and reports the page
+# faults of the repeats.
+_FAULTS_SCRIPT = """
+import resource, sys, threading, torch
+if sys.argv[1] == "kept":
+    from spyre_backend.device.host_memory import keep_freed_memory
+    assert keep_freed_memory()
+pools = [torch.randn(200, 16384) for _ in range(8)]  # 13 MB each, rows of 64 KB
+rows = torch.arange(1, 97)  # a 6 MB gather from each
+def step():
+    return [pool.index_select(0, rows) for pool in pools]
+def run(out):
+    for _ in range(3):  # glibc's own thresholds adapt a little over the first steps
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        step()
+    out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+out = []
+thread = threading.Thread(target=run, args=(out,))
+thread.start()
+thread.join()
+print(out[0])
+"""
+
+
+def test_freed_memory_is_reused_without_page_faults():
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator settings are glibc's")
+
+    def faults(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                              timeout=120, check=True)
+        return int(done.stdout.split()[-1])
+
+    default, kept = faults("default"), faults("kept")
+    pages = 5 * 8 * 96 * 64 * 1024 // 4096  # what the repeats write
+    assert default > pages // 10, (default, pages)  # glibc's defaults still map many blocks afresh
+    assert kept < default // 10, (kept, default)

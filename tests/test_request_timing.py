@@ -12,6 +12,7 @@ import pytest
 
 from spyre_backend.config import ServingConfig
 from spyre_backend.engine.request import RequestTiming
+from spyre_backend.serving import llm_service
 from spyre_backend.serving.llm_service import GenerateInputs, LLMService
 
 
@@ -65,7 +66,10 @@ def test_a_finished_request_reports_its_timing(service, stream):
     assert t.time_per_output_token > 0  # each decode step takes some time
 
 
-def test_a_request_cancelled_before_its_prefill_has_no_first_token(service):
+def test_a_request_cancelled_before_its_prefill_has_no_first_token(service, monkeypatch):
+    # Triton's cancellation is polled once per CANCEL_POLL_S, the first time one interval after
+    # arrival: here it is asked at every step, so the engine sees it before the prefill.
+    monkeypatch.setattr(llm_service, "polled_every", lambda check: check)
     _, _, outputs = run(service, True, max_tokens=8, is_cancelled=lambda: True)
     final = outputs[-1]
     assert final.finish_reason.value == "cancelled" and final.num_output_tokens == 0

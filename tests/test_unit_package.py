@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import pytest
 import torch
@@ -210,7 +211,10 @@ def test_cancellation_is_polled_at_most_once_per_interval():
     from spyre_backend.serving.control import polled_every
 
     calls = []
-    poll = polled_every(lambda: calls.append(1) or True, interval_s=3600)
-    assert poll() is True  # the first check goes through
-    assert [poll() for _ in range(5)] == [False] * 5  # later ones wait for the interval
+    poll = polled_every(lambda: calls.append(1) or True, interval_s=0.05)
+    assert [poll() for _ in range(5)] == [False] * 5  # not at once: the request just arrived
+    assert calls == []
+    time.sleep(0.06)
+    assert poll() is True  # one interval later the check goes through
+    assert [poll() for _ in range(5)] == [False] * 5  # later ones wait for the next interval
     assert len(calls) == 1

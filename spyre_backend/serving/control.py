@@ -104,8 +104,10 @@ CANCEL_POLL_S = 0.05
 
 
 def polled_every(check: Callable[[], bool], interval_s: float = CANCEL_POLL_S) -> Callable[[], bool]:
-    """``check`` asked at most once per ``interval_s``; in between the answer is "not yet"."""
-    next_at = 0.0
+    """``check`` asked at most once per ``interval_s``, the first time ``interval_s`` after this
+    call; in between the answer is "not yet". The first ask is not at once: the request has just
+    arrived, and a round trip there would sit on its time to first token."""
+    next_at = time.monotonic() + interval_s
 
     def poll() -> bool:
         nonlocal next_at

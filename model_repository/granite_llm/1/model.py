@@ -46,6 +46,7 @@ class TritonPythonModel:
             "waiting": self._requests.Metric(labels={"state": "waiting"}),
             "sessions": self._sessions.Metric(labels={}),
         }
+        self._gauge_values = {}  # as last sent
         self._finished_family = pb_utils.MetricFamily(
             name="spyre_requests_finished_total", description="Finished LLM requests by finish reason",
             kind=pb_utils.MetricFamily.COUNTER)
@@ -73,8 +74,12 @@ class TritonPythonModel:
     def _on_stats(self, stats):
         values = {"free_blocks": stats.free_blocks, "used_blocks": stats.total_blocks - stats.free_blocks,
                   "running": stats.running, "waiting": stats.waiting, "sessions": stats.sessions}
+        # each set is a round trip to the server that holds the GIL (the sender thread waits):
+        # send only the gauges that changed
         for name, value in values.items():
-            self._gauges[name].set(value)
+            if self._gauge_values.get(name) != value:
+                self._gauges[name].set(value)
+                self._gauge_values[name] = value
 
     def execute(self, requests):
         for request in requests:
@@ -103,16 +108,19 @@ class TritonPythonModel:
 
     def _sender(self, sender, names):
         def send(text, out):
-            if out.finished:
+            if out.finished:  # counted before the client can see the end (tests rely on that)
                 self._finished[out.finish_reason.value if out.finish_reason else "error"].increment(1)
-                self._record_timing(out)
-            if out.error:
-                sender.send(io.error_response(pb_utils, out.error), flags=FINAL)
-                return
-            reason = out.finish_reason.value if out.finish_reason else ""
-            response = io.text_response(pb_utils, text, reason, out.num_input_tokens, out.num_output_tokens,
-                                        out.logprobs, names=names)
-            sender.send(response, flags=FINAL if out.finished else 0)
+            try:
+                if out.error:
+                    sender.send(io.error_response(pb_utils, out.error), flags=FINAL)
+                    return
+                reason = out.finish_reason.value if out.finish_reason else ""
+                response = io.text_response(pb_utils, text, reason, out.num_input_tokens, out.num_output_tokens,
+                                            out.logprobs, names=names)
+                sender.send(response, flags=FINAL if out.finished else 0)
+            finally:
+                if out.finished:
+                    self._record_timing(out)  # after the response: the client need not wait for it
 
         return self.outbox.stream(send)
 

@@ -218,3 +218,22 @@ def test_cancellation_is_polled_at_most_once_per_interval():
     assert poll() is True  # one interval later the check goes through
     assert [poll() for _ in range(5)] == [False] * 5  # later ones wait for the next interval
     assert len(calls) == 1
+
+
+def test_greedy_rows_with_banned_tokens_pick_the_best_allowed_token():
+    from spyre_backend.engine.sampler import SampleRow, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50)
+    logits[1, 7] = logits[3, 7] = 100.0  # the banned token would win these rows
+    greedy = SamplingParams(max_tokens=4)
+    banned = [[], [7], [], [7, 9], [int(logits[4].argmax())]]
+    rows = [SampleRow(greedy, None, torch.zeros(1, dtype=torch.long), [], b) for b in banned]
+    got = [s.token for s in sample(logits.clone(), rows)]
+    expected = []
+    for row, ban in zip(logits, banned):
+        allowed = row.clone()
+        allowed[ban] = float("-inf")
+        expected.append(int(allowed.argmax()))
+    assert got == expected
+    assert got[1] != 7 and got[3] not in (7, 9) and got[0] == int(logits[0].argmax())

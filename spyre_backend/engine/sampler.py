@@ -71,9 +71,16 @@ def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | 
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sample]:
     """logits: float32 [n, vocab] for the n real rows (padding rows already dropped)."""
     logits = logits.cpu()
-    simple = [not (r.params.has_penalties or r.banned or r.params.logprobs is not None) and r.params.greedy
-              for r in rows]
-    argmax = logits.argmax(dim=-1).tolist()
+    simple = [r.params.greedy and not (r.params.has_penalties or r.params.logprobs is not None) for r in rows]
+    # greedy rows with tokens not allowed yet (eos before min_tokens) are masked all in one op:
+    # per row it was a few small ops each, 0.2 ms of a batch-16 step
+    bans = [(i, token) for i, row in enumerate(rows) if simple[i] for token in row.banned]
+    masked = logits
+    if bans:
+        masked = logits.clone()
+        at = torch.tensor(bans, dtype=torch.long)
+        masked[at[:, 0], at[:, 1]] = float("-inf")
+    argmax = masked.argmax(dim=-1).tolist()
     results = []
     for i, row in enumerate(rows):
         if simple[i]:  # the common case stays a single batched argmax

@@ -140,19 +140,22 @@ class ModelRunner:
         batch = next((b for b in self.decode_batch_sizes if b >= n), None)
         if batch is None:
             raise ValueError(f"decode batch {n} exceeds the largest configured size {self.decode_batch_sizes[-1]}")
+        bs = self.block_size
+        ctx = self._ctx_blocks(max(p // bs + 1 for p in positions))
+        # built as Python lists, one tensor each: per-row tensor ops cost more than the rows' data
+        # (padding rows and blocks point at the null block)
+        tables = [table[:ctx] + [NULL_BLOCK] * (ctx - len(table[:ctx])) for table in block_tables]
+        slots = [table[p // bs] * bs + p % bs for table, p in zip(tables, positions)]
+        pad = batch - n
         padded = torch.zeros(batch, 1, self.hidden_size, dtype=self.dtype, device=self.device)
         padded[:n, 0] = embeds
-        pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        pos[:n, 0] = torch.tensor(positions, device=self.device)
-        ctx = self._ctx_blocks(max(p // self.block_size + 1 for p in positions))
-        bt = torch.full((batch, ctx), NULL_BLOCK, dtype=torch.long, device=self.device)
-        for row, table in enumerate(block_tables):
-            used = table[:ctx]
-            bt[row, : len(used)] = torch.tensor(used, device=self.device)
-        slots = torch.full((batch, 1), NULL_BLOCK * self.block_size, dtype=torch.long, device=self.device)
-        rows = torch.arange(n, device=self.device)
-        slots[:n, 0] = bt[rows, pos[:n, 0] // self.block_size] * self.block_size + pos[:n, 0] % self.block_size
-        return StepInputs(padded, pos, slots, bt, torch.zeros(batch, dtype=torch.long, device=self.device))
+        return StepInputs(
+            padded,
+            torch.tensor([[p] for p in positions] + [[0]] * pad, dtype=torch.long, device=self.device),
+            torch.tensor([[s] for s in slots] + [[NULL_BLOCK * bs]] * pad, dtype=torch.long, device=self.device),
+            torch.tensor(tables + [[NULL_BLOCK] * ctx] * pad, dtype=torch.long, device=self.device),
+            torch.zeros(batch, dtype=torch.long, device=self.device),
+        )
 
     def dummy_inputs(self, batch: int, q_len: int, ctx: int) -> StepInputs:
         """Inputs of a given shape that only touch the null block (for warmup)."""

@@ -49,6 +49,7 @@ class ServingConfig:
     num_threads: int = 0  # torch intra-op threads; 0: one for narrow models, else torch's default
     stream_interval_ms: int = 25  # granite_llm: least time between two responses of one stream (0: per token)
     encoder_cache_mb: int = 256  # vision_encoder: features of recent images kept (MiB); 0: no cache
+    max_crop_batch: int = 0  # vision_encoder: most crops per tower run (a power of two); 0: auto
 
     @classmethod
     def from_model_config(cls, model_config: dict | str) -> "ServingConfig":
@@ -110,6 +111,7 @@ class ServingConfig:
             check(getattr(self, name) > 0, name, "must be positive")
         check(self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0")
         check(self.encoder_cache_mb >= 0, "encoder_cache_mb", "must be >= 0")
+        check(self.max_crop_batch >= 0, "max_crop_batch", "must be >= 0")
 
     @property
     def checkpoint_dir(self) -> str:

@@ -28,14 +28,15 @@ def real_image_inputs(checkpoint: str, spec) -> tuple[Preprocessor, object]:
     return preprocessor, preprocessor(question, images, apply_chat_template=True)
 
 
-def warmup_vision(encoder: VisionEncoder, checkpoint: str, spec, max_images: int) -> float:
+def warmup_vision(encoder: VisionEncoder, checkpoint: str, spec) -> float:
     started = time.monotonic()
     preprocessor, prompt = real_image_inputs(checkpoint, spec)
     encoder.encode(torch.from_numpy(prompt.pixel_values), torch.from_numpy(prompt.image_sizes))
     if encoder.plan.compile_backend != "eager":
         crops = torch.from_numpy(prompt.pixel_values[0])
-        max_crops = max_images * max(1 + (h // encoder.crop_size) * (w // encoder.crop_size)
-                                     for w, h in spec.warmup_image_sizes(_config(checkpoint)))
+        # each image runs in batches of its own crops (VisionEncoder.encode): the most crops of one image
+        max_crops = max(1 + (h // encoder.crop_size) * (w // encoder.crop_size)
+                        for w, h in spec.warmup_image_sizes(_config(checkpoint)))
         encoder.warmup(crops, max_crops)
     return time.monotonic() - started
 

@@ -23,9 +23,9 @@ class TritonPythonModel:
         threads = config.apply_threads(read_config(config.checkpoint_dir)["vision_config"]["hidden_size"])
         keep_freed_memory()  # each encode's activations reuse heap pages (see device/host_memory.py)
         plan = config.device_plan()
-        self.encoder = VisionEncoder(config.checkpoint_dir, plan)
+        self.encoder = VisionEncoder(config.checkpoint_dir, plan, max_crop_batch=config.max_crop_batch)
         loaded = time.monotonic() - started
-        warmed = warmup_vision(self.encoder, config.checkpoint_dir, get_spec(config.checkpoint_dir), config.max_images)
+        warmed = warmup_vision(self.encoder, config.checkpoint_dir, get_spec(config.checkpoint_dir))
         plan.seal_compiled()  # every crop batch ran; this process serves this model only
         # attached after warmup, so that the warmup image neither counts nor takes room
         if config.encoder_cache_mb:

@@ -41,3 +41,12 @@ def test_spyre_device_without_the_ibm_stack_fails_to_load(checkpoint, tmp_path):
         server.start(timeout_s=300)
     text = log.read_text()
     assert "torch_sendnn" in text and "'device'" in text
+
+
+def test_every_stub_runs_with_the_host_settings(server):
+    """Set by the launcher for tritonserver and inherited by each model's stub process."""
+    for model, pid in server.stub_pids().items():
+        environ = dict(item.split("=", 1) for item in
+                       Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)
+        assert environ.get("OMP_WAIT_POLICY") == "PASSIVE", model
+        assert environ.get("MALLOC_ARENA_MAX") == "2", model

@@ -67,6 +67,12 @@ def server_environment(options: ServerOptions) -> dict[str, str]:
     # glibc's per-thread malloc arenas fragment under tritonserver's many threads: in a 10-minute
     # soak its RSS grew 7.1% with the default and 4.4% with two arenas (scripts/soak.py).
     env.setdefault("MALLOC_ARENA_MAX", "2")
+    # Each model's stub is a process with its own OpenMP threads on the same cores. By default an
+    # idle OpenMP thread spins for a while, taking the core from the other stubs: with the mid-size
+    # vision tower and a decode step running at once on 2 cores, the step took 339-358 ms spinning,
+    # 118 ms passive, and the tower 4.2-4.4 s against 2.6-2.8 s. (A process alone on the machine
+    # loses up to ~10 % to passive waits: the bench's in-process paths keep the default.)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.update(options.extra_env)
     return env
 

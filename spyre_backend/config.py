@@ -49,7 +49,7 @@ class ServingConfig:
     num_threads: int = 0  # torch intra-op threads; 0: one for narrow models, else torch's default
     stream_interval_ms: int = 25  # granite_llm: least time between two responses of one stream (0: per token)
     encoder_cache_mb: int = 256  # vision_encoder: features of recent images kept (MiB); 0: no cache
-    max_crop_batch: int = 0  # vision_encoder: most crops per tower run (a power of two); 0: auto
+    max_crop_batch: int = 0  # vision_encoder: most crops per tower run (rounded down to a power of two); 0: auto
 
     @classmethod
     def from_model_config(cls, model_config: dict | str) -> "ServingConfig":

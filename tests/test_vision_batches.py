@@ -28,6 +28,11 @@ def test_auto_crop_batch_fills_about_2048_patch_rows():
     assert auto_crop_batch(5000) == 1
 
 
+def test_max_crop_batch_is_a_power_of_two_never_above_the_setting(checkpoint):
+    assert VisionEncoder(str(checkpoint), max_crop_batch=3).max_crop_batch == 2
+    assert VisionEncoder(str(checkpoint), max_crop_batch=4).max_crop_batch == 4
+
+
 def test_split_runs_give_the_features_of_one_run(checkpoint):
     # an image of several crops (the tiny grid tiles 200x150 into a base crop and 6 tiles)
     prompt = Preprocessor(str(checkpoint))("What is it?", [shape_png("square", "red", "white", (200, 150))],

@@ -22,8 +22,8 @@ from spyre_backend.vision.cache import EncoderCache, image_key
 
 # Crops per tower run, auto: enough for this many patch rows in each matmul. More crops make the
 # GEMMs no faster, only the activations bigger: the mid-size tower (729 patches a crop) took
-# 0.72 s a crop in runs of 1-2 crops, 1.06 s in runs of 4-8. A tiny tower (16 patches) needs the
-# batch to amortize its per-op overhead.
+# 0.70-0.80 s a crop in runs of 2, 0.88-1.18 s in runs of 8 (three measurements). A tiny tower
+# (16 patches a crop) needs the batch to amortize its per-op overhead.
 CROP_BATCH_ROWS = 2048
 
 
@@ -52,7 +52,8 @@ def auto_crop_batch(patches_per_crop: int) -> int:
 class VisionEncoder:
     def __init__(self, checkpoint: str, plan: DevicePlan | None = None, cache: EncoderCache | None = None,
                  max_crop_batch: int = 0):
-        """``max_crop_batch``: most crops in one tower run (a power of two); 0: auto (CROP_BATCH_ROWS)."""
+        """``max_crop_batch``: most crops in one tower run (rounded down to a power of two); 0: auto
+        (CROP_BATCH_ROWS)."""
         self.plan = plan or resolve("cpu", "eager", torch.float32)
         self.device, self.dtype = self.plan.torch_device, self.plan.dtype
         self.model = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=self.dtype,
@@ -61,7 +62,8 @@ class VisionEncoder:
         self.hidden_size = config.text_config.emb_dim
         self.crop_size = config.vision_config.image_size
         patches = (self.crop_size // config.vision_config.patch_size) ** 2
-        self.max_crop_batch = next_power_of_two(max_crop_batch) if max_crop_batch else auto_crop_batch(patches)
+        self.max_crop_batch = (1 << (max_crop_batch.bit_length() - 1) if max_crop_batch
+                               else auto_crop_batch(patches))
         self._tower = self.plan.compile(self._tower_impl, name="vision_tower")
         self.crop_batches_run: set[int] = set()
         self.cache = cache

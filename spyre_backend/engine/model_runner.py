@@ -144,7 +144,7 @@ class ModelRunner:
         ctx = self._ctx_blocks(max(p // bs + 1 for p in positions))
         # built as Python lists, one tensor each: per-row tensor ops cost more than the rows' data
         # (padding rows and blocks point at the null block)
-        tables = [table[:ctx] + [NULL_BLOCK] * (ctx - len(table[:ctx])) for table in block_tables]
+        tables = [table[:ctx] + [NULL_BLOCK] * max(0, ctx - len(table)) for table in block_tables]
         slots = [table[p // bs] * bs + p % bs for table, p in zip(tables, positions)]
         pad = batch - n
         padded = torch.zeros(batch, 1, self.hidden_size, dtype=self.dtype, device=self.device)

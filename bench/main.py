@@ -265,14 +265,15 @@ SERVING_TARGETS_FOR = ("tiny",)
 
 def targets(name: str, ck: dict, levels: list[int]) -> list[dict]:
     lo, hi = min(levels), max(levels)
-    r = ck.get("ratios", {}) if name in SERVING_TARGETS_FOR else {}
+    serving = name in SERVING_TARGETS_FOR
+    r = ck.get("ratios", {}) if serving else {}
     wanted = [(f"Triton overhead per token, ms (mean ITL, Triton - engine, c={lo})", "<= 1 ms", lambda v: v <= 1.0),
               (f"batching gain triton (tokens/s c={hi} / c={lo})", ">= 6x", lambda v: v >= 6.0),
               (f"speed-up over transformers (Triton c={hi} / transformers serial, tokens/s)", ">= 10x",
                lambda v: v >= 10.0)]
     out = [{"checkpoint": name, "name": key, "target": goal, "value": r[key], "met": ok(r[key])}
            for key, goal, ok in wanted if key in r]
-    if "session" in ck and name in SERVING_TARGETS_FOR:
+    if "session" in ck and serving:
         value = ck["session"]["ratio"]
         out.append({"checkpoint": name, "name": "session second-turn TTFT vs fresh whole conversation (p50 ratio)",
                     "target": ">= 5x", "value": value, "met": value >= 5.0})
@@ -342,7 +343,7 @@ def main(argv=None) -> int:
     log(f"results in {out_dir}")
     # read by serving_config() in-process and inherited by every tritonserver the run starts
     os.environ["SPYRE_COMPILE_BACKEND"] = args.compile
-    # as every serving process sets it (LLMService, vision_encoder): every in-process path here,
+    # as every serving process sets it (ServingConfig.apply_process_settings): every in-process path here,
     # the transformers baseline included, runs with the same allocator settings
     keep_freed = keep_freed_memory()
     result: dict = {"started": stamp, "levels": args.levels, "args": {k: (sorted(v) if isinstance(v, set) else v)

@@ -10,6 +10,7 @@ import torch
 
 from spyre_backend import DEFAULT_CHECKPOINT
 from spyre_backend.device import COMPILE_BACKENDS, DEVICES, DeviceError, DevicePlan, resolve
+from spyre_backend.device.host_memory import keep_freed_memory
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -147,3 +148,9 @@ class ServingConfig:
         threads = self.num_threads or (1 if model_width < NARROW_MODEL_WIDTH else TORCH_DEFAULT_THREADS)
         torch.set_num_threads(threads)  # also undoes an earlier model's setting in the same process
         return threads
+
+    def apply_process_settings(self, model_width: int) -> int:
+        """What a process serving a model sets before loading it: torch's threads (apply_threads,
+        returned) and the allocator (device/host_memory.py: step temporaries reuse heap pages)."""
+        keep_freed_memory()
+        return self.apply_threads(model_width)

@@ -17,7 +17,6 @@ import torch
 from transformers import AutoTokenizer
 
 from spyre_backend.config import ServingConfig
-from spyre_backend.device.host_memory import keep_freed_memory
 from spyre_backend.engine.llm_engine import EngineLimits, EngineStats, LLMEngine
 from spyre_backend.engine.model_runner import ModelRunner
 from spyre_backend.engine.request import Request, RequestOutput
@@ -51,8 +50,7 @@ class LLMService:
         started = time.monotonic()
         self.config = config
         checkpoint = config.checkpoint_dir
-        threads = config.apply_threads(read_config(checkpoint)["text_config"]["hidden_size"])
-        keep_freed_memory()  # step temporaries reuse heap pages (see device/host_memory.py)
+        threads = config.apply_process_settings(read_config(checkpoint)["text_config"]["hidden_size"])
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.spec = get_spec(checkpoint)
         runner = ModelRunner(

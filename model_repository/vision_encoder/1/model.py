@@ -7,7 +7,6 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from spyre_backend.config import ServingConfig
-from spyre_backend.device.host_memory import keep_freed_memory
 from spyre_backend.multimodal import get_spec
 from spyre_backend.multimodal.registry import read_config
 from spyre_backend.serving import triton_io as io
@@ -20,8 +19,7 @@ class TritonPythonModel:
     def initialize(self, args):
         started = time.monotonic()
         config = ServingConfig.from_model_config(args["model_config"])
-        threads = config.apply_threads(read_config(config.checkpoint_dir)["vision_config"]["hidden_size"])
-        keep_freed_memory()  # each encode's activations reuse heap pages (see device/host_memory.py)
+        threads = config.apply_process_settings(read_config(config.checkpoint_dir)["vision_config"]["hidden_size"])
         plan = config.device_plan()
         self.encoder = VisionEncoder(config.checkpoint_dir, plan, max_crop_batch=config.max_crop_batch)
         loaded = time.monotonic() - started

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from spyre_backend import DEFAULT_CHECKPOINT
-from spyre_backend.device import COMPILE_BACKENDS, DEVICES, DeviceError, DevicePlan, resolve
+from spyre_backend.device import COMPILE_BACKENDS, CPU_GEMMS, DEVICES, DeviceError, DevicePlan, resolve
 from spyre_backend.device.host_memory import keep_freed_memory
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,6 +29,7 @@ class ServingConfig:
     device: str = "auto"  # auto | spyre | cpu | cuda
     compile_backend: str = ""  # eager | inductor | sendnn; empty: sendnn on spyre, eager elsewhere
     dtype: str = "float32"
+    cpu_gemm: str = "onednn"  # onednn | mkl: the CPU's large fp32 linears (spyre_backend/device/cpu_linear.py)
     block_size: int = 64  # KV block and prefill padding granularity
     max_context: int = 4096  # tokens per sequence (prompt + output)
     num_kv_blocks: int = 0  # 0: max_running * max_context / block_size (+1 padding block)
@@ -93,6 +94,7 @@ class ServingConfig:
         check(self.compile_backend in ("", *COMPILE_BACKENDS), "compile_backend",
               f"must be one of {list(COMPILE_BACKENDS)} (or empty for the device's default)")
         check(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}")
+        check(self.cpu_gemm in CPU_GEMMS, "cpu_gemm", f"must be one of {list(CPU_GEMMS)}")
         check(self.block_size > 0, "block_size", "must be positive")
         check(self.stream_interval_ms >= 0, "stream_interval_ms", "must be >= 0")
         check(self.max_context > 0 and self.max_context % self.block_size == 0, "max_context",
@@ -125,7 +127,7 @@ class ServingConfig:
     def device_plan(self) -> DevicePlan:
         """Resolve device and compile backend; a device that cannot be used fails here, at load."""
         try:
-            return resolve(self.device, self.compile_backend or None, self.torch_dtype)
+            return resolve(self.device, self.compile_backend or None, self.torch_dtype, self.cpu_gemm)
         except (DeviceError, RuntimeError) as exc:
             raise ConfigError(f"parameter 'device' ({self.device!r}): {exc}") from None
 

@@ -13,10 +13,11 @@ from typing import Callable
 
 import torch
 
-from spyre_backend.device import spyre
+from spyre_backend.device import cpu_linear, spyre
 
 DEVICES = ("auto", "spyre", "cpu", "cuda")
 COMPILE_BACKENDS = ("eager", "inductor", "sendnn")
+CPU_GEMMS = ("onednn", "mkl")
 
 
 class DeviceError(RuntimeError):
@@ -28,11 +29,19 @@ class DevicePlan:
     kind: str  # spyre | cpu | cuda
     compile_backend: str  # eager | inductor | sendnn
     dtype: torch.dtype
+    cpu_gemm: str = "onednn"  # onednn | mkl: who runs the CPU's large fp32 linears (cpu_linear)
 
     @property
     def torch_device(self) -> torch.device:
         # Spyre graphs take host tensors; the card is reached through the compiled program.
         return torch.device("cuda" if self.kind == "cuda" else "cpu")
+
+    def prepare(self, module: torch.nn.Module) -> int:
+        """Device-specific rewrites of a loaded model, before anything is compiled from it; returns
+        how many layers changed. On the CPU: large fp32 linears through oneDNN (cpu_linear)."""
+        if self.kind != "cpu" or self.cpu_gemm != "onednn" or not cpu_linear.available():
+            return 0
+        return cpu_linear.pack_linears(module)
 
     def compile(self, fn: Callable, *, name: str) -> Callable:
         """Compile ``fn`` for static shapes: each distinct shape is one graph, built at warmup."""
@@ -89,7 +98,9 @@ def _utf8_locale() -> None:
             continue
 
 
-def resolve(device: str, compile_backend: str | None, dtype: torch.dtype) -> DevicePlan:
+def resolve(device: str, compile_backend: str | None, dtype: torch.dtype, cpu_gemm: str = "onednn") -> DevicePlan:
+    if cpu_gemm not in CPU_GEMMS:
+        raise DeviceError(f"cpu_gemm must be one of {CPU_GEMMS}, got {cpu_gemm!r}")
     if device not in DEVICES:
         raise DeviceError(f"device must be one of {DEVICES}, got {device!r}")
     if device == "auto":
@@ -107,4 +118,4 @@ def resolve(device: str, compile_backend: str | None, dtype: torch.dtype) -> Dev
                               f"use eager or inductor on {device}")
         if device == "cuda" and not torch.cuda.is_available():
             raise DeviceError("device cuda was asked for but torch sees no CUDA device")
-    return DevicePlan(device, compile_backend, dtype)
+    return DevicePlan(device, compile_backend, dtype, cpu_gemm)

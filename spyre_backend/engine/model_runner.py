@@ -65,6 +65,7 @@ class ModelRunner:
         lm = full.language_model
         del full  # the vision tower lives in the vision_encoder model, not here
         self.lm = lm.to(self.device).eval()
+        self.layers_prepared = plan.prepare(self.lm)  # e.g. the CPU's linears through oneDNN
         text = lm.config
         self.hidden_size = text.emb_dim
         self.logits_scaling = float(text.logits_scaling)

@@ -58,6 +58,7 @@ class VisionEncoder:
         self.device, self.dtype = self.plan.torch_device, self.plan.dtype
         self.model = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=self.dtype,
                                device_type=self.device.type, vision_only=True).eval()
+        self.layers_prepared = self.plan.prepare(self.model)
         config = self.model.config
         self.hidden_size = config.text_config.emb_dim
         self.crop_size = config.vision_config.image_size

@@ -1,0 +1,86 @@
+"""The CPU's large linears through oneDNN with weights reordered at load (device/cpu_linear.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from spyre_backend.config import ConfigError, ServingConfig
+from spyre_backend.device import DevicePlan, cpu_linear, resolve
+from spyre_backend.device.cpu_linear import PackedLinear, pack_linears
+
+pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this torch has no oneDNN")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [(1,), (3,), (16,), (2, 7)])
+def test_packed_linear_computes_what_linear_does(bias, rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 768, bias=bias)
+    x = torch.randn(*rows, 512)
+    with torch.no_grad():
+        want = linear(x)
+        got = PackedLinear(linear)(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_only_large_fp32_linears_are_swapped():
+    model = nn.Sequential(
+        nn.Linear(512, 512),  # 1 MiB of weight: swapped
+        nn.Linear(512, 256),  # below the threshold: MKL is as fast
+        nn.MultiheadAttention(512, 8),  # its out_proj is a Linear subclass read through .weight
+        nn.Sequential(nn.Linear(1024, 512, bias=False)),  # nested: swapped
+        nn.Linear(512, 512).to(torch.bfloat16),
+    )
+    assert pack_linears(model) == 2
+    assert [type(m) for m in (model[0], model[1], model[3][0], model[4])] == [PackedLinear, nn.Linear, PackedLinear, nn.Linear]
+    assert type(model[2].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def test_device_plan_prepares_only_the_cpu_with_onednn():
+    def model():
+        return nn.Sequential(nn.Linear(512, 512))
+
+    assert resolve("cpu", "eager", torch.float32).prepare(model()) == 1  # the default
+    assert resolve("cpu", "eager", torch.float32, "mkl").prepare(model()) == 0
+    assert DevicePlan("spyre", "sendnn", torch.float16).prepare(model()) == 0  # sendnn compiles the graph as written
+    with pytest.raises(ConfigError, match="'cpu_gemm'"):
+        ServingConfig.from_strings({"cpu_gemm": "blas"})
+
+
+def test_packed_linear_compiles_with_inductor_over_symbolic_rows():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 1024), nn.GELU(), nn.Linear(1024, 512, bias=False)).eval()
+    packed = nn.Sequential(*[PackedLinear(m) if isinstance(m, nn.Linear) else m for m in model]).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(packed, backend="inductor", dynamic=False)
+    with torch.no_grad():
+        first = torch.randn(4, 512)
+        torch._dynamo.mark_dynamic(first, 0)
+        compiled(first)
+        graphs = counters["stats"]["unique_graphs"]
+        for rows in (2, 8, 64):
+            x = torch.randn(rows, 512)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs  # one graph for every row count
+
+
+def test_engine_with_every_linear_packed_matches_transformers(checkpoint, reference, monkeypatch):
+    """The shipped checkpoint's weights are all below the threshold; with none left on MKL, greedy
+    output through the engine still equals transformers' generate()."""
+    from tests.test_engine import CASES, make_stack
+
+    monkeypatch.setattr(cpu_linear, "MIN_PACKED_ELEMENTS", 0)
+    stack = make_stack(checkpoint)
+    try:
+        assert stack.engine.runner.layers_prepared > 0 and stack.enc.layers_prepared > 0
+        handles = [stack.submit(q, imgs) for q, imgs in CASES]  # batched together
+        for (q, imgs), handle in zip(CASES, handles):
+            assert handle.wait().text == reference.generate(reference.chat_prompt(q, len(imgs)), imgs, 20)["text"]
+    finally:
+        stack.service.shutdown()

@@ -81,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", choices=("inductor", "eager"), default="inductor",
                    help="compile_backend of every served and in-process path (default: inductor, the fastest on "
                         "the CPU; the first run compiles for a few minutes, later runs hit inductor's cache)")
+    p.add_argument("--cpu-gemm", choices=("onednn", "mkl"), default="onednn",
+                   help="cpu_gemm of every served and in-process path: who runs the large fp32 linears "
+                        "(default: oneDNN with weights reordered at load; mkl: PyTorch's default)")
     args = p.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
     args.checkpoints = ["tiny"] if args.quick and args.checkpoints == "tiny,mid" else args.checkpoints.split(",")
@@ -343,6 +346,7 @@ def main(argv=None) -> int:
     log(f"results in {out_dir}")
     # read by serving_config() in-process and inherited by every tritonserver the run starts
     os.environ["SPYRE_COMPILE_BACKEND"] = args.compile
+    os.environ["SPYRE_CPU_GEMM"] = args.cpu_gemm
     # as every serving process sets it (ServingConfig.apply_process_settings): every in-process path here,
     # the transformers baseline included, runs with the same allocator settings
     keep_freed = keep_freed_memory()

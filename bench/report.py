@@ -46,10 +46,10 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# Benchmark {result['started']}", "",
              f"Wall time {_f(result.get('wall_s', math.nan) / 60, 1)} min. Machine: {m['cpus']} CPUs, "
-             f"fp32 matmul {_f(m['matmul_gflops'])} GFLOP/s, memory {_f(m['bandwidth_gbs'])} GB/s "
+             f"fp32 matmul {_f(m['matmul_gflops'])} GFLOP/s (best of MKL and oneDNN), memory {_f(m['bandwidth_gbs'])} GB/s "
              f"(copy {_f(m['copy_gbs'])}, read {_f(m['read_gbs'])}); load average at start {m['loadavg_start']}, "
              f"end {m.get('loadavg_end')}. Served with compile_backend "
-             f"`{result['args'].get('compile', 'eager')}`.", ""]
+             f"`{result['args'].get('compile', 'eager')}` and cpu_gemm `{result['args'].get('cpu_gemm', 'mkl')}`.", ""]
     for name, ck in result["checkpoints"].items():
         lines += [f"## {name}: `{ck['checkpoint']}`", "",
                   f"{ck['params_m']:.1f} M parameters; prompts of {ck.get('prompt_tokens', '?')} tokens "

@@ -1,8 +1,9 @@
 """How close the model's phases come to this machine's limits.
 
-Limits measured in the same run: fp32 matmul GFLOP/s (torch.mm of large square matrices) and
-memory bandwidth (a large tensor copy, counted as bytes read + written, and a large reduction,
-bytes read; the higher of the two is the roof). Work estimated from the model's shape:
+Limits measured in the same run: fp32 matmul GFLOP/s (large square matrices, the better of MKL
+and oneDNN, the two libraries the serving code's matmuls may run on) and memory bandwidth (a
+large tensor copy, counted as bytes read + written, and a large reduction, bytes read; the higher
+of the two is the roof). Work estimated from the model's shape:
 
 - vision encoding: FLOPs of the SigLIP tower (patch embedding, 27 layers of attention + MLP) and
   the projector, per real crop (padding crops of a static batch are not useful work);
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from spyre_backend.device import cpu_linear
 
 # -- the model's shape and its work (pure arithmetic) -----------------------------------------
 @dataclass(frozen=True)
@@ -120,6 +122,12 @@ def roofline_fraction(flops: float, nbytes: float, seconds: float, peak_flops: f
 
 
 # -- this machine's limits ----------------------------------------------------------------------
+def _linear_of(weight: torch.Tensor) -> torch.nn.Linear:
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data = weight
+    return linear
+
+
 def _best_time(fn, repeats: int) -> float:
     fn()  # warm (allocation, thread pool)
     best = float("inf")
@@ -131,17 +139,24 @@ def _best_time(fn, repeats: int) -> float:
 
 
 def measure_machine(sizes=(1024, 2048, 3072), copy_mib: int = 512, repeats: int = 3) -> dict:
-    """Best fp32 matmul rate over a few sizes, and memory bandwidth (copy and read)."""
-    matmul = {}
+    """Best fp32 matmul rate over a few sizes and both CPU GEMM libraries the serving code may use
+    (MKL through torch.mm, oneDNN with a reordered weight: cpu_linear), and memory bandwidth
+    (copy and read)."""
+    matmul, onednn = {}, {}
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
         matmul[n] = 2.0 * n ** 3 / _best_time(lambda: torch.mm(a, b), repeats) / 1e9
+        if cpu_linear.available():
+            packed = cpu_linear.PackedLinear(_linear_of(b))
+            with torch.no_grad():
+                onednn[n] = 2.0 * n ** 3 / _best_time(lambda: packed(a), repeats) / 1e9
     x = torch.ones(copy_mib * 2 ** 20 // 4)
     y = torch.empty_like(x)
     copy = 2.0 * x.numel() * 4 / _best_time(lambda: y.copy_(x), repeats + 2) / 1e9
     read = 1.0 * x.numel() * 4 / _best_time(lambda: x.sum(), repeats + 2) / 1e9
     return {"threads": torch.get_num_threads(), "matmul_gflops_by_size": matmul,
-            "matmul_gflops": max(matmul.values()), "copy_gbs": copy, "read_gbs": read,
+            "onednn_gflops_by_size": onednn, "matmul_gflops": max([*matmul.values(), *onednn.values()]),
+            "copy_gbs": copy, "read_gbs": read,
             "bandwidth_gbs": max(copy, read)}
 
 

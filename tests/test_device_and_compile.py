@@ -8,6 +8,7 @@ import torch
 from spyre_backend.config import TORCH_DEFAULT_THREADS, ConfigError, ServingConfig
 from spyre_backend.device import DeviceError, resolve
 from spyre_backend.device import spyre as spyre_device
+from spyre_backend.engine import attention
 from tests.images import shape_png
 from tests.test_engine import make_stack
 
@@ -57,6 +58,8 @@ def test_inductor_warmup_compiles_everything_and_matches_eager(checkpoint):
     eager = make_stack(checkpoint, compile_backend="eager", **small)
     try:
         runner = compiled.engine.runner
+        assert runner.attn_name == attention.FUSED_DECODE_ATTN_NAME  # decode attends in place under inductor
+        assert eager.engine.runner.attn_name == attention.ATTN_NAME
         graphs_after_warmup = counters["stats"]["unique_graphs"]
         # bucketed dims are symbolic for inductor: fewer graphs than shapes, every shape ran at warmup
         assert 0 < graphs_after_warmup < len(runner.shape_set())
@@ -129,3 +132,20 @@ def test_freed_memory_is_reused_without_page_faults():
     pages = 5 * 8 * 96 * 64 * 1024 // 4096  # what the repeats write
     assert default > pages // 10, (default, pages)  # glibc's defaults still map many blocks afresh
     assert kept < default // 10, (kept, default)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_fused_decode_attention_equals_the_gathered_form(heads, kv_heads):
+    """The decode form inductor fuses computes what the gather + SDPA form does: grouped heads,
+    ragged contexts (the mask hides each row's unwritten tail and padding blocks)."""
+    torch.manual_seed(0)
+    batch, head_dim, block_size, blocks = 3, 16, 8, 20
+    key_pool, value_pool = (torch.randn(blocks, block_size, kv_heads, head_dim) for _ in range(2))
+    block_table = torch.tensor([[3, 7, 1, 0], [5, 0, 0, 0], [9, 2, 11, 4]])  # 0: the padding block
+    positions = torch.tensor([20, 3, 31])
+    mask = (torch.arange(4 * block_size).view(1, 1, 1, -1) <= positions.view(-1, 1, 1, 1))
+    query = torch.randn(batch, 1, heads, head_dim)
+    args = (query, key_pool, value_pool, heads, kv_heads, 0.0, head_dim ** -0.5)
+    want = attention._compute(*args, block_table=block_table, mask=mask)
+    got = attention._compute_fused_decode(*args, block_table=block_table, mask=mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@ through each sequence's block table, with a boolean mask (causal by absolute pos
 padding). Prefill, chunked prefill and decode run this same program; only the padded shapes
 differ, which is what a Spyre card (static shapes only) needs.
 
-Where inductor compiles the model, decode steps use a second form of the same attention
+Where inductor compiles the model for the CPU, decode steps use a second form of the same attention
 (``register(fused_decode=True)``), written for inductor to fuse: the block-table lookup sits inside
 the dot products and the weighted sum, so each cached key and value is read once, in place, instead
 of being copied out of the pool into a padded context that SDPA then reads again. A mid-size decode

@@ -57,7 +57,8 @@ class ModelRunner:
         self.decode_batch_sizes = sorted(decode_batch_sizes)
         self.max_blocks_per_seq = -(-max_context // block_size)
         self.context_buckets = self._context_buckets()  # fixed at load; looked up every step
-        self.attn_name = attention.register(fused_decode=plan.compile_backend == "inductor")
+        # decode attention in place where inductor compiles for the CPU (measured there only)
+        self.attn_name = attention.register(fused_decode=plan.kind == "cpu" and plan.compile_backend == "inductor")
 
         full = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=self.dtype,
                          device_type=self.device.type)

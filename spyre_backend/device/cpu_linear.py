@@ -4,10 +4,10 @@ PyTorch's fp32 ``nn.Linear`` on the CPU calls MKL's sgemm on the weight as store
 machines that is slow exactly where serving spends its time: the mid-size decoder's matmuls for a
 decode step (M = the batch, 1 to 16 rows) ran at 6-15 GB/s, and batch 4 took twice as long as
 batch 1. oneDNN, with the weight reordered into its blocked layout once, ran the same matmuls 2-4x
-faster and prefill-size ones (M = 512) ~1.5x faster (README, Host settings).
+faster and prefill-size ones (M = 512) ~1.5x faster (README, CPU matmuls).
 
 The reordered weight replaces the original, so memory does not grow (a tied LM head gets its own
-copy; the embedding keeps the original). Inductor's own route to the same kernels (freezing) packs
+copy; the embedding keeps the original). Inductor's own route to prepacked weights (freezing) puts
 a copy of every weight into each compiled graph: one more copy of the model per graph.
 
 Small weights stay on MKL: a oneDNN call costs ~25 us however small the matmul, MKL's ~9 us, and
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 MIN_PACKED_ELEMENTS = 1 << 18  # 1 MiB of fp32 weight: 512 x 512 was the smallest shape oneDNN won
-# oneDNN picks its blocking for this many rows; decode batches and prefill chunks alike ran
-# fastest with it (measured at M = 1..1458 on the mid-size model's shapes)
+# oneDNN picks its blocking for this many rows: the largest decode batch. With it every row count
+# measured (M = 1..1458, the mid-size model's shapes) ran faster than MKL; other hints were not tried.
 _ROWS_HINT = 16
 
 # A plain dispatcher op, not torch.library.custom_op: that wrapper cost ~30 us a call, this ~3 us.

@@ -122,12 +122,6 @@ def roofline_fraction(flops: float, nbytes: float, seconds: float, peak_flops: f
 
 
 # -- this machine's limits ----------------------------------------------------------------------
-def _linear_of(weight: torch.Tensor) -> torch.nn.Linear:
-    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    linear.weight.data = weight
-    return linear
-
-
 def _best_time(fn, repeats: int) -> float:
     fn()  # warm (allocation, thread pool)
     best = float("inf")
@@ -147,7 +141,7 @@ def measure_machine(sizes=(1024, 2048, 3072), copy_mib: int = 512, repeats: int 
         a, b = torch.randn(n, n), torch.randn(n, n)
         matmul[n] = 2.0 * n ** 3 / _best_time(lambda: torch.mm(a, b), repeats) / 1e9
         if cpu_linear.available():
-            packed = cpu_linear.PackedLinear(_linear_of(b))
+            packed = cpu_linear.PackedLinear(b.T.contiguous())  # a @ b as a linear layer
             with torch.no_grad():
                 onednn[n] = 2.0 * n ** 3 / _best_time(lambda: packed(a), repeats) / 1e9
     x = torch.ones(copy_mib * 2 ** 20 // 4)

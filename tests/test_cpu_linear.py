@@ -21,7 +21,7 @@ def test_packed_linear_computes_what_linear_does(bias, rows):
     x = torch.randn(*rows, 512)
     with torch.no_grad():
         want = linear(x)
-        got = PackedLinear(linear)(x)
+        got = PackedLinear(linear.weight, linear.bias)(x)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -56,7 +56,7 @@ def test_packed_linear_compiles_with_inductor_over_symbolic_rows():
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 1024), nn.GELU(), nn.Linear(1024, 512, bias=False)).eval()
-    packed = nn.Sequential(*[PackedLinear(m) if isinstance(m, nn.Linear) else m for m in model]).eval()
+    packed = nn.Sequential(*[PackedLinear(m.weight, m.bias) if isinstance(m, nn.Linear) else m for m in model]).eval()
     torch._dynamo.reset()
     compiled = torch.compile(packed, backend="inductor", dynamic=False)
     with torch.no_grad():

@@ -36,6 +36,12 @@ class DevicePlan:
         # Spyre graphs take host tensors; the card is reached through the compiled program.
         return torch.device("cuda" if self.kind == "cuda" else "cpu")
 
+    @property
+    def attends_in_place(self) -> bool:
+        """Decode attention reads the KV blocks in place (engine/attention.py): where inductor
+        compiles for the CPU, the only place it was measured."""
+        return self.kind == "cpu" and self.compile_backend == "inductor"
+
     def prepare(self, module: torch.nn.Module) -> int:
         """Device-specific rewrites of a loaded model, before anything is compiled from it; returns
         how many layers changed. On the CPU: large fp32 linears through oneDNN (cpu_linear)."""

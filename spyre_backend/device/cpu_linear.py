@@ -52,12 +52,11 @@ def available() -> bool:
 class PackedLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` held in oneDNN's blocked layout (inference only)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().contiguous()
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.out_features, self.in_features = weight.shape
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _ROWS_HINT)
+        self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.spyre_backend.packed_linear.default(x, self.packed_weight, self.bias)
@@ -78,7 +77,7 @@ def pack_linears(module: nn.Module) -> int:
     swapped = 0
     for name, child in list(module.named_children()):
         if _packable(child):
-            setattr(module, name, PackedLinear(child))
+            setattr(module, name, PackedLinear(child.weight, child.bias))
             swapped += 1
         else:
             swapped += pack_linears(child)

@@ -57,8 +57,7 @@ class ModelRunner:
         self.decode_batch_sizes = sorted(decode_batch_sizes)
         self.max_blocks_per_seq = -(-max_context // block_size)
         self.context_buckets = self._context_buckets()  # fixed at load; looked up every step
-        # decode attention in place where inductor compiles for the CPU (measured there only)
-        self.attn_name = attention.register(fused_decode=plan.kind == "cpu" and plan.compile_backend == "inductor")
+        self.attn_name = attention.register(fused_decode=plan.attends_in_place)
 
         full = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=self.dtype,
                          device_type=self.device.type)

@@ -4,6 +4,7 @@ Two targets share the loop and the recording (every response's arrival time and 
 - ``TritonTarget``: gRPC streaming to a running tritonserver, one stream per client (as
   perf_analyzer does), on ``granite_vision`` or on ``granite_vision_ensemble`` (which needs a
   sequence id: each request gets a fresh one with START and END);
+- ``OpenAITarget``: the peer, ``vllm serve``, over its OpenAI chat API (streaming, the image as a data URI);
 - ``EngineTarget``: the same work in-process without Triton: the HF processor, the vision
   encoder and ``LLMService.submit`` (the code the Triton models wrap). Preprocessing and vision
   each run one request at a time, as their single Triton instances do.
@@ -11,7 +12,10 @@ Two targets share the loop and the recording (every response's arrival time and 
 
 from __future__ import annotations
 
+import base64
+import http.client
 import itertools
+import json
 import queue
 import threading
 import time
@@ -117,4 +121,49 @@ class EngineTarget:
         self.service.submit(inputs, on_response)
         if not done.wait(self.timeout_s):
             record.error = f"no final response after {self.timeout_s:.0f} s"
+        return record
+
+
+class OpenAITarget:
+    """Streaming ``/v1/chat/completions`` (the peer, ``vllm serve``): the same request ``i`` as the
+    Triton targets (question, image as a data URI, greedy, ``min_tokens = max_tokens``), one HTTP
+    connection per client. Token counts come from vLLM's per-chunk usage (``continuous_usage_stats``)."""
+
+    def __init__(self, url: str, workload: Workload, model: str = "peer", timeout_s: float = 900.0):
+        self.url, self.workload, self.model, self.timeout_s = url, workload, model, timeout_s
+
+    def body(self, i: int) -> bytes:
+        image = "data:image/png;base64," + base64.b64encode(self.workload.image(i)).decode()
+        return json.dumps({
+            "model": self.model, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                      {"type": "text", "text": self.workload.question(i)}]}],
+            "max_tokens": self.workload.max_tokens, "min_tokens": self.workload.max_tokens, "temperature": 0,
+        }).encode()
+
+    def send(self, c: int, i: int) -> RequestRecord:
+        host, port = self.url.rsplit(":", 1)
+        body = self.body(i)
+        conn = http.client.HTTPConnection(host, int(port), timeout=self.timeout_s)
+        record = RequestRecord(time.monotonic())
+        try:
+            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            if response.status != 200:
+                record.error = f"HTTP {response.status}: {response.read()[:500]!r}"
+                return record
+            for line in response:
+                arrived = time.monotonic()
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                usage = chunk.get("usage") or {}
+                if chunk.get("choices") and "completion_tokens" in usage:
+                    record.arrivals.append((arrived, int(usage["completion_tokens"])))
+        finally:
+            conn.close()
         return record

@@ -27,14 +27,14 @@ from safetensors import safe_open
 from spyre_backend import DEFAULT_CHECKPOINT, MODEL_REPOSITORY, PROJECT_ROOT
 from spyre_backend.device.host_memory import keep_freed_memory
 
-from bench import perf_analyzer, report, roofline, session
+from bench import peer_compare, perf_analyzer, report, roofline, session
 from bench.loadgen import EngineTarget, TritonTarget, closed_loop
 from bench.stats import summarize
 from bench.workload import IMAGE_SIZE, Workload
 
 # outside checkpoints/ (which the Docker image copies), in the uncommitted results/ folder
 MID_CHECKPOINT = PROJECT_ROOT / "results" / "checkpoints" / "random-mid"
-PHASES = ("transformers", "engine", "roofline", "triton", "perf_analyzer", "ensemble", "session")
+PHASES = ("transformers", "engine", "roofline", "triton", "perf_analyzer", "ensemble", "session", "peer")
 # vision_encoder's cache of repeated images would skip the vision tower: every request here has a
 # new image anyway, and the cache stays off.
 SERVER_ENV = {"SPYRE_ENCODER_CACHE_MB": "0"}
@@ -166,8 +166,8 @@ def run_engine(prof: Profile, workload: Workload, levels: list[int], machine: di
             n_prompt = len(prompt.input_ids)
             context = n_prompt + workload.max_tokens // 2  # the mean context of the load's decode steps
             vision_s, crops = roofline.time_vision(encoder, prompt)
-            prefill_s = roofline.time_prefill(runner, n_prompt)
-            decode_s = {b: roofline.time_decode(runner, b, context) for b in sorted({1, max(levels)})}
+            prefill_s = roofline.time_prefill(runner, service.engine.kv, n_prompt)
+            decode_s = {b: roofline.time_decode(runner, service.engine.kv, b, context) for b in sorted({1, max(levels)})}
             shape = roofline.ModelShape.from_config(json.loads((prof.checkpoint / "config.json").read_text()))
             roof = roofline.analyse(shape, machine, vision_s=vision_s, crops=crops, prefill_s=prefill_s,
                                     prompt_tokens=n_prompt, decode_s=decode_s, context=context)
@@ -326,6 +326,9 @@ def run_checkpoint(name: str, prof: Profile, args, machine: dict, out_dir: Path)
     if {"triton", "perf_analyzer", "ensemble", "session"} - skip:
         log(f"{name}: tritonserver")
         ck.update(run_triton(prof, workload, args.levels, skip, ck_dir))
+    if "peer" not in skip:
+        log(f"{name}: side by side with vLLM CPU ({peer_compare.ROUNDS} alternating rounds)")
+        ck["peer"] = peer_compare.run(name, prof.checkpoint, workload, prof.requests, ck_dir, log, SERVER_ENV)
     ck.setdefault("prompt_tokens", _prompt_tokens(prof, workload))
     ck["ratios"] = ratios(ck, args.levels)
     return ck
@@ -360,6 +363,8 @@ def main(argv=None) -> int:
         ck = run_checkpoint(name, profile_for(name, args), args, machine, out_dir)
         result["checkpoints"][name] = ck
         result["targets"] += targets(name, ck, args.levels)
+        if "peer" in ck:
+            result["targets"] += peer_compare.targets(name, ck["peer"]["comparison"])
         report.write_json(out_dir, result)  # partial results survive a later failure
     end = roofline.measure_machine()
     machine.update(loadavg_end=loadavg(), matmul_gflops_end=end["matmul_gflops"],

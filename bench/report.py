@@ -73,6 +73,10 @@ def markdown(result: dict) -> str:
             lines += ["", "| ratio | value |", "|---|---|"]
             for key, value in r.items():
                 lines.append(f"| {key} | {_f(value, 2) if isinstance(value, (int, float)) else value} |")
+        if ck.get("peer", {}).get("comparison"):
+            from bench import peer_compare
+
+            lines += peer_compare.markdown(ck["peer"]["comparison"])
         roof = ck.get("roofline")
         if roof:
             lines += ["", f"Roofline ({roof['crops']} crops per image, prompt {roof['prompt_tokens']} tokens, "

@@ -36,6 +36,7 @@ class ServingConfig:
     kv_memory_mb: int = 0  # alternative to num_kv_blocks: size the KV pool from a memory budget
     max_running: int = 16  # sequences in the decode batch
     prefill_chunk: int = 512  # prompt tokens prefilled per engine step (a multiple of block_size)
+    max_num_batched_tokens: int = 0  # tokens computed per engine step, decode rows included; 0: prefill_chunk + max_running
     session_ttl_s: int = 600  # idle sessions are freed after this
     max_request_s: int = 600  # wall-clock limit of one request
     decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
@@ -107,6 +108,7 @@ class ServingConfig:
         check(self.kv_memory_mb >= 0, "kv_memory_mb", "must be >= 0")
         check(self.prefill_chunk > 0 and self.prefill_chunk % self.block_size == 0, "prefill_chunk",
               "must be a positive multiple of block_size")
+        check(self.max_num_batched_tokens >= 0, "max_num_batched_tokens", "must be >= 0")
         check(self.session_ttl_s > 0, "session_ttl_s", "must be positive")
         check(self.max_request_s > 0, "max_request_s", "must be positive")
         for name in ("max_images", "max_image_bytes", "max_image_pixels", "max_text_bytes", "max_tokens_limit",

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from bench import perf_analyzer, roofline
 from bench.main import ratios, targets
@@ -145,3 +146,41 @@ def test_ratios_and_targets():
     # the serving targets are set for the tiny checkpoint: the mid-size one is held to its roofline
     met = {t["name"]: t["met"] for t in targets("mid", ck, [1, 16])}
     assert met == {"prefill fraction of roofline": True, "vision fraction of roofline": False}
+
+
+def test_head_padded_copy_for_the_peer_is_exact(checkpoint, tmp_path):
+    """vLLM-CPU cannot attend with head size 16: the peer serves a copy padded to 32, which must
+    compute what the original does (same logits from transformers, image prompt included)."""
+    import json
+
+    from transformers import LlavaNextForConditionalGeneration
+
+    from bench.vllm_peer import pad_head_dim
+    from tests.conftest import Reference
+    from tests.images import shape_png
+
+    pad_head_dim(checkpoint, tmp_path / "padded", 32)
+    assert json.loads((tmp_path / "padded" / "config.json").read_text())["text_config"]["head_dim"] == 32
+    ref = Reference(checkpoint)
+    inputs = ref.inputs(ref.chat_prompt("What is in the image?", 1), [shape_png("triangle", "green", "white", (200, 150))])
+    padded = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "padded", dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = ref.model(**inputs).logits, padded(**inputs).logits
+    assert padded.config.text_config.head_dim == 32
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_peer_comparison_takes_each_sides_best_round():
+    from bench.peer_compare import compare, targets as peer_targets
+
+    def s(tps, ttft, itl):
+        return {"tokens_per_s": tps, "ttft_ms": {"p50": ttft}, "itl_ms": {"p50": itl}}
+
+    result = {"ours": [{1: s(100, 50, 10)}, {1: s(120, 60, 9)}],
+              "vllm_t1": [{1: s(80, 100, 12)}, {1: s(90, 90, 12)}], "vllm_t2": [{1: s(60, 200, 20)}, {}]}
+    c = compare(result, [1])
+    assert c["c=1 tokens_per_s"]["ratio"] == pytest.approx(120 / 90)
+    assert c["c=1 ttft_p50"]["ratio"] == pytest.approx(50 / 90)
+    assert c["c=1 itl_p50"]["ratio"] == pytest.approx(9 / 12)
+    met = {t["name"]: t["met"] for t in peer_targets("mid", c)}
+    assert met == {"vs vLLM CPU: c=1 ttft_p50 (ours / vLLM)": True, "vs vLLM CPU: c=1 itl_p50 (ours / vLLM)": True}

@@ -10,7 +10,7 @@ import torch
 
 from spyre_backend.config import ConfigError, ServingConfig
 from spyre_backend.engine.detokenizer import IncrementalDetokenizer
-from spyre_backend.engine.kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
+from spyre_backend.engine.kv_cache_manager import BlockPool, KVCacheManager, OutOfBlocks
 from spyre_backend.engine.sampling_params import InvalidRequest, SamplingParams
 from spyre_backend.multimodal import ImageFeatureMismatch, merge_image_features
 from spyre_backend.preprocess.images import decode_image, image_bytes
@@ -56,24 +56,22 @@ def test_sampling_params_rejects_bad_values(text, message):
         SamplingParams.from_request(text)
 
 
-def test_block_allocator_reserves_the_padding_block():
-    alloc = BlockAllocator(4)
-    blocks = alloc.allocate(3)
-    assert 0 not in blocks and alloc.num_free == 0
+def test_block_pool_reserves_the_padding_block():
+    pool = BlockPool(4)
+    blocks = pool.allocate(3)
+    assert 0 not in blocks and pool.num_free == 0
     with pytest.raises(OutOfBlocks):
-        alloc.allocate(1)
-    alloc.free(blocks)
-    assert alloc.num_free == 3
+        pool.allocate(1)
+    pool.release(blocks)
+    assert pool.num_free == 3
 
 
-def test_kv_cache_grows_block_tables_by_whole_blocks():
-    cache = PagedKVCache(num_layers=1, num_blocks=5, block_size=4, kv_heads=1, head_dim=2,
-                         dtype=torch.float32, device=torch.device("cpu"))
-    table: list[int] = []
-    cache.ensure_capacity(table, 5)
-    assert len(table) == 2 and cache.num_free_blocks == 2
-    cache.free(table)
-    assert table == [] and cache.num_free_blocks == 4
+def test_kv_manager_grows_block_lists_by_whole_blocks():
+    kv = KVCacheManager(num_blocks=5, block_size=4)
+    assert kv.allocate("a", 5)
+    assert len(kv.block_ids("a")) == 2 and kv.num_free == 2
+    assert kv.free("a") == 2
+    assert kv.block_ids("a") == [] and kv.num_free == 4
 
 
 def test_merge_writes_features_into_every_row():

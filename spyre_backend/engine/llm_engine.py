@@ -1,8 +1,13 @@
-"""The engine loop: sessions, admission, chunked prefill and batched decode, streamed outputs.
+"""The engine thread: glue between the scheduler, the model runner and the output processor.
 
 Triton's ``execute()`` only hands requests over (``add_request`` / ``stop_sequence``) and returns;
-a single engine thread owns the model, the KV cache, the sessions and the scheduler, so none of
-them needs locking. Everything reaches the thread through its inbox.
+a single engine thread owns the model runner, the KV cache bookkeeping, the sessions and the
+scheduler, so none of them needs locking. Everything reaches the thread through its inbox.
+
+Each step: the ``Scheduler`` says which tokens of which sequences to compute (plain data), the
+engine looks up those tokens (and the image features of placeholder positions) in the sessions,
+the ``ModelRunner`` computes them into the KV cache and returns logits, the sampler picks tokens
+and the ``OutputProcessor`` turns them into text and finish decisions.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ from typing import Callable
 
 import torch
 
-from spyre_backend.engine.detokenizer import IncrementalDetokenizer
-from spyre_backend.engine.model_runner import ModelRunner
-from spyre_backend.engine.request import FinishReason, Request, RequestOutput, RequestTiming
+from spyre_backend.engine.kv_cache_manager import KVCacheManager
+from spyre_backend.engine.model_runner import ModelRunner, SequenceInput
+from spyre_backend.engine.output_processor import Finished, OutputProcessor
+from spyre_backend.engine.request import FinishReason, Request
 from spyre_backend.engine.sampler import SampleRow, make_generator, sample
 from spyre_backend.engine.sampling_params import InvalidRequest
-from spyre_backend.engine.scheduler import Scheduler
+from spyre_backend.engine.scheduler import Scheduler, SchedulerConfig
 from spyre_backend.engine.sessions import SessionTable
 
 log = logging.getLogger(__name__)
@@ -33,6 +39,7 @@ log = logging.getLogger(__name__)
 class EngineLimits:
     max_running: int = 16
     prefill_chunk: int = 512
+    max_num_batched_tokens: int = 0  # 0: prefill_chunk + max_running
     session_ttl_s: float = 600.0
     max_request_s: float = 600.0
     max_sessions: int = 256
@@ -55,6 +62,7 @@ class EngineStats:
     running: int
     waiting: int
     sessions: int
+    preemptions: int = 0  # since start
 
 
 class LLMEngine:
@@ -62,12 +70,14 @@ class LLMEngine:
                  limits: EngineLimits | None = None, on_step: Callable[[EngineStats], None] | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
-        self.eos_token_ids = set(eos_token_ids)
         self.limits = limits or EngineLimits()
-        self.kv_cache = runner.kv_cache
-        self.sessions = SessionTable(self.kv_cache, ttl_s=self.limits.session_ttl_s)
-        self.scheduler = Scheduler(self.kv_cache, self.sessions, max_running=self.limits.max_running,
-                                   prefill_chunk=self.limits.prefill_chunk)
+        self.image_token_id = runner.image_token_id
+        self.kv = KVCacheManager(runner.kv_pool.num_blocks, runner.block_size)
+        self.sessions = SessionTable(self.kv, ttl_s=self.limits.session_ttl_s)
+        self.scheduler = Scheduler(self.kv, self.sessions, SchedulerConfig(
+            max_running=self.limits.max_running, prefill_chunk=self.limits.prefill_chunk,
+            max_num_batched_tokens=self.limits.max_num_batched_tokens))
+        self.output = OutputProcessor(tokenizer, eos_token_ids)
         self.on_step = on_step
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -86,6 +96,23 @@ class LLMEngine:
             raise InvalidRequest(
                 f"prompt ({request.num_prompt_tokens} tokens) + max_tokens ({request.params.max_tokens}) "
                 f"exceeds the maximum context length {limit}")
+        self._check_fits_pool(request.num_prompt_tokens + request.params.max_tokens)
+        # every image placeholder gets exactly one feature row: checked here, never inside a step
+        placeholders = int((request.prompt_ids == self.image_token_id).sum())
+        features = 0 if request.image_features is None else int(request.image_features.shape[0])
+        if placeholders != features:
+            raise InvalidRequest(f"the prompt has {placeholders} image placeholder tokens but {features} image "
+                                 f"features were given (one per placeholder)")
+        if features and request.image_features.shape[-1] != self.runner.hidden_size:
+            raise InvalidRequest(f"image features are {request.image_features.shape[-1]} wide; the LLM takes "
+                                 f"{self.runner.hidden_size}")
+
+    def _check_fits_pool(self, num_tokens: int) -> None:
+        """A sequence must fit the KV pool alone, or preempting the others would never make room."""
+        need, usable = self.kv.blocks_for(num_tokens), self.kv.num_usable
+        if need > usable:
+            raise InvalidRequest(f"{num_tokens} tokens need {need} KV blocks of {self.kv.block_size}; the pool has "
+                                 f"{usable} (raise num_kv_blocks or kv_memory_mb, or lower max_tokens)")
 
     def add_request(self, request: Request) -> None:
         self.validate(request)
@@ -109,29 +136,29 @@ class LLMEngine:
             self._thread.join(timeout=30)
 
     def stats(self) -> EngineStats:
-        return EngineStats(self.kv_cache.num_free_blocks, self.kv_cache.allocator.num_blocks - 1,
-                           len(self.scheduler.running), len(self.scheduler.waiting), len(self.sessions))
+        return EngineStats(self.kv.num_free, self.kv.num_usable, len(self.scheduler.running),
+                           len(self.scheduler.waiting), len(self.sessions), self.scheduler.num_preemptions)
 
     @property
     def num_free_blocks(self) -> int:
-        return self.kv_cache.num_free_blocks
+        return self.kv.num_free
 
     # -- engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopping:
-            idle = not self.scheduler.running and not self.scheduler.waiting
+            idle = not self.scheduler.has_work
             self._drain_inbox(timeout=1.0 if idle else None)
             try:
                 self.step()
-            except Exception:  # a bug must not kill the loop: fail the batch, keep serving
-                log.exception("engine step failed")
+            except Exception:  # the model step itself failed (per-request failures end that request
+                log.exception("engine step failed")  # alone, in step()): fail the batch, keep serving
                 self._fail_running()
             self._report_stats()
 
     def _fail_running(self) -> None:
         for request in list(self.scheduler.running):
             try:
-                self._finish(request, FinishReason.ERROR, error="internal error in the engine step")
+                self._finish(request, Finished(FinishReason.ERROR), error="internal error in the engine step")
             except Exception:
                 log.exception("failing request %s failed", request.request_id)
                 self.scheduler.remove(request)
@@ -185,16 +212,30 @@ class LLMEngine:
                 self._reject(request, f"sequence {sid} {why}; resend the whole conversation with sequence_start")
                 return False
         history = len(session.token_ids)
-        if history + request.num_prompt_tokens + request.params.max_tokens > self.runner.max_context:
-            self._reject(request, f"the conversation ({history} tokens so far) + prompt ({request.num_prompt_tokens}) "
-                                  f"+ max_tokens ({request.params.max_tokens}) exceeds the maximum context length "
-                                  f"{self.runner.max_context}")
+        total = history + request.num_prompt_tokens + request.params.max_tokens
+        problem = None
+        if total > self.runner.max_context:
+            problem = (f"the conversation ({history} tokens so far) + prompt ({request.num_prompt_tokens}) "
+                       f"+ max_tokens ({request.params.max_tokens}) exceeds the maximum context length "
+                       f"{self.runner.max_context}")
+        else:
+            try:
+                self._check_fits_pool(total)
+            except InvalidRequest as exc:
+                problem = str(exc)
+        if problem:
+            self._reject(request, problem)
             if request.sequence_end:
                 self.sessions.close(session)
             return False
         session.active = request
         session.token_ids.extend(request.prompt_ids.tolist())
+        if request.image_features is not None:
+            session.image_features.append(request.image_features)  # on the host, for recompute
+            request.image_features = None
         request.session = session
+        request.generator = make_generator(request.params)
+        self.output.start(request)
         self.scheduler.add(request)
         return True
 
@@ -203,8 +244,14 @@ class LLMEngine:
         session.active = None
         session.last_active = time.monotonic()
         if not completed:
-            # never prefilled: forget its prompt, the history stays as before the turn
+            # never prefilled: forget its prompt (and its images), the history stays as before the turn
+            prompt = session.token_ids[len(session.token_ids) - request.num_prompt_tokens:]
             del session.token_ids[len(session.token_ids) - request.num_prompt_tokens:]
+            images = prompt.count(self.image_token_id)
+            if images:
+                kept = session.features()
+                session.image_features = [kept[: kept.shape[0] - images]] if kept.shape[0] > images else []
+            session.num_computed = min(session.num_computed, len(session.token_ids))
         if request.sequence_end:
             self.sessions.close(session)
         queue_ = self._queued.get(session.sequence_id)
@@ -228,131 +275,79 @@ class LLMEngine:
         stop.reply(None)
 
     def _reject(self, request: Request, message: str) -> None:
-        request.on_output(RequestOutput("", True, request.num_prompt_tokens, 0, FinishReason.ERROR, error=message))
+        self.output.reject(request, message)
 
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> None:
+        """Glue: schedule, build the runner's inputs, run, sample, hand tokens to the output processor."""
         now = time.monotonic()
         self.sessions.expire(now)
         for request in [*self.scheduler.running, *self.scheduler.waiting]:
             if request.stop_requested or request.is_cancelled():
-                self._finish(request, FinishReason.CANCELLED)
+                self._finish(request, Finished(FinishReason.CANCELLED))
             elif now > request.deadline:
-                self._finish(request, FinishReason.TIMEOUT)
-        for request in self.scheduler.admit():
-            self._prepare(request)
-        plan = self.scheduler.plan()
-        if plan.prefill is not None:
-            self._prefill_chunk(plan.prefill, plan.prefill_tokens)
-        if plan.decode:
-            self._decode(plan.decode)
+                self._finish(request, Finished(FinishReason.TIMEOUT))
+        out = self.scheduler.schedule()
+        if not out.sequences:
+            return
+        requests = {r.request_id: r for r in self.scheduler.running}
+        scheduled, inputs = [], []
+        for seq in out.sequences:  # a request whose inputs cannot be built fails alone
+            request = requests[seq.request_id]
+            try:
+                inputs.append(self._sequence_input(request, seq))
+                scheduled.append((request, seq))
+            except Exception as exc:
+                log.exception("request %s: building its step inputs failed", request.request_id)
+                self._finish(request, Finished(FinishReason.ERROR), error=f"invalid request: {exc}")
+        logits = self.runner.execute(inputs)
+        self.scheduler.step_done(out)
+        sampling = [(request, row) for (request, seq), row in zip(scheduled, logits) if seq.samples]
+        if sampling:
+            self._sample([r for r, _ in sampling], torch.stack([row for _, row in sampling]))
 
-    def _prepare(self, request: Request) -> None:
-        """Embeddings of everything this turn must compute: the previous turn's last token (it was
-        sampled but never fed back) and the new prompt, image features merged in."""
+    def _sequence_input(self, request: Request, seq) -> SequenceInput:
         session = request.session
-        request.generator = make_generator(request.params)
-        request.detokenizer = IncrementalDetokenizer(self.tokenizer)
-        carried = session.token_ids[session.num_computed: len(session.token_ids) - request.num_prompt_tokens]
-        prompt = self.runner.embed_prompt(request.prompt_ids, request.image_features)
-        if carried:
-            prompt = torch.cat([self.runner.embed_tokens(torch.tensor(carried)), prompt])
-        request.prefill_embeds = prompt
-        request.image_features = None  # images matter only at prefill: drop them now
+        token_ids = session.token_ids[seq.start: seq.start + seq.num_tokens]
+        features = None
+        if self.image_token_id in token_ids:
+            # the features of the placeholders in this range: those of the history, in order
+            before = session.token_ids[: seq.start].count(self.image_token_id)
+            count = token_ids.count(self.image_token_id)
+            all_features = session.features()
+            if all_features is None or all_features.shape[0] < before + count:
+                raise ValueError(f"the sequence has more image placeholders than image features "
+                                 f"({0 if all_features is None else all_features.shape[0]})")
+            features = all_features[before: before + count]
+        return SequenceInput(token_ids, seq.start, seq.block_ids, features, wants_logits=seq.samples)
 
-    def _prefill_chunk(self, request: Request, n: int) -> None:
-        session = request.session
-        chunk = request.prefill_embeds[request.num_prefilled: request.num_prefilled + n]
-        step = self.runner.prefill_inputs(chunk, start=session.num_computed, block_table=session.block_table)
-        logits = self.runner.forward(step)
-        session.num_computed += n
-        request.num_prefilled += n
-        if request.num_prefilled == request.prefill_embeds.shape[0]:
-            request.prefill_embeds = None
-            self._append_tokens([request], logits)
-
-    def _decode(self, requests: list[Request]) -> None:
-        last_tokens = torch.tensor([r.session.token_ids[-1] for r in requests], dtype=torch.long)
-        embeds = self.runner.embed_tokens(last_tokens)  # decode takes embeddings too
-        step = self.runner.decode_inputs(embeds, [r.session.num_computed for r in requests],
-                                         [r.session.block_table for r in requests])
-        logits = self.runner.forward(step)[: len(requests)]
-        for r in requests:
-            r.session.num_computed += 1
-        self._append_tokens(requests, logits)
-
-    def _append_tokens(self, requests: list[Request], logits: torch.Tensor) -> None:
-        rows = []
-        for r in requests:
-            p = r.params
-            banned = []
-            if len(r.output_ids) < p.min_tokens:
-                banned = [*([] if p.ignore_eos else self.eos_token_ids), *p.stop_token_ids]
-            rows.append(SampleRow(p, r.generator, r.prompt_ids, r.output_ids, banned))
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> None:
+        rows = [SampleRow(r.params, r.generator, r.prompt_ids, r.output_ids, self.output.banned_tokens(r))
+                for r in requests]
         results = sample(logits, rows)
         now = time.monotonic()  # one clock read per step: every row's token is ready now
         for request, result in zip(requests, results):
-            if request.first_token_at is None:
-                request.first_token_at = now
-            request.last_token_at = now
-            self._on_token(request, result)
+            try:
+                request.session.token_ids.append(result.token)
+                finished = self.output.on_token(request, result, now)
+            except Exception as exc:  # one request's output failing ends that request alone
+                log.exception("request %s: processing its output failed", request.request_id)
+                self._finish(request, Finished(FinishReason.ERROR), error=f"internal error: {exc}")
+                continue
+            if finished is not None:
+                self._finish(request, finished)
 
-    def _on_token(self, request: Request, result) -> None:
-        token, params = result.token, request.params
-        request.output_ids.append(token)
-        request.session.token_ids.append(token)
-        if result.logprob is not None:
-            request.pending_logprobs.append({
-                "token_id": token, "logprob": result.logprob,
-                "top": [{"token_id": t, "logprob": lp} for t, lp in (result.top or [])]})
-        if (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids:
-            self._finish(request, FinishReason.STOP)
-            return
-        request.detokenizer.add(token)
-        text = request.detokenizer.text
-        if params.stop:
-            # search only where a new match can start: a stop string may span token boundaries
-            begin = max(0, request.num_emitted_chars - max(map(len, params.stop)))
-            hits = [i for i in (text.find(s, begin) for s in params.stop) if i >= 0]
-            if hits:
-                self._finish(request, FinishReason.STOP, stop_at=min(hits))
-                return
-        if len(request.output_ids) >= params.max_tokens:
-            self._finish(request, FinishReason.LENGTH)
-            return
-        # hold back a tail that could still become a stop string
-        safe = len(text) - (max(map(len, params.stop)) - 1 if params.stop else 0)
-        if safe > request.num_emitted_chars:
-            self._emit(request, text[request.num_emitted_chars:safe], finished=False)
-
-    def _emit(self, request: Request, text: str, finished: bool, reason: FinishReason | None = None,
-              error: str | None = None) -> None:
-        request.num_emitted_chars += len(text)
-        logprobs = request.pending_logprobs if request.params.logprobs is not None else None
-        request.pending_logprobs = []
-        prefilled = request.num_prefilled
-        timing = None
-        if finished:
-            timing = RequestTiming(request.arrival, request.first_token_at, request.last_token_at,
-                                   time.monotonic(), len(request.output_ids))
-        request.on_output(RequestOutput(text, finished, request.num_prompt_tokens, len(request.output_ids),
-                                        reason, error, logprobs, prefilled, timing))
-
-    def _finish(self, request: Request, reason: FinishReason, error: str | None = None,
-                stop_at: int | None = None) -> None:
+    def _finish(self, request: Request, finished: Finished, error: str | None = None) -> None:
+        """Release what ``request`` holds (scheduler slot, session turn), then send its last output."""
         self.scheduler.remove(request)
-        text = ""
-        if request.detokenizer is not None and reason != FinishReason.ERROR:
-            request.detokenizer.flush()
-            full = request.detokenizer.text
-            text = full[request.num_emitted_chars: stop_at if stop_at is not None else len(full)]
         if request.session is not None:
-            started = request.num_prefilled > 0
-            if reason in (FinishReason.ERROR, FinishReason.TIMEOUT) or request.prefill_embeds is not None and started:
-                # stopped half-way through its prefill or failed: the session cannot continue
+            started = request.num_prefill_tokens > 0  # some of this turn was computed
+            completed = request.sampled_any or started
+            if finished.reason in (FinishReason.ERROR, FinishReason.TIMEOUT) or (started and not request.sampled_any):
+                # failed, or stopped half-way through its prompt: the session cannot continue
                 request.sequence_end = True
-            self._end_turn(request, completed=started)
+            self._end_turn(request, completed=completed)
         try:
-            self._emit(request, text, True, reason, error)
+            self.output.finish(request, finished, error)
         except Exception:
             log.exception("sending the final response of request %s failed", request.request_id)

@@ -19,8 +19,19 @@ from fms.models import get_model
 
 from spyre_backend.device import DevicePlan
 from spyre_backend.engine import attention
-from spyre_backend.engine.kv_cache import NULL_BLOCK, PagedKVCache
+from spyre_backend.engine.kv_cache import NULL_BLOCK, KVPool
 from spyre_backend.multimodal import MultimodalSpec
+
+
+@dataclass
+class SequenceInput:
+    """One sequence's share of a step, as the runner needs it: no sessions, no sampling, no text."""
+
+    token_ids: list[int]  # the tokens to compute (image placeholders included)
+    start: int  # position of the first one
+    block_ids: tuple[int, ...] | list[int]  # the sequence's KV blocks, covering start + len(token_ids)
+    image_features: torch.Tensor | None = None  # [placeholders among token_ids, hidden] (host)
+    wants_logits: bool = True
 
 
 @dataclass
@@ -73,7 +84,7 @@ class ModelRunner:
         bytes_per_token = 2 * text.nlayers * kv_heads * text.head_dim * torch.finfo(self.dtype).bits // 8
         if callable(num_kv_blocks):
             num_kv_blocks = num_kv_blocks(bytes_per_token)
-        self.kv_cache = PagedKVCache(
+        self.kv_pool = KVPool(
             num_layers=text.nlayers, num_blocks=num_kv_blocks, block_size=block_size,
             kv_heads=kv_heads, head_dim=text.head_dim, dtype=self.dtype, device=self.device,
         )
@@ -103,6 +114,39 @@ class ModelRunner:
             shapes += [(1, q_len, ctx) for ctx in self.context_buckets if ctx * self.block_size >= q_len]
         shapes += [(batch, 1, ctx) for batch in self.decode_batch_sizes for ctx in self.context_buckets]
         return shapes
+
+    # -- one engine step ----------------------------------------------------------------------
+    @torch.no_grad()
+    def execute(self, sequences: list[SequenceInput]) -> list[torch.Tensor | None]:
+        """Compute every sequence's tokens into the KV cache; float32 logits [vocab] of each
+        sequence's last token where ``wants_logits`` (None elsewhere), in the given order.
+
+        Sequences of several tokens (prompt chunks) run one prefill program each; single tokens
+        (decode rows) run together in one decode program.
+        """
+        logits: list[torch.Tensor | None] = [None] * len(sequences)
+        decode_rows = []
+        for i, seq in enumerate(sequences):
+            if len(seq.token_ids) > 1:
+                embeds = self.embed_prompt(torch.tensor(seq.token_ids), seq.image_features)
+                out = self.forward(self.prefill_inputs(embeds, seq.start, list(seq.block_ids)))
+                if seq.wants_logits:
+                    logits[i] = out[0]
+            else:
+                decode_rows.append(i)
+        for begin in range(0, len(decode_rows), self.decode_batch_sizes[-1]):
+            rows = [sequences[i] for i in decode_rows[begin: begin + self.decode_batch_sizes[-1]]]
+            ids = torch.tensor([seq.token_ids[0] for seq in rows])
+            embeds = self.embed_tokens(ids)  # decode takes embeddings too
+            for j, seq in enumerate(rows):
+                if seq.image_features is not None:  # a one-token chunk that is an image position
+                    embeds[j] = seq.image_features[0].to(self.device, self.dtype)
+            out = self.forward(self.decode_inputs(embeds, [seq.start for seq in rows],
+                                                  [list(seq.block_ids) for seq in rows]))
+            for j, i in enumerate(decode_rows[begin: begin + len(rows)]):
+                if sequences[i].wants_logits:
+                    logits[i] = out[j]
+        return logits
 
     # -- embeddings ------------------------------------------------------------------------
     @torch.no_grad()
@@ -171,7 +215,7 @@ class ModelRunner:
         # causal by absolute position; also hides the never-written tail of the last block
         mask = kv_pos.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1)
         hidden, _ = self.lm.base_model(
-            embeds, position_ids=positions, past_key_value_states=self.kv_cache.layers, use_cache=True,
+            embeds, position_ids=positions, past_key_value_states=self.kv_pool.layers, use_cache=True,
             attn_name=self.attn_name, slot_mapping=slots, block_table=block_table, mask=mask,
         )
         last = hidden[torch.arange(hidden.shape[0], device=embeds.device), last_index]

@@ -85,8 +85,8 @@ class Request:
     deadline: float = float("inf")
     # engine state
     session: "Session | None" = None
-    prefill_embeds: torch.Tensor | None = None  # [n_prefill, hidden], dropped after prefill
-    num_prefilled: int = 0
+    num_prefill_tokens: int = 0  # tokens computed before the first one was sampled (recompute included)
+    num_preemptions: int = 0
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     detokenizer: "IncrementalDetokenizer | None" = None
@@ -101,5 +101,5 @@ class Request:
         return int(self.prompt_ids.shape[0])
 
     @property
-    def prefill_done(self) -> bool:
-        return self.prefill_embeds is None and self.num_prefilled > 0
+    def sampled_any(self) -> bool:
+        return bool(self.output_ids)

@@ -1,10 +1,21 @@
-"""Decides what each engine step runs: at most one prefill chunk, and one decode batch.
+"""Decides what each engine step computes, under a token budget. Pure bookkeeping: no tensors.
 
-Running requests decode together every step; a long prompt is prefilled a chunk per step in
-between, so running streams keep flowing while it loads. Admission is first-come first-served
-and bounded by free KV blocks: a request reserves blocks for its whole turn (history + prompt +
-max_tokens) when admitted, so a running request never runs out. When blocks are short, idle
-sessions are evicted oldest-first; if that is not enough the request waits in the queue.
+Every running request is a session with ``num_uncomputed`` tokens whose K/V are not in the cache
+yet: a whole prompt (or a prompt left after a chunk), a session's new turn, or the one token
+sampled last step. Each step the scheduler gives requests tokens, at most
+``max_num_batched_tokens`` in all: first the running requests in the order they were admitted
+(decode rows take one token; a prompt takes a chunk of at most ``prefill_chunk``, and at most
+``max_prefills`` prompts get a chunk per step), then waiting requests, first come first served.
+
+KV blocks are taken as a sequence grows (``KVCacheManager.allocate``), never for tokens it has not
+reached. When a running request needs a block and none is free, idle sessions are evicted (oldest
+first); if that is not enough, the most recently admitted running request is preempted: its blocks
+are freed, it goes back to the front of the queue, and when admitted again it recomputes its whole
+sequence (prompt, images' features and the tokens it already produced) and goes on where it
+stopped. A waiting request never preempts a running one; it waits.
+
+``schedule()`` returns a ``SchedulerOutput``: plain data (request ids, token ranges, block ids) that
+the engine turns into the model runner's inputs. ``step_done()`` then records what was computed.
 """
 
 from __future__ import annotations
@@ -12,63 +23,174 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from spyre_backend.engine.kv_cache import PagedKVCache
+from spyre_backend.engine.kv_cache_manager import KVCacheManager
 from spyre_backend.engine.request import Request
 from spyre_backend.engine.sessions import SessionTable
 
 
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_running: int = 16  # requests admitted at once (the decode batch)
+    prefill_chunk: int = 512  # most prompt tokens of one request in one step
+    max_num_batched_tokens: int = 0  # tokens per step; 0: prefill_chunk + max_running
+    max_prefills: int = 1  # requests that get a prompt chunk in one step
+
+    @property
+    def token_budget(self) -> int:
+        return self.max_num_batched_tokens or self.prefill_chunk + self.max_running
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    """One request's share of a step: compute tokens ``start .. start + num_tokens`` of its sequence."""
+
+    request_id: int
+    start: int
+    num_tokens: int
+    block_ids: tuple[int, ...]  # the sequence's blocks, covering start + num_tokens
+    samples: bool  # the step reaches the sequence's end: the next token is sampled from its logits
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_tokens > 1
+
+
 @dataclass
-class StepPlan:
-    prefill: Request | None = None
-    prefill_tokens: int = 0
-    decode: list[Request] = field(default_factory=list)
+class SchedulerOutput:
+    sequences: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[int] = field(default_factory=list)  # request ids sent back to the queue
+    evicted_sessions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.sequences)
+
+    @property
+    def prefills(self) -> list[ScheduledSequence]:
+        return [s for s in self.sequences if s.is_prefill]
+
+    @property
+    def decodes(self) -> list[ScheduledSequence]:
+        return [s for s in self.sequences if not s.is_prefill]
 
 
 class Scheduler:
-    def __init__(self, kv_cache: PagedKVCache, sessions: SessionTable, *, max_running: int, prefill_chunk: int):
-        self.kv_cache = kv_cache
+    def __init__(self, kv: KVCacheManager, sessions: SessionTable, config: SchedulerConfig):
+        self.kv = kv
         self.sessions = sessions
-        self.max_running = max_running
-        self.prefill_chunk = prefill_chunk
+        self.config = config
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in admission order: the last is preempted first
+        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
+        """Queue a request whose session holds its prompt (``session.token_ids``)."""
         self.waiting.append(request)
-
-    @staticmethod
-    def turn_tokens(request: Request) -> int:
-        """KV positions the whole turn may use: history + new prompt + max_tokens."""
-        return len(request.session.token_ids) + request.params.max_tokens
-
-    def admit(self) -> list[Request]:
-        """Move waiting requests into the running set while blocks and batch slots allow."""
-        admitted = []
-        while self.waiting and len(self.running) < self.max_running:
-            request = self.waiting[0]
-            session = request.session
-            missing = self.kv_cache.blocks_needed(self.turn_tokens(request)) - len(session.block_table)
-            if missing > self.kv_cache.num_free_blocks and not self.sessions.evict_for(missing):
-                break  # FCFS: later requests wait behind this one
-            self.waiting.popleft()
-            self.kv_cache.ensure_capacity(session.block_table, self.turn_tokens(request))
-            self.running.append(request)
-            admitted.append(request)
-        return admitted
-
-    def plan(self) -> StepPlan:
-        plan = StepPlan()
-        for request in self.running:
-            if request.prefill_embeds is None:
-                plan.decode.append(request)
-            elif plan.prefill is None:
-                plan.prefill = request
-                remaining = request.prefill_embeds.shape[0] - request.num_prefilled
-                plan.prefill_tokens = min(remaining, self.prefill_chunk)
-        return plan
 
     def remove(self, request: Request) -> None:
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # -- one step ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.token_budget
+        prefills = 0
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = self._tokens_for(request, budget, prefills)
+            if n == 0:
+                i += 1
+                continue
+            if not self._allocate_running(request, n, out):
+                break  # the request itself was preempted, and with it everything after it
+            out.sequences.append(self._scheduled(request, n))
+            budget -= n
+            prefills += n > 1
+            i += 1
+        # admit waiting requests, first come first served, unless this step had to preempt
+        while (self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_running):
+            request = self.waiting[0]
+            n = self._tokens_for(request, budget, prefills)
+            if n == 0:
+                break
+            session = request.session
+            missing = self.kv.num_missing(session.sequence_id, session.num_computed + n)
+            if missing > self.kv.num_free:
+                before = len(self.sessions)
+                self.sessions.evict_for(missing)
+                out.evicted_sessions += before - len(self.sessions)
+            if not self.kv.allocate(session.sequence_id, session.num_computed + n):
+                break  # FCFS: later requests wait behind this one
+            self.waiting.popleft()
+            self.running.append(request)
+            out.sequences.append(self._scheduled(request, n))
+            budget -= n
+            prefills += n > 1
+        return out
+
+    def step_done(self, out: SchedulerOutput) -> None:
+        """The model computed ``out``: its tokens' K/V are in the cache now."""
+        for seq in out.sequences:
+            request = self._find(seq.request_id)
+            if request is not None:
+                request.session.num_computed = seq.start + seq.num_tokens
+                if not request.sampled_any:
+                    request.num_prefill_tokens += seq.num_tokens
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _tokens_for(self, request: Request, budget: int, prefills: int) -> int:
+        need = request.session.num_uncomputed
+        if need <= 1:
+            return need
+        if prefills >= self.config.max_prefills:
+            return 0
+        n = min(need, self.config.prefill_chunk, budget)
+        if n < need and n > self.kv.block_size:
+            n -= n % self.kv.block_size  # a chunk that is not the last ends on a block boundary
+        return n
+
+    def _allocate_running(self, request: Request, n: int, out: SchedulerOutput) -> bool:
+        """Blocks for ``n`` more tokens of a running request: evicting idle sessions, then
+        preempting the most recently admitted requests. False if ``request`` itself was preempted."""
+        session = request.session
+        while not self.kv.allocate(session.sequence_id, session.num_computed + n):
+            missing = self.kv.num_missing(session.sequence_id, session.num_computed + n)
+            before = len(self.sessions)
+            if self.sessions.evict_for(missing):
+                out.evicted_sessions += before - len(self.sessions)
+                continue
+            out.evicted_sessions += before - len(self.sessions)
+            victim = self.running[-1]
+            self._preempt(victim)
+            out.preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request.session.sequence_id)
+        request.session.num_computed = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _scheduled(self, request: Request, n: int) -> ScheduledSequence:
+        session = request.session
+        start = session.num_computed
+        return ScheduledSequence(request.request_id, start, n, tuple(self.kv.block_ids(session.sequence_id)),
+                                 samples=start + n == len(session.token_ids))
+
+    def _find(self, request_id: int) -> Request | None:
+        for request in self.running:
+            if request.request_id == request_id:
+                return request
+        return None

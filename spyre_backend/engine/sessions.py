@@ -1,5 +1,8 @@
 """Sessions: the KV blocks and token history kept for a sequence id between its turns.
 
+Every sequence the engine runs is a session, one-off requests included (they open and close one);
+the KV cache manager's blocks are owned by the session's sequence id.
+
 A turn with START opens (or restarts) a session; later turns of the same id prefill only their
 new tokens on top of the kept KV, so images of earlier turns are never encoded again. END frees
 the session after its turn. Idle sessions are freed after a TTL, and evicted oldest-first when
@@ -13,7 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from spyre_backend.engine.kv_cache import PagedKVCache
+import torch
+
+from spyre_backend.engine.kv_cache_manager import KVCacheManager
 
 if TYPE_CHECKING:
     from spyre_backend.engine.request import Request
@@ -24,9 +29,12 @@ MAX_REMEMBERED_EVICTIONS = 10_000
 @dataclass
 class Session:
     sequence_id: int | str
-    block_table: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # history; the last one may lack KV yet
     num_computed: int = 0  # tokens whose K/V are in the cache
+    # image features of the history's placeholders, in order, kept on the host for as long as the
+    # session lives: a preempted turn recomputes its whole history (images are never re-encoded)
+    image_features: list[torch.Tensor] = field(default_factory=list)
+    num_image_positions: int = 0  # placeholder tokens in token_ids
     last_active: float = field(default_factory=time.monotonic)
     active: "Request | None" = None  # the turn now running (turns of one session never overlap)
 
@@ -34,10 +42,22 @@ class Session:
     def busy(self) -> bool:
         return self.active is not None
 
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    def features(self) -> torch.Tensor | None:
+        """All image features of the history as one [n, hidden] tensor (None without images)."""
+        if not self.image_features:
+            return None
+        if len(self.image_features) > 1:
+            self.image_features = [torch.cat(self.image_features)]
+        return self.image_features[0]
+
 
 class SessionTable:
-    def __init__(self, kv_cache: PagedKVCache, ttl_s: float):
-        self.kv_cache = kv_cache
+    def __init__(self, kv: KVCacheManager, ttl_s: float):
+        self.kv = kv
         self.ttl_s = ttl_s
         self.sessions: dict[int | str, Session] = {}
         self.evicted: dict[int | str, None] = {}  # ids whose state was dropped, for a clear error
@@ -52,14 +72,14 @@ class SessionTable:
         """A fresh session (START): any earlier state of that id is dropped."""
         old = self.sessions.pop(sequence_id, None)
         if old is not None:
-            self.kv_cache.free(old.block_table)
+            self.kv.free(old.sequence_id)
         self.evicted.pop(sequence_id, None)
         session = Session(sequence_id)
         self.sessions[sequence_id] = session
         return session
 
     def close(self, session: Session) -> None:
-        self.kv_cache.free(session.block_table)
+        self.kv.free(session.sequence_id)
         self.sessions.pop(session.sequence_id, None)
 
     def kept(self) -> int:
@@ -85,10 +105,10 @@ class SessionTable:
     def evict_for(self, blocks_needed: int) -> bool:
         """Free idle sessions, oldest first, until ``blocks_needed`` blocks are free."""
         for session in self.idle():
-            if self.kv_cache.num_free_blocks >= blocks_needed:
+            if self.kv.num_free >= blocks_needed:
                 break
             self._evict(session)
-        return self.kv_cache.num_free_blocks >= blocks_needed
+        return self.kv.num_free >= blocks_needed
 
     def _evict(self, session: Session) -> None:
         self.close(session)

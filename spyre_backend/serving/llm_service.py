@@ -60,6 +60,7 @@ class LLMService:
         )
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         limits = EngineLimits(max_running=config.max_running, prefill_chunk=config.prefill_chunk,
+                              max_num_batched_tokens=config.max_num_batched_tokens,
                               session_ttl_s=config.session_ttl_s, max_request_s=config.max_request_s,
                               max_sessions=config.max_sessions)
         self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids=eos, limits=limits, on_step=on_stats)
@@ -69,7 +70,7 @@ class LLMService:
         plan = runner.plan
         log.warning("granite_llm: loaded %s in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; %d static shapes; "
                     "KV %d blocks of %d tokens)", checkpoint, loaded, warmed, plan.kind, plan.compile_backend,
-                    config.dtype, threads, len(runner.shape_set()), runner.kv_cache.allocator.num_blocks,
+                    config.dtype, threads, len(runner.shape_set()), runner.kv_pool.num_blocks,
                     config.block_size)
 
     def submit(self, inputs: GenerateInputs, send: Callable[[str, RequestOutput], None],

@@ -52,6 +52,11 @@ class TritonPythonModel:
             kind=pb_utils.MetricFamily.COUNTER)
         self._finished = {reason: self._finished_family.Metric(labels={"reason": reason})
                           for reason in ("stop", "length", "cancelled", "timeout", "error")}
+        self._preemptions_family = pb_utils.MetricFamily(
+            name="spyre_preemptions_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="Running requests preempted for KV blocks (resumed later by recomputing their prefill)")
+        self._preemptions = self._preemptions_family.Metric(labels={})
+        self._preemptions_seen = 0
         counter, histogram = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM
         self._token_families = [
             pb_utils.MetricFamily(name="spyre_prompt_tokens_total", kind=counter,
@@ -72,6 +77,9 @@ class TritonPythonModel:
             self._latency_families, (TTFT_BUCKETS, TPOT_BUCKETS, E2E_BUCKETS)))
 
     def _on_stats(self, stats):
+        if stats.preemptions > self._preemptions_seen:
+            self._preemptions.increment(stats.preemptions - self._preemptions_seen)
+            self._preemptions_seen = stats.preemptions
         values = {"free_blocks": stats.free_blocks, "used_blocks": stats.total_blocks - stats.free_blocks,
                   "running": stats.running, "waiting": stats.waiting, "sessions": stats.sessions}
         # each set is a round trip to the server that holds the GIL (the sender thread waits):
@@ -159,7 +167,7 @@ class TritonPythonModel:
         at interpreter exit, reaches for freed shared memory and the stub segfaults on the way out."""
         self._gauges.clear()
         self._finished.clear()
-        del self._kv, self._requests, self._sessions, self._finished_family
+        del self._kv, self._requests, self._sessions, self._finished_family, self._preemptions, self._preemptions_family
         del self._prompt_tokens, self._generation_tokens, self._ttft, self._tpot, self._e2e
         self._token_families.clear()
         self._latency_families.clear()

@@ -1,0 +1,198 @@
+"""The scheduler and the KV cache manager alone: no model, no tensors on a device.
+
+Requests are driven the way the engine drives them: ``schedule()``, then ``step_done()``, then
+one sampled token appended for every sequence whose step reached its end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spyre_backend.engine.kv_cache_manager import NULL_BLOCK, BlockPool, KVCacheManager
+from spyre_backend.engine.request import Request
+from spyre_backend.engine.sampling_params import SamplingParams
+from spyre_backend.engine.scheduler import Scheduler, SchedulerConfig
+from spyre_backend.engine.sessions import SessionTable
+
+BLOCK = 4
+
+
+def make(num_blocks=64, **config) -> Scheduler:
+    kv = KVCacheManager(num_blocks, BLOCK)
+    return Scheduler(kv, SessionTable(kv, ttl_s=600), SchedulerConfig(**config))
+
+
+def submit(sched: Scheduler, prompt_len: int, sequence_id=None, end=True) -> Request:
+    request = Request(torch.arange(prompt_len), None, SamplingParams(max_tokens=100), lambda out: None,
+                      sequence_id=sequence_id if sequence_id is not None else object(), sequence_end=end)
+    session = sched.sessions.get(request.sequence_id) or sched.sessions.open(request.sequence_id)
+    session.token_ids.extend(range(prompt_len))
+    session.active = request
+    request.session = session
+    sched.add(request)
+    return request
+
+
+def step(sched: Scheduler):
+    """One engine step without a model; returns {request_id: tokens computed}."""
+    out = sched.schedule()
+    sched.step_done(out)
+    by_id = {r.request_id: r for r in sched.running}
+    for seq in out.sequences:
+        if seq.samples:
+            request = by_id[seq.request_id]
+            request.output_ids.append(7)
+            request.session.token_ids.append(7)
+    return out
+
+
+def finish(sched: Scheduler, request: Request) -> None:
+    sched.remove(request)
+    request.session.active = None
+    if request.sequence_end:
+        sched.sessions.close(request.session)
+
+
+def tokens(out) -> dict[int, int]:
+    return {s.request_id: s.num_tokens for s in out.sequences}
+
+
+def test_decode_rows_and_a_prefill_chunk_share_one_step_under_the_budget():
+    sched = make(max_running=8, prefill_chunk=16, max_num_batched_tokens=20)
+    a, b = submit(sched, 3), submit(sched, 3)
+    step(sched)  # a's prompt (3 tokens); b waits: one prompt chunk per step
+    step(sched)  # a decodes, b's prompt
+    c = submit(sched, 40)
+    out = step(sched)
+    assert tokens(out) == {a.request_id: 1, b.request_id: 1, c.request_id: 16}  # 18 <= 20
+    assert out.num_tokens <= 20 and len(out.prefills) == 1 and len(out.decodes) == 2
+
+
+def test_the_budget_caps_the_chunk_which_then_ends_on_a_block_boundary():
+    sched = make(max_running=8, prefill_chunk=64, max_num_batched_tokens=15)
+    a = submit(sched, 2)
+    step(sched)
+    c = submit(sched, 40)
+    out = step(sched)
+    # 14 tokens of budget left after a's decode row: the chunk is cut to 12, three whole blocks
+    assert tokens(out) == {a.request_id: 1, c.request_id: 12}
+    assert out.sequences[1].start == 0 and c.session.num_computed == 12
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_and_samples_only_at_its_end():
+    sched = make(prefill_chunk=16)
+    r = submit(sched, 40)
+    outs = [step(sched) for _ in range(3)]
+    assert [o.sequences[0].num_tokens for o in outs] == [16, 16, 8]
+    assert [o.sequences[0].start for o in outs] == [0, 16, 32]
+    assert [o.sequences[0].samples for o in outs] == [False, False, True]
+    assert r.output_ids == [7] and r.num_prefill_tokens == 40
+    out = step(sched)
+    assert out.sequences[0].start == 40 and out.sequences[0].num_tokens == 1
+
+
+def test_admission_is_first_come_first_served_and_bounded_by_max_running():
+    sched = make(max_running=2, prefill_chunk=64)
+    reqs = [submit(sched, 3) for _ in range(4)]
+    for _ in range(3):
+        step(sched)
+    assert sched.running == reqs[:2] and list(sched.waiting) == reqs[2:]
+    finish(sched, reqs[0])
+    step(sched)
+    assert sched.running == [reqs[1], reqs[2]] and list(sched.waiting) == [reqs[3]]
+
+
+def test_blocks_are_taken_as_the_sequence_grows():
+    sched = make(num_blocks=64)
+    r = submit(sched, 5)
+    step(sched)
+    assert len(sched.kv.block_ids(r.sequence_id)) == 2  # 5 tokens: 2 blocks of 4, not max_tokens' 27
+    for _ in range(3):  # positions 5, 6, 7: still within 2 blocks
+        step(sched)
+    assert len(sched.kv.block_ids(r.sequence_id)) == 2
+    out = step(sched)  # position 8 needs a third
+    assert len(out.sequences[0].block_ids) == 3 and NULL_BLOCK not in out.sequences[0].block_ids
+    finish(sched, r)
+    assert sched.kv.num_free == sched.kv.num_usable
+
+
+def test_a_waiting_request_waits_for_blocks_instead_of_preempting():
+    sched = make(num_blocks=4, max_running=4)  # 3 usable blocks
+    a = submit(sched, 8)  # 2 blocks
+    step(sched)
+    b = submit(sched, 8)  # needs 2, one is free
+    out = step(sched)
+    assert tokens(out) == {a.request_id: 1} and list(sched.waiting) == [b] and not out.preempted
+
+
+def test_the_most_recently_admitted_request_is_preempted_and_recomputed():
+    sched = make(num_blocks=5, max_running=4, prefill_chunk=64)  # 4 usable blocks
+    a, b = submit(sched, 7), submit(sched, 7)
+    step(sched)
+    step(sched)  # a: 8 tokens, b: 7 (2 blocks each, pool empty)
+    assert sched.kv.num_free == 0
+    out = step(sched)  # a's position 8 needs a third block: b (admitted last) is preempted
+    assert out.preempted == [b.request_id] and tokens(out) == {a.request_id: 1}
+    assert list(sched.waiting) == [b] and b.session.num_computed == 0 and b.num_preemptions == 1
+    assert b.output_ids == [7] and len(b.session.token_ids) == 8  # what it produced is kept
+    assert sched.num_preemptions == 1
+    finish(sched, a)
+    out = step(sched)  # resumed: recomputes its whole sequence, prompt and output, and samples
+    assert out.sequences[0].request_id == b.request_id
+    assert (out.sequences[0].start, out.sequences[0].num_tokens, out.sequences[0].samples) == (0, 8, True)
+    assert b.output_ids == [7, 7]
+
+
+def test_preempted_requests_resume_in_their_admission_order():
+    sched = make(num_blocks=4, max_running=4, prefill_chunk=64, max_prefills=3)  # 3 usable blocks
+    a, b, c = submit(sched, 4), submit(sched, 4), submit(sched, 4)
+    out = step(sched)  # three prompts in one step; each fills one block
+    assert len(out.prefills) == 3 and sched.kv.num_free == 0
+    out = step(sched)  # a needs a second block and takes c's; then b needs one: b itself goes
+    assert out.preempted == [c.request_id, b.request_id] and tokens(out) == {a.request_id: 1}
+    assert list(sched.waiting) == [b, c]
+
+
+def test_idle_sessions_are_evicted_before_running_requests_are_preempted():
+    sched = make(num_blocks=5, max_running=4, prefill_chunk=64)  # 4 usable blocks
+    kept = submit(sched, 7, sequence_id="kept", end=False)
+    step(sched)
+    finish(sched, kept)  # the session keeps its 2 blocks between turns
+    assert len(sched.sessions) == 1 and sched.kv.num_free == 2
+    a = submit(sched, 8)
+    step(sched)
+    out = step(sched)  # a needs a third block: the idle session goes, nobody is preempted
+    assert not out.preempted and out.evicted_sessions == 1 and sched.sessions.get("kept") is None
+    assert "kept" in sched.sessions.evicted and tokens(out) == {a.request_id: 1}
+
+
+def test_a_session_turn_computes_only_what_the_cache_lacks():
+    sched = make(prefill_chunk=64)
+    first = submit(sched, 6, sequence_id=1, end=False)
+    step(sched)
+    finish(sched, first)  # 6 prompt tokens computed; the sampled token is not yet
+    second = submit(sched, 5, sequence_id=1)
+    out = step(sched)
+    seq = out.sequences[0]
+    assert (seq.start, seq.num_tokens) == (6, 6)  # the carried token and the new prompt
+    assert second.num_prefill_tokens == 6
+
+
+def test_block_pool_reference_counts():
+    pool = BlockPool(4)
+    blocks = pool.allocate(2)
+    pool.share(blocks[:1])
+    pool.release(blocks)
+    assert pool.num_free == 2 and pool.refs(blocks[0]) == 1  # still held by its second owner
+    pool.release(blocks[:1])
+    assert pool.num_free == 3
+    with pytest.raises(ValueError):
+        pool.release(blocks[:1])
+
+
+def test_kv_manager_refuses_without_taking_anything():
+    kv = KVCacheManager(4, BLOCK)  # 3 usable
+    assert kv.allocate("a", 8) and not kv.allocate("b", 8)
+    assert kv.block_ids("b") == [] and kv.num_free == 1
+    assert kv.free("a") == 2 and kv.num_free == 3

@@ -177,14 +177,14 @@ def run_engine(prof: Profile, workload: Workload, levels: list[int], machine: di
         if with_load:
             target = EngineTarget(service, pre, encoder, workload)
             closed_loop(target.send, 1, 1)  # warm: also compiles the vision tower for this image size
-            service.engine.runner.plan.seal_compiled()  # as the Triton stubs do
+            service.seal_compiled()  # as the Triton stubs do
             for level in levels:
                 log(f"engine in-process: concurrency {level}, {prof.requests(level)} requests")
                 records = closed_loop(target.send, prof.requests(level), level)
                 results[level] = {**summarize(records), "loadavg": loadavg()}
         return results, roof
     finally:
-        service.engine.runner.plan.seal_compiled(False)  # the next checkpoint compiles its own graphs
+        service.seal_compiled(False)  # the next checkpoint compiles its own graphs
         service.shutdown()
 
 

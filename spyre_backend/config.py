@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class ServingConfig:
     checkpoint: str = ""  # empty: SPYRE_CHECKPOINT, else the shipped tiny checkpoint
     device: str = "auto"  # auto | spyre | cpu | cuda
-    compile_backend: str = ""  # eager | inductor | sendnn; empty: sendnn on spyre, eager elsewhere
+    compile_backend: str = ""  # eager | inductor | sendnn; empty: sendnn on spyre, inductor elsewhere (eager without g++)
     dtype: str = "float32"
     cpu_gemm: str = "onednn"  # onednn | mkl: the CPU's large fp32 linears (spyre_backend/device/cpu_linear.py)
     block_size: int = 64  # KV block and prefill padding granularity

@@ -23,7 +23,8 @@ def test_spyre_without_ibm_stack_fails_clearly():
 
 def test_device_choices():
     assert resolve("auto", None, torch.float32).kind == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve("cpu", None, torch.float32).compile_backend == "eager"
+    assert resolve("cpu", None, torch.float32).compile_backend == "inductor"  # the fast path is the default
+    assert resolve("cpu", "eager", torch.float32).compile_backend == "eager"
     with pytest.raises(DeviceError, match="needs device spyre"):
         resolve("cpu", "sendnn", torch.float32)
     with pytest.raises(ConfigError, match="'compile_backend'"):

@@ -21,7 +21,9 @@ TRIANGLE = shape_png("triangle", "green", "white", (200, 150))
 
 def make_stack(checkpoint, **params) -> Stack:
     # prefill_chunk 64: every image prompt (100+ tokens) is prefilled in several chunks
-    raw = {"checkpoint": str(checkpoint), "max_context": "1024", "max_running": "4",
+    # eager: the engine's logic, against the exact reference (inductor is checked against it in
+    # test_device_and_compile, and serves in the tritonserver the end-to-end tests talk to)
+    raw = {"checkpoint": str(checkpoint), "compile_backend": "eager", "max_context": "1024", "max_running": "4",
            "decode_batch_sizes": "1 2 4", "prefill_chunk": "64", **params}
     return Stack(LLMService(ServingConfig.from_strings(raw)), Preprocessor(str(checkpoint)),
                  VisionEncoder(str(checkpoint)))

@@ -30,7 +30,7 @@ def test_timing_arithmetic():
 
 @pytest.fixture(scope="module")
 def service(checkpoint):
-    raw = {"checkpoint": str(checkpoint), "max_context": "512", "max_running": "2", "decode_batch_sizes": "1 2"}
+    raw = {"checkpoint": str(checkpoint), "compile_backend": "eager", "max_context": "512", "max_running": "2", "decode_batch_sizes": "1 2"}
     s = LLMService(ServingConfig.from_strings(raw), warmup=False)
     yield s
     s.shutdown()

@@ -116,6 +116,10 @@ class LLMService:
         """Stop the running turn of ``sequence_id``; ``reply(None)`` on success, else the error."""
         self.engine.stop_sequence(sequence_id, end, reply)
 
+    def seal_compiled(self, sealed: bool = True) -> None:
+        """After warmup, in a process that serves only this model (DevicePlan.seal_compiled)."""
+        self.engine.runner.plan.seal_compiled(sealed)
+
     def shutdown(self) -> None:
         self.engine.stop()
 

@@ -26,7 +26,7 @@ class TritonPythonModel:
             # sends off the engine thread, merging when behind or within stream_interval_ms
             self.outbox = Outbox("granite_llm-responses", min_gap_s=config.stream_interval_ms / 1000)
             self.service = LLMService(config, on_stats=self._on_stats)  # warmed up: every shape ran
-            self.service.engine.runner.plan.seal_compiled()  # this process serves this model only
+            self.service.seal_compiled()  # this process serves this model only
         except BaseException:
             self._drop_metrics()  # finalize() is not called after a failed initialize()
             raise

@@ -70,9 +70,9 @@ class Reference:
         return self.processor.tokenizer(prompt, return_tensors="pt")
 
     @torch.no_grad()
-    def generate(self, prompt: str, images: list[bytes], max_new_tokens: int) -> dict:
+    def generate(self, prompt: str, images: list[bytes], max_new_tokens: int, **generate_kwargs) -> dict:
         inputs = self.inputs(prompt, images)
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
         new = out[0, inputs["input_ids"].shape[1]:]
         return {"text": self.processor.tokenizer.decode(new, skip_special_tokens=True),
                 "num_input_tokens": int(inputs["input_ids"].shape[1]), "num_output_tokens": int(new.shape[0])}

@@ -13,10 +13,13 @@ def _unwrap(config: dict) -> tuple[dict, dict]:
 
 
 def _warmup_request() -> tuple[str, list[bytes]]:
-    from spyre_backend.tiny.synthetic import draw_shape_image
+    """A real encoded image through the real processor (its content does not matter, its path does)."""
+    from PIL import Image, ImageDraw
 
+    image = Image.new("RGB", (200, 150), "white")
+    ImageDraw.Draw(image).polygon([(100, 20), (30, 130), (170, 130)], fill="green")
     buf = io.BytesIO()
-    draw_shape_image("triangle", "green", "white", size=(200, 150)).save(buf, format="PNG")
+    image.save(buf, format="PNG")
     return "What is in the image?", [buf.getvalue()]
 
 

@@ -1,0 +1,118 @@
+"""The ``granite_vision`` front: sequence ids for clients that send none, and the relay of the
+ensemble's stream, with what happens when a client goes away. No Triton types here: the adapter
+(``model_repository/granite_vision/1/model.py``) passes callables that touch Triton's objects.
+
+granite_llm is sequence-batched, so every request into the ensemble needs a correlation id, and
+Triton 2.51's Python backend cannot assign one inside an ensemble step. Triton 2.51 also does not
+forward a client's cancellation into an ensemble: when the client is cancelled (gRPC cancel,
+HTTP disconnect) the front tells granite_llm to stop that sequence over the side channel of
+``serving/control.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, TypeVar
+
+from spyre_backend.serving.control import polled_every, request_stop, send_stop
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class ResponseKind:
+    """What the relay needs to know of one pipeline response."""
+
+    error: str | None = None
+    empty: bool = False  # the pipeline's closing response, with no outputs
+    last: bool = False  # granite_llm sets a finish reason on its last response only
+
+
+class FrontService:
+    def __init__(self, max_pipeline_starts: int = 24, *, stop=send_stop, stop_with_reply=request_stop):
+        if max_pipeline_starts < 1:
+            raise ValueError(f"max_pipeline_starts must be >= 1, got {max_pipeline_starts}")
+        # a BLS exec(decoupled=True) holds a thread of the backend's pool until the pipeline's first
+        # response, and that pool also delivers every streamed response: at most this many at once
+        self.pipeline_starts = threading.BoundedSemaphore(max_pipeline_starts)
+        # ids for clients that send none: a per-process range far from small client-chosen ids
+        self._ids = itertools.count((1 << 62) + (os.getpid() << 24))
+        self._stop, self._stop_with_reply = stop, stop_with_reply
+
+    @classmethod
+    def from_model_config(cls, model_config: dict) -> "FrontService":
+        """From granite_vision's config.pbtxt parameters (``SPYRE_MAX_PIPELINE_STARTS`` overrides).
+        Not ServingConfig: this light process never imports torch."""
+        raw = model_config.get("parameters", {}).get("max_pipeline_starts", {}).get("string_value", "24")
+        raw = os.environ.get("SPYRE_MAX_PIPELINE_STARTS", raw)
+        try:
+            return cls(int(raw))
+        except ValueError:
+            raise ValueError(f"parameter 'max_pipeline_starts': must be an integer >= 1 (got {raw!r})") from None
+
+    def sequence_for(self, correlation_id: int, flags: int, start_end: int) -> tuple[int, int]:
+        """The client's own sequence (id and START/END bits) or a fresh one-turn sequence."""
+        if correlation_id:
+            return correlation_id, flags
+        return next(self._ids), start_end
+
+    def stop(self, correlation_id: int, end: bool) -> str | None:
+        """A client's stop request, straight to granite_llm (through the ensemble it would queue
+        behind the very turn it stops); None when stopped, else the error to answer."""
+        if not correlation_id:
+            return "a stop request needs the sequence id of the turn to stop"
+        return self._stop_with_reply(correlation_id, end)
+
+    def relay(self, responses: Iterable[R], sequence_id: int, *, kind: Callable[[R], ResponseKind],
+              forward: Callable[[R, bool], None], send_error: Callable[[str], None],
+              is_cancelled: Callable[[], bool]) -> str:
+        """Relay the pipeline's stream to the client, reading it to its end whatever happens.
+
+        ``forward(response, last)`` sends one response on (it raises when the client is gone);
+        ``send_error`` sends the client's final error. Returns how the relay ended:
+        "done", "error", "abandoned" or "truncated".
+        """
+        iterator = iter(responses)
+        cancelled = polled_every(is_cancelled)  # an IPC round trip: not once per token
+        for response in iterator:
+            if cancelled():
+                return self.abandon(sequence_id, iterator, send_error)
+            k = kind(response)
+            if k.error is not None:
+                send_error(k.error)
+                _drain(iterator)
+                return "error"
+            if k.empty:
+                continue
+            try:
+                forward(response, k.last)
+            except Exception:  # the client is gone (cancelled or disconnected) before we noticed
+                return self.abandon(sequence_id, iterator, send_error)
+            if k.last:
+                _drain(iterator)
+                return "done"
+        send_error("the pipeline ended without a final response")
+        return "truncated"
+
+    def abandon(self, sequence_id: int, responses: Iterable, send_error: Callable[[str], None],
+                message: str = "request cancelled") -> str:
+        """The client went away: stop the generation, let the pipeline close, end the request."""
+        self._stop(sequence_id)
+        resent = False
+        for _ in responses:
+            if not resent:  # it may not have reached granite_llm at the first stop: now it has
+                self._stop(sequence_id)
+                resent = True
+        try:
+            send_error(message)
+        except Exception:
+            pass  # nobody is listening; the request still ends
+        return "abandoned"
+
+
+def _drain(responses: Iterable) -> None:
+    for _ in responses:  # the iterator must reach its end to be let go (see DeferredRelease)
+        pass

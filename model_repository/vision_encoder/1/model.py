@@ -1,39 +1,16 @@
-"""Triton adapter for spyre_backend.vision (vision tower + projector)."""
+"""Triton adapter for spyre_backend.serving.vision_service (vision tower + projector)."""
 
-import logging
-import time
-
-import torch
 import triton_python_backend_utils as pb_utils
 
 from spyre_backend.config import ServingConfig
-from spyre_backend.multimodal import get_spec
-from spyre_backend.multimodal.registry import read_config
 from spyre_backend.serving import triton_io as io
-from spyre_backend.serving.warmup import warmup_vision
-from spyre_backend.vision.cache import EncoderCache
-from spyre_backend.vision.encoder import VisionEncoder
+from spyre_backend.serving.vision_service import VisionService
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        started = time.monotonic()
-        config = ServingConfig.from_model_config(args["model_config"])
-        threads = config.apply_process_settings(read_config(config.checkpoint_dir)["vision_config"]["hidden_size"])
-        plan = config.device_plan()
-        self.encoder = VisionEncoder(config.checkpoint_dir, plan, max_crop_batch=config.max_crop_batch)
-        loaded = time.monotonic() - started
-        warmed = warmup_vision(self.encoder, config.checkpoint_dir, get_spec(config.checkpoint_dir))
-        plan.seal_compiled()  # every crop batch ran; this process serves this model only
-        # attached after warmup, so that the warmup image neither counts nor takes room
-        if config.encoder_cache_mb:
-            self.encoder.cache = EncoderCache(config.encoder_cache_mb * 2**20)
+        self.service = VisionService(ServingConfig.from_model_config(args["model_config"]))
         self._init_metrics()
-        logging.getLogger(__name__).warning(
-            "vision_encoder: loaded in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; crop batches %s; "
-            "encoder cache %d MiB)", loaded, warmed, plan.kind, plan.compile_backend, config.dtype, threads,
-            sorted(self.encoder.crop_batches_run),
-            config.encoder_cache_mb)
 
     def _init_metrics(self):
         self._cache_family = pb_utils.MetricFamily(
@@ -48,11 +25,11 @@ class TritonPythonModel:
         self._reported = (0, 0, 0)  # hits, misses, bytes as last sent
 
     def _report_cache(self):
-        cache = self.encoder.cache
-        if cache is None:
+        counts = self.service.cache_counts()
+        if counts is None:
             return
         # each metric update is a round trip to the server: send only what changed
-        hits, misses, size = cache.hits, cache.misses, cache.bytes
+        hits, misses, size = counts
         last_hits, last_misses, last_size = self._reported
         if hits != last_hits:
             self._hits.increment(hits - last_hits)
@@ -66,11 +43,10 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                pixels = torch.from_numpy(io.tensor(pb_utils, request, "pixel_values"))
-                sizes = torch.from_numpy(io.tensor(pb_utils, request, "image_sizes"))
-                features = self.encoder.encode(pixels, sizes).float().cpu().contiguous()
+                features = self.service.encode(io.tensor(pb_utils, request, "pixel_values"),
+                                               io.tensor(pb_utils, request, "image_sizes"))
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("image_features", features.numpy()),
+                    pb_utils.Tensor("image_features", features),
                 ]))
             except Exception as exc:  # bad shapes from a direct caller; the ensemble sends valid ones
                 responses.append(io.error_response(pb_utils, f"vision_encoder: {exc}"))

@@ -1,0 +1,49 @@
+"""The vision_encoder model's service: the tower loaded, warmed up and sealed, with its feature cache.
+
+``model_repository/vision_encoder/1/model.py`` only moves tensors and metrics in and out of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from spyre_backend.config import ServingConfig
+from spyre_backend.multimodal import get_spec
+from spyre_backend.multimodal.registry import read_config
+from spyre_backend.serving.warmup import warmup_vision
+from spyre_backend.vision.cache import EncoderCache
+from spyre_backend.vision.encoder import VisionEncoder
+
+log = logging.getLogger(__name__)
+
+
+class VisionService:
+    def __init__(self, config: ServingConfig):
+        started = time.monotonic()
+        checkpoint = config.checkpoint_dir
+        threads = config.apply_process_settings(read_config(checkpoint)["vision_config"]["hidden_size"])
+        plan = config.device_plan()
+        self.encoder = VisionEncoder(checkpoint, plan, max_crop_batch=config.max_crop_batch)
+        loaded = time.monotonic() - started
+        warmed = warmup_vision(self.encoder, checkpoint, get_spec(checkpoint))
+        plan.seal_compiled()  # every crop batch ran; this process serves this model only
+        # attached after warmup, so that the warmup image neither counts nor takes room
+        if config.encoder_cache_mb:
+            self.encoder.cache = EncoderCache(config.encoder_cache_mb * 2**20)
+        log.warning("vision_encoder: loaded in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; crop batches %s; "
+                    "encoder cache %d MiB)", loaded, warmed, plan.kind, plan.compile_backend, config.dtype, threads,
+                    sorted(self.encoder.crop_batches_run), config.encoder_cache_mb)
+
+    def encode(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> np.ndarray:
+        """[n_features, hidden] float32 features of every image of one request, in order."""
+        features = self.encoder.encode(torch.from_numpy(pixel_values), torch.from_numpy(image_sizes))
+        return features.float().cpu().contiguous().numpy()
+
+    def cache_counts(self) -> tuple[int, int, int] | None:
+        """(hits, misses, bytes held) of the feature cache; None without one."""
+        cache = self.encoder.cache
+        return None if cache is None else (cache.hits, cache.misses, cache.bytes)

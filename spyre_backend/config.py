@@ -50,7 +50,7 @@ class ServingConfig:
     max_sessions: int = 256  # open sessions (sequences kept between turns)
     default_max_tokens: int = 16
     num_threads: int = 0  # torch intra-op threads; 0: one for narrow models, else torch's default
-    stream_interval_ms: int = 25  # granite_llm: least time between two responses of one stream (0: per token)
+    stream_interval_ms: int = 100  # granite_llm: least time between two responses of one stream (0: per token)
     encoder_cache_mb: int = 256  # vision_encoder: features of recent images kept (MiB); 0: no cache
     max_crop_batch: int = 0  # vision_encoder: most crops per tower run (rounded down to a power of two); 0: auto
 

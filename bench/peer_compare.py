@@ -27,7 +27,7 @@ TARGETS = {
 
 
 def _levels_of(name: str) -> list[int]:
-    return sorted({level for level, _, _ in TARGETS.get(name, [(1, "", 0), (16, "", 0)])})
+    return sorted({level for level, _, _ in TARGETS[name]})
 
 
 def _load(send, levels: list[int], requests_of, log, label: str) -> dict:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from spyre_backend.engine.kv_cache_manager import NULL_BLOCK  # noqa: F401  (re-exported)
-
 
 class KVPool:
     def __init__(self, *, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
@@ -23,7 +21,3 @@ class KVPool:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(num_layers)
         ]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers)

@@ -111,7 +111,3 @@ class KVCacheManager:
         table = self._tables.pop(owner, [])
         self.pool.release(table)
         return len(table)
-
-    @property
-    def owners(self) -> list[Hashable]:
-        return list(self._tables)

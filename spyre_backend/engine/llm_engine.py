@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -37,9 +37,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EngineLimits:
-    max_running: int = 16
-    prefill_chunk: int = 512
-    max_num_batched_tokens: int = 0  # 0: prefill_chunk + max_running
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     session_ttl_s: float = 600.0
     max_request_s: float = 600.0
     max_sessions: int = 256
@@ -74,9 +72,7 @@ class LLMEngine:
         self.image_token_id = runner.image_token_id
         self.kv = KVCacheManager(runner.kv_pool.num_blocks, runner.block_size)
         self.sessions = SessionTable(self.kv, ttl_s=self.limits.session_ttl_s)
-        self.scheduler = Scheduler(self.kv, self.sessions, SchedulerConfig(
-            max_running=self.limits.max_running, prefill_chunk=self.limits.prefill_chunk,
-            max_num_batched_tokens=self.limits.max_num_batched_tokens))
+        self.scheduler = Scheduler(self.kv, self.sessions, self.limits.scheduler)
         self.output = OutputProcessor(tokenizer, eos_token_ids)
         self.on_step = on_step
         self._inbox: queue.Queue = queue.Queue()

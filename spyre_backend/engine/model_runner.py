@@ -19,7 +19,8 @@ from fms.models import get_model
 
 from spyre_backend.device import DevicePlan
 from spyre_backend.engine import attention
-from spyre_backend.engine.kv_cache import NULL_BLOCK, KVPool
+from spyre_backend.engine.kv_cache import KVPool
+from spyre_backend.engine.kv_cache_manager import NULL_BLOCK
 from spyre_backend.multimodal import MultimodalSpec
 
 
@@ -134,16 +135,15 @@ class ModelRunner:
                     logits[i] = out[0]
             else:
                 decode_rows.append(i)
-        for begin in range(0, len(decode_rows), self.decode_batch_sizes[-1]):
-            rows = [sequences[i] for i in decode_rows[begin: begin + self.decode_batch_sizes[-1]]]
-            ids = torch.tensor([seq.token_ids[0] for seq in rows])
-            embeds = self.embed_tokens(ids)  # decode takes embeddings too
+        if decode_rows:  # at most max_running rows: decode_inputs refuses more than its largest batch
+            rows = [sequences[i] for i in decode_rows]
+            embeds = self.embed_tokens(torch.tensor([seq.token_ids[0] for seq in rows]))  # embeddings here too
             for j, seq in enumerate(rows):
                 if seq.image_features is not None:  # a one-token chunk that is an image position
                     embeds[j] = seq.image_features[0].to(self.device, self.dtype)
             out = self.forward(self.decode_inputs(embeds, [seq.start for seq in rows],
                                                   [list(seq.block_ids) for seq in rows]))
-            for j, i in enumerate(decode_rows[begin: begin + len(rows)]):
+            for j, i in enumerate(decode_rows):
                 if sequences[i].wants_logits:
                     logits[i] = out[j]
         return logits

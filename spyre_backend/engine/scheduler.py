@@ -122,11 +122,7 @@ class Scheduler:
             if n == 0:
                 break
             session = request.session
-            missing = self.kv.num_missing(session.sequence_id, session.num_computed + n)
-            if missing > self.kv.num_free:
-                before = len(self.sessions)
-                self.sessions.evict_for(missing)
-                out.evicted_sessions += before - len(self.sessions)
+            self._evict_idle(self.kv.num_missing(session.sequence_id, session.num_computed + n), out)
             if not self.kv.allocate(session.sequence_id, session.num_computed + n):
                 break  # FCFS: later requests wait behind this one
             self.waiting.popleft()
@@ -138,8 +134,9 @@ class Scheduler:
 
     def step_done(self, out: SchedulerOutput) -> None:
         """The model computed ``out``: its tokens' K/V are in the cache now."""
+        running = {r.request_id: r for r in self.running}
         for seq in out.sequences:
-            request = self._find(seq.request_id)
+            request = running.get(seq.request_id)  # None: it ended while its step was being built
             if request is not None:
                 request.session.num_computed = seq.start + seq.num_tokens
                 if not request.sampled_any:
@@ -162,18 +159,23 @@ class Scheduler:
         preempting the most recently admitted requests. False if ``request`` itself was preempted."""
         session = request.session
         while not self.kv.allocate(session.sequence_id, session.num_computed + n):
-            missing = self.kv.num_missing(session.sequence_id, session.num_computed + n)
-            before = len(self.sessions)
-            if self.sessions.evict_for(missing):
-                out.evicted_sessions += before - len(self.sessions)
+            if self._evict_idle(self.kv.num_missing(session.sequence_id, session.num_computed + n), out):
                 continue
-            out.evicted_sessions += before - len(self.sessions)
             victim = self.running[-1]
             self._preempt(victim)
             out.preempted.append(victim.request_id)
             if victim is request:
                 return False
         return True
+
+    def _evict_idle(self, blocks: int, out: SchedulerOutput) -> bool:
+        """Evict idle sessions, oldest first, until ``blocks`` are free; True if they are."""
+        if blocks <= self.kv.num_free:
+            return True
+        before = len(self.sessions)
+        enough = self.sessions.evict_for(blocks)
+        out.evicted_sessions += before - len(self.sessions)
+        return enough
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -188,9 +190,3 @@ class Scheduler:
         start = session.num_computed
         return ScheduledSequence(request.request_id, start, n, tuple(self.kv.block_ids(session.sequence_id)),
                                  samples=start + n == len(session.token_ids))
-
-    def _find(self, request_id: int) -> Request | None:
-        for request in self.running:
-            if request.request_id == request_id:
-                return request
-        return None

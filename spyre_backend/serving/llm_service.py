@@ -20,6 +20,7 @@ from spyre_backend.config import ServingConfig
 from spyre_backend.engine.llm_engine import EngineLimits, EngineStats, LLMEngine
 from spyre_backend.engine.model_runner import ModelRunner
 from spyre_backend.engine.request import Request, RequestOutput
+from spyre_backend.engine.scheduler import SchedulerConfig
 from spyre_backend.engine.sampling_params import InvalidRequest, SamplingParams
 from spyre_backend.multimodal import get_spec
 from spyre_backend.multimodal.registry import read_config
@@ -59,8 +60,8 @@ class LLMService:
             decode_batch_sizes=config.decode_batch_sizes,
         )
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        limits = EngineLimits(max_running=config.max_running, prefill_chunk=config.prefill_chunk,
-                              max_num_batched_tokens=config.max_num_batched_tokens,
+        limits = EngineLimits(SchedulerConfig(config.max_running, config.prefill_chunk,
+                                              config.max_num_batched_tokens),
                               session_ttl_s=config.session_ttl_s, max_request_s=config.max_request_s,
                               max_sessions=config.max_sessions)
         self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids=eos, limits=limits, on_step=on_stats)

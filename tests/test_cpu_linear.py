@@ -26,6 +26,34 @@ def test_packed_linear_computes_what_linear_does(bias, rows):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [(1,), (1, 1), (2,), (16,)])
+def test_single_row_layout_computes_what_linear_does(rows):
+    """A layer that keeps the single-row layout too: one row takes it, more rows the blocked one."""
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 768)
+    x = torch.randn(*rows, 512)
+    packed = PackedLinear(linear.weight, linear.bias, single_row=True)
+    assert packed.single_row_weight is not None
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_single_row_copies_only_where_memory_allows(monkeypatch):
+    def model():
+        return nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 1024))
+
+    plenty, tight = model(), model()
+    assert pack_linears(plenty, single_row=True) == 2
+    assert all(m.single_row_weight is not None for m in plenty)
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 4 * 3 * 2**20)  # copies: 3 MiB: fits
+    assert pack_linears(tight, single_row=True) == 2 and tight[1].single_row_weight is not None
+    tight = model()
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 4 * 3 * 2**20 - 1)
+    assert pack_linears(tight, single_row=True) == 2
+    assert all(m.single_row_weight is None for m in tight)  # still packed, one layout only
+    assert all(m.single_row_weight is None for m in (lambda m: (pack_linears(m), m)[1])(model()))
+
+
 def test_only_large_fp32_linears_are_swapped():
     model = nn.Sequential(
         nn.Linear(512, 512),  # 1 MiB of weight: swapped

@@ -43,7 +43,12 @@ def test_shape_set_is_static_and_covers_what_runs(checkpoint):
                    stack.submit("What shape is it?", [shape_png(size=(400, 20))])]
         for h in handles:
             h.wait()
-        assert runner.shapes_run <= shapes  # nothing ran outside the warmed-up set
+        mixed = {shape for shape in runner.shapes_run if len(shape) == 5}
+        assert runner.shapes_run - mixed <= shapes  # nothing ran outside the warmed-up set
+        # on the CPU a prompt chunk and the decode rows of its step ran as one pass: one row of
+        # tokens, at least 2 decode rows and 2 blocks of context each (sizes 1 would be specialised)
+        assert runner.mixes_steps and mixed
+        assert all(b == 1 and rows >= 2 and ctx >= 2 and row_ctx >= 2 for b, _, ctx, rows, row_ctx in mixed)
     finally:
         stack.service.shutdown()
 
@@ -55,6 +60,7 @@ def test_inductor_warmup_compiles_everything_and_matches_eager(checkpoint):
     small = {"max_context": "256", "prefill_chunk": "64", "max_running": "2", "decode_batch_sizes": "2",
              "device": "cpu"}
     torch._dynamo.reset()
+    graphs_before = counters["stats"]["unique_graphs"]  # other tests of this process compiled too
     compiled = make_stack(checkpoint, compile_backend="inductor", **small)
     eager = make_stack(checkpoint, compile_backend="eager", **small)
     try:
@@ -63,8 +69,9 @@ def test_inductor_warmup_compiles_everything_and_matches_eager(checkpoint):
         assert eager.engine.runner.attn_name == attention.ATTN_NAME
         graphs_after_warmup = counters["stats"]["unique_graphs"]
         # bucketed dims are symbolic for inductor: fewer graphs than shapes, every shape ran at warmup
-        assert 0 < graphs_after_warmup < len(runner.shape_set())
-        assert runner.shapes_run == set(runner.shape_set())
+        warmed = set(runner.shape_set()) | {runner.mixed_example().shape}
+        assert 0 < graphs_after_warmup - graphs_before < len(warmed)
+        assert runner.shapes_run == warmed
         runner.plan.seal_compiled()  # as the granite_llm stub does after warmup: nothing may compile from here
         traffic = [("What is in the image?", [shape_png("triangle", "green", "white", (200, 150))]),
                    ("Say hello.", []), ("What is the capital of France?", [])]
@@ -72,6 +79,7 @@ def test_inductor_warmup_compiles_everything_and_matches_eager(checkpoint):
         want = [eager.submit(q, imgs, max_tokens=12).wait().text for q, imgs in traffic]
         assert [h.wait().text for h in got] == want
         assert counters["stats"]["unique_graphs"] == graphs_after_warmup  # no recompilation
+        assert len({shape for shape in runner.shapes_run - warmed if len(shape) == 5}) > 0  # mixed, unseen sizes
     finally:
         compiled.engine.runner.plan.seal_compiled(False)
         compiled.service.shutdown()

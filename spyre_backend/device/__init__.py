@@ -43,22 +43,35 @@ class DevicePlan:
         compiles for the CPU, the only place it was measured."""
         return self.kind == "cpu" and self.compile_backend == "inductor"
 
-    def prepare(self, module: torch.nn.Module) -> int:
+    @property
+    def mixes_steps(self) -> bool:
+        """A step's prefill chunk and decode rows run in one forward pass (one read of the weights
+        for both). Spyre's compiler takes batch-1 prefill and decode programs only, so there they
+        stay two passes."""
+        return self.kind in ("cpu", "cuda")
+
+    def prepare(self, module: torch.nn.Module, single_row: bool = False) -> int:
         """Device-specific rewrites of a loaded model, before anything is compiled from it; returns
-        how many layers changed. On the CPU: large fp32 linears through oneDNN (cpu_linear)."""
+        how many layers changed. On the CPU: large fp32 linears through oneDNN (cpu_linear);
+        ``single_row``: the model runs single rows (decode at batch 1) and memory allows, also
+        in the layout for one row."""
         if self.kind != "cpu" or self.cpu_gemm != "onednn" or not cpu_linear.available():
             return 0
-        return cpu_linear.pack_linears(module)
+        return cpu_linear.pack_linears(module, single_row=single_row)
 
     def compile(self, fn: Callable, *, name: str) -> Callable:
         """Compile ``fn`` for static shapes: each distinct shape is one graph, built at warmup."""
         if self.compile_backend == "eager":
             return fn
         import torch._dynamo
+        import torch.fx.experimental._config
 
         _utf8_locale()
         # one graph per warmed-up shape; dynamo's default limit (8) would silently fall back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        # a dim marked dynamic gets a symbol of its own even where the warmup example's sizes are
+        # equal (duck shaping would make them one symbol, and the graph hold only while they are)
+        torch.fx.experimental._config.use_duck_shape = False
         backend = spyre.compile_backend() if self.compile_backend == "sendnn" else "inductor"
         return torch.compile(fn, backend=backend, dynamic=False, fullgraph=False)
 

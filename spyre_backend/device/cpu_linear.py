@@ -10,6 +10,14 @@ The reordered weight replaces the original, so memory does not grow (a tied LM h
 copy; the embedding keeps the original). Inductor's own route to prepacked weights (freezing) puts
 a copy of every weight into each compiled graph: one more copy of the model per graph.
 
+A single row (a decode step at batch 1) is the exception: with the weight blocked for 16 rows,
+oneDNN computes a whole 16-row tile and a mid-size decode step at batch 1 is compute-bound (the
+8192 x 1024 linear took 2.3-2.9 ms); with the weight reordered for one row it runs a matrix-vector
+kernel at memory speed (1.5-1.7 ms), and the same layout is 1.3-3x slower at 2 to 16 rows. So where
+memory allows (``pack_linears(single_row=True)``: the decoder, when the copies take at most a
+quarter of the memory available), a layer keeps both layouts and a single row uses the second:
+the mid-size decode step at batch 1 went 50-56 -> 39-44 ms (README, CPU matmuls).
+
 Small weights stay on MKL: a oneDNN call costs ~25 us however small the matmul, MKL's ~9 us, and
 below ~1 MiB of weight MKL was as fast or faster. Only exact ``nn.Linear`` modules are swapped
 (subclasses such as ``MultiheadAttention``'s projection are read through ``.weight``).
@@ -30,10 +38,13 @@ _ROWS_HINT = 16
 # Inductor lowers oneDNN's own linear op only for weights it packed itself (freezing); through
 # this op the call stays opaque to it and runs as written, the weight an ordinary graph input.
 _LIBRARY = torch.library.Library("spyre_backend", "DEF")
-_LIBRARY.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIBRARY.define("packed_linear(Tensor x, Tensor weight, Tensor? single_row_weight, Tensor? bias) -> Tensor")
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, single_row_weight: torch.Tensor | None,
+            bias: torch.Tensor | None) -> torch.Tensor:
+    if single_row_weight is not None and x.numel() == x.shape[-1]:
+        weight = single_row_weight
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -41,7 +52,7 @@ _LIBRARY.impl("packed_linear", _linear, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("spyre_backend::packed_linear")
-def _(x, weight, bias):
+def _(x, weight, single_row_weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -52,17 +63,20 @@ def available() -> bool:
 class PackedLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` held in oneDNN's blocked layout (inference only)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, single_row: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _ROWS_HINT)
+        weight = weight.detach().contiguous()
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT)
+        self.single_row_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if single_row else None
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.spyre_backend.packed_linear.default(x, self.packed_weight, self.bias)
+        return torch.ops.spyre_backend.packed_linear.default(x, self.packed_weight, self.single_row_weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"single_row={self.single_row_weight is not None}")
 
 
 def _packable(module: nn.Module) -> bool:
@@ -72,13 +86,37 @@ def _packable(module: nn.Module) -> bool:
     return weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() >= MIN_PACKED_ELEMENTS
 
 
-def pack_linears(module: nn.Module) -> int:
-    """Replaces every large fp32 ``nn.Linear`` under ``module`` (in place); returns how many."""
-    swapped = 0
-    for name, child in list(module.named_children()):
+def available_memory_bytes() -> int:
+    """The kernel's estimate of memory available without swapping (0 where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def pack_linears(module: nn.Module, single_row: bool = False) -> int:
+    """Replaces every large fp32 ``nn.Linear`` under ``module`` (in place); returns how many.
+
+    ``single_row``: also keep each weight in the single-row layout (see the module doc), if those
+    copies take at most a quarter of the memory available now."""
+    packable = _packable_linears(module)
+    if single_row:
+        copies = sum(child.weight.numel() * child.weight.element_size() for _, _, child in packable)
+        single_row = copies <= available_memory_bytes() // 4
+    for parent, name, child in packable:
+        setattr(parent, name, PackedLinear(child.weight, child.bias, single_row=single_row))
+    return len(packable)
+
+
+def _packable_linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    found = []
+    for name, child in module.named_children():
         if _packable(child):
-            setattr(module, name, PackedLinear(child.weight, child.bias))
-            swapped += 1
+            found.append((module, name, child))
         else:
-            swapped += pack_linears(child)
-    return swapped
+            found += _packable_linears(child)
+    return found

@@ -12,6 +12,11 @@ the dot products and the weighted sum, so each cached key and value is read once
 of being copied out of the pool into a padded context that SDPA then reads again. A mid-size decode
 step at batch 16: 100 -> 58 ms (README, Benchmarks). Eager would materialise the broadcast products,
 and Spyre's compiler gets the program as written, so both keep the gather.
+
+A mixed step (cpu and cuda: ``DevicePlan.mixes_steps``) is one row of tokens: a prefill chunk,
+then one token of each decode row. Its keys and values are stored by slot like any other; the
+query splits where the decode rows start (``decode_block_table`` has one row each), the chunk
+attends as a prefill and the rows as a decode batch, each through its own block tables and mask.
 """
 
 from __future__ import annotations
@@ -87,11 +92,29 @@ def _compute_fused_decode(query, key_pool, value_pool, nheads, kvheads, p_dropou
     return out.view(batch, 1, heads, head_dim)
 
 
+def _mixed(compute):
+    """``compute`` extended to mixed steps (see the module doc)."""
+
+    def compute_mixed(query, key_pool, value_pool, nheads, kvheads, p_dropout, scale_factor, *,
+                      block_table, mask, decode_block_table=None, decode_mask=None, **kwargs):
+        args = (key_pool, value_pool, nheads, kvheads, p_dropout, scale_factor)
+        if decode_block_table is None:
+            return compute(query, *args, block_table=block_table, mask=mask, **kwargs)
+        rows = decode_block_table.shape[0]
+        chunk = query.shape[1] - rows
+        prefill = compute(query[:, :chunk], *args, block_table=block_table, mask=mask, **kwargs)
+        decode = compute(query[0, chunk:].unsqueeze(1), *args, block_table=decode_block_table, mask=decode_mask,
+                         **kwargs)
+        return torch.cat([prefill, decode.transpose(0, 1)], dim=1)
+
+    return compute_mixed
+
+
 def register(fused_decode: bool = False) -> str:
     """Registers the op with FMS (once per process) and returns its name."""
     name, compute = (FUSED_DECODE_ATTN_NAME, _compute_fused_decode) if fused_decode else (ATTN_NAME, _compute)
     try:
-        register_attention_op(name, _store, compute)
+        register_attention_op(name, _store, _mixed(compute))
     except KeyError:
         pass  # already registered in this process
     return name

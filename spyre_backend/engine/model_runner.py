@@ -6,7 +6,12 @@ symbolic in the bucketed dims, and never recompiles while serving):
 - prefill: ``q_len`` a multiple of the block size, up to ``prefill_chunk``;
 - decode: ``batch`` one of ``decode_batch_sizes``, one token per row;
 - both: the context read through block tables is one of ``context_buckets`` (blocks), capped at
-  ``max_context``.
+  ``max_context``;
+- mixed (cpu and cuda, ``DevicePlan.mixes_steps``): a prefill chunk and the step's decode rows in
+  one row of tokens, so the weights are read once for both. Its sizes are symbolic for inductor:
+  one graph, compiled at warmup from one example (``mixed_example``); the padding keeps every
+  size at 2 or more, so none is specialised away from that graph (and ``DevicePlan.compile`` turns
+  off duck shaping, which would give sizes equal in the example one symbol).
 """
 
 from __future__ import annotations
@@ -44,10 +49,19 @@ class StepInputs:
     slots: torch.Tensor  # [batch, q_len] flat KV slot per token (null block for padding)
     block_table: torch.Tensor  # [batch, ctx_blocks]
     last_index: torch.Tensor  # [batch] column of the token whose logits are wanted
+    # a mixed step (batch 1): the decode rows' tables; the row's last ``len(decode_block_table)``
+    # tokens are theirs, and ``last_index`` has the chunk's last token, then each decode row's
+    decode_block_table: torch.Tensor | None = None  # [rows, ctx_blocks]
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.embeds.shape[0], self.embeds.shape[1], self.block_table.shape[1])
+    def shape(self) -> tuple[int, ...]:
+        """(batch, q_len, ctx_blocks), and for a mixed step (decode rows, their ctx_blocks) too."""
+        shape = (self.embeds.shape[0], self.embeds.shape[1], self.block_table.shape[1])
+        return shape if self.decode_block_table is None else shape + tuple(self.decode_block_table.shape)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        rest = () if self.decode_block_table is None else (self.decode_block_table,)
+        return (self.embeds, self.positions, self.slots, self.block_table, self.last_index) + rest
 
 
 def next_power_of_two(n: int) -> int:
@@ -70,6 +84,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_context // block_size)
         self.context_buckets = self._context_buckets()  # fixed at load; looked up every step
         self.attn_name = attention.register(fused_decode=plan.attends_in_place)
+        self.mixes_steps = plan.mixes_steps and self.max_blocks_per_seq >= 2  # mixed sizes are >= 2
 
         full = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=self.dtype,
                          device_type=self.device.type)
@@ -77,7 +92,7 @@ class ModelRunner:
         lm = full.language_model
         del full  # the vision tower lives in the vision_encoder model, not here
         self.lm = lm.to(self.device).eval()
-        self.layers_prepared = plan.prepare(self.lm)  # e.g. the CPU's linears through oneDNN
+        self.layers_prepared = plan.prepare(self.lm, single_row=True)  # e.g. the CPU's linears through oneDNN
         text = lm.config
         self.hidden_size = text.emb_dim
         self.logits_scaling = float(text.logits_scaling)
@@ -90,7 +105,7 @@ class ModelRunner:
             kv_heads=kv_heads, head_dim=text.head_dim, dtype=self.dtype, device=self.device,
         )
         self._forward = plan.compile(self._forward_impl, name="granite_decoder")
-        self.shapes_run: set[tuple[int, int, int]] = set()
+        self.shapes_run: set[tuple[int, ...]] = set()
 
     # -- the static shape set --------------------------------------------------------------
     def _context_buckets(self) -> list[int]:
@@ -123,30 +138,43 @@ class ModelRunner:
         sequence's last token where ``wants_logits`` (None elsewhere), in the given order.
 
         Sequences of several tokens (prompt chunks) run one prefill program each; single tokens
-        (decode rows) run together in one decode program.
+        (decode rows) run together in one decode program; where steps mix, a step of one chunk and
+        decode rows runs as one mixed program.
         """
         logits: list[torch.Tensor | None] = [None] * len(sequences)
-        decode_rows = []
-        for i, seq in enumerate(sequences):
-            if len(seq.token_ids) > 1:
-                embeds = self.embed_prompt(torch.tensor(seq.token_ids), seq.image_features)
-                out = self.forward(self.prefill_inputs(embeds, seq.start, list(seq.block_ids)))
-                if seq.wants_logits:
-                    logits[i] = out[0]
-            else:
-                decode_rows.append(i)
-        if decode_rows:  # at most max_running rows: decode_inputs refuses more than its largest batch
-            rows = [sequences[i] for i in decode_rows]
-            embeds = self.embed_tokens(torch.tensor([seq.token_ids[0] for seq in rows]))  # embeddings here too
-            for j, seq in enumerate(rows):
-                if seq.image_features is not None:  # a one-token chunk that is an image position
-                    embeds[j] = seq.image_features[0].to(self.device, self.dtype)
-            out = self.forward(self.decode_inputs(embeds, [seq.start for seq in rows],
+        chunks = [i for i, seq in enumerate(sequences) if len(seq.token_ids) > 1]
+        decode_rows = [i for i, seq in enumerate(sequences) if len(seq.token_ids) == 1]
+        # at most max_running decode rows: decode_inputs refuses more than its largest batch
+        rows = [sequences[i] for i in decode_rows]
+        if self.mixes_steps and len(chunks) == 1 and rows:
+            seq = sequences[chunks[0]]
+            out = self.forward(self.mixed_inputs(
+                self.embed_prompt(torch.tensor(seq.token_ids), seq.image_features), seq.start, list(seq.block_ids),
+                self._decode_embeds(rows), [row.start for row in rows], [list(row.block_ids) for row in rows]))
+            for j, i in enumerate(chunks + decode_rows):
+                if sequences[i].wants_logits:
+                    logits[i] = out[j]
+            return logits
+        for i in chunks:
+            seq = sequences[i]
+            embeds = self.embed_prompt(torch.tensor(seq.token_ids), seq.image_features)
+            out = self.forward(self.prefill_inputs(embeds, seq.start, list(seq.block_ids)))
+            if seq.wants_logits:
+                logits[i] = out[0]
+        if rows:
+            out = self.forward(self.decode_inputs(self._decode_embeds(rows), [seq.start for seq in rows],
                                                   [list(seq.block_ids) for seq in rows]))
             for j, i in enumerate(decode_rows):
                 if sequences[i].wants_logits:
                     logits[i] = out[j]
         return logits
+
+    def _decode_embeds(self, rows: list[SequenceInput]) -> torch.Tensor:
+        embeds = self.embed_tokens(torch.tensor([seq.token_ids[0] for seq in rows]))  # embeddings here too
+        for j, seq in enumerate(rows):
+            if seq.image_features is not None:  # a one-token chunk that is an image position
+                embeds[j] = seq.image_features[0].to(self.device, self.dtype)
+        return embeds
 
     # -- embeddings ------------------------------------------------------------------------
     @torch.no_grad()
@@ -161,7 +189,7 @@ class ModelRunner:
         return self.spec.merge(token_ids.unsqueeze(0).to(self.device), embeds, features, self.image_token_id)[0]
 
     # -- padded inputs ---------------------------------------------------------------------
-    def prefill_inputs(self, embeds: torch.Tensor, start: int, block_table: list[int]) -> StepInputs:
+    def prefill_inputs(self, embeds: torch.Tensor, start: int, block_table: list[int], min_ctx: int = 1) -> StepInputs:
         """One sequence's new tokens ``embeds`` [n, hidden] starting at position ``start``."""
         n = embeds.shape[0]
         if n > self.prefill_chunk:
@@ -170,7 +198,7 @@ class ModelRunner:
         padded = torch.zeros(1, q_len, self.hidden_size, dtype=self.dtype, device=self.device)
         padded[0, :n] = embeds
         positions = torch.arange(start, start + q_len, device=self.device).unsqueeze(0)
-        ctx = self._ctx_blocks(-(-(start + q_len) // self.block_size))
+        ctx = self._ctx_blocks(max(min_ctx, -(-(start + q_len) // self.block_size)))
         bt = torch.full((1, ctx), NULL_BLOCK, dtype=torch.long, device=self.device)
         table = torch.tensor(block_table[:ctx], dtype=torch.long, device=self.device)
         bt[0, : len(table)] = table
@@ -179,14 +207,16 @@ class ModelRunner:
         slots[0, :n] = bt[0, real // self.block_size] * self.block_size + real % self.block_size
         return StepInputs(padded, positions, slots, bt, torch.tensor([n - 1], device=self.device))
 
-    def decode_inputs(self, embeds: torch.Tensor, positions: list[int], block_tables: list[list[int]]) -> StepInputs:
+    def decode_inputs(self, embeds: torch.Tensor, positions: list[int], block_tables: list[list[int]],
+                      min_rows: int = 1, min_ctx: int = 1) -> StepInputs:
         """One new token per sequence at ``positions``; the batch is padded to a configured size."""
         n = len(positions)
         batch = next((b for b in self.decode_batch_sizes if b >= n), None)
         if batch is None:
             raise ValueError(f"decode batch {n} exceeds the largest configured size {self.decode_batch_sizes[-1]}")
+        batch = max(batch, min_rows)
         bs = self.block_size
-        ctx = self._ctx_blocks(max(p // bs + 1 for p in positions))
+        ctx = self._ctx_blocks(max(min_ctx, max(p // bs + 1 for p in positions)))
         # built as Python lists, one tensor each: per-row tensor ops cost more than the rows' data
         # (padding rows and blocks point at the null block)
         tables = [table[:ctx] + [NULL_BLOCK] * max(0, ctx - len(table)) for table in block_tables]
@@ -202,6 +232,29 @@ class ModelRunner:
             torch.zeros(batch, dtype=torch.long, device=self.device),
         )
 
+    def mixed_inputs(self, chunk_embeds: torch.Tensor, start: int, block_table: list[int],
+                     row_embeds: torch.Tensor, positions: list[int], block_tables: list[list[int]]) -> StepInputs:
+        """A prompt chunk and decode rows as one row of tokens (the chunk's, then one per decode row;
+        at least 2 rows and 2 blocks of context each, see the module doc)."""
+        chunk = self.prefill_inputs(chunk_embeds, start, block_table, min_ctx=2)
+        rows = self.decode_inputs(row_embeds, positions, block_tables, min_rows=2, min_ctx=2)
+        q_len, batch = chunk.embeds.shape[1], rows.embeds.shape[0]
+        return StepInputs(
+            torch.cat([chunk.embeds, rows.embeds.transpose(0, 1)], dim=1),
+            torch.cat([chunk.positions, rows.positions.T], dim=1),
+            torch.cat([chunk.slots, rows.slots.T], dim=1),
+            chunk.block_table,
+            torch.cat([chunk.last_index, torch.arange(q_len, q_len + batch, device=self.device)]),
+            decode_block_table=rows.block_table,
+        )
+
+    def mixed_example(self) -> StepInputs:
+        """Mixed inputs for warmup that touch only the null block (2 decode rows: every size >= 2)."""
+        chunk_ctx, row_ctx = 2, self.context_buckets[-1]
+        zeros = lambda n: torch.zeros(n, self.hidden_size, dtype=self.dtype)  # noqa: E731
+        return self.mixed_inputs(zeros(self.block_size), 0, [NULL_BLOCK] * chunk_ctx,
+                                 zeros(2), [(row_ctx - 1) * self.block_size] * 2, [[NULL_BLOCK] * row_ctx] * 2)
+
     def dummy_inputs(self, batch: int, q_len: int, ctx: int) -> StepInputs:
         """Inputs of a given shape that only touch the null block (for warmup)."""
         z = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=self.device)  # noqa: E731
@@ -209,23 +262,34 @@ class ModelRunner:
                           z(batch, q_len), z(batch, q_len), z(batch, ctx), z(batch))
 
     # -- forward ---------------------------------------------------------------------------
-    def _forward_impl(self, embeds, positions, slots, block_table, last_index):
-        ctx_len = block_table.shape[1] * self.block_size
-        kv_pos = torch.arange(ctx_len, device=embeds.device)
-        # causal by absolute position; also hides the never-written tail of the last block
-        mask = kv_pos.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1)
+    def _mask(self, positions: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+        """[batch, 1, q_len, ctx]: causal by absolute position; also hides the never-written tail
+        of the last block."""
+        kv_pos = torch.arange(block_table.shape[1] * self.block_size, device=positions.device)
+        return kv_pos.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1)
+
+    def _forward_impl(self, embeds, positions, slots, block_table, last_index, decode_block_table=None):
+        if decode_block_table is None:
+            attn = {"mask": self._mask(positions, block_table)}
+        else:  # a mixed step: the row's last tokens are the decode rows'
+            chunk = embeds.shape[1] - decode_block_table.shape[0]
+            attn = {"mask": self._mask(positions[:, :chunk], block_table), "decode_block_table": decode_block_table,
+                    "decode_mask": self._mask(positions[0, chunk:].unsqueeze(1), decode_block_table)}
         hidden, _ = self.lm.base_model(
             embeds, position_ids=positions, past_key_value_states=self.kv_pool.layers, use_cache=True,
-            attn_name=self.attn_name, slot_mapping=slots, block_table=block_table, mask=mask,
+            attn_name=self.attn_name, slot_mapping=slots, block_table=block_table, **attn,
         )
-        last = hidden[torch.arange(hidden.shape[0], device=embeds.device), last_index]
+        if decode_block_table is None:
+            last = hidden[torch.arange(hidden.shape[0], device=embeds.device), last_index]
+        else:
+            last = hidden[0, last_index]
         return (self.lm.head(last) / self.logits_scaling).float()
 
     @torch.no_grad()
     def forward(self, step: StepInputs) -> torch.Tensor:
         """Float32 logits [batch, vocab] at each row's ``last_index`` (Granite-scaled)."""
+        tensors = step.tensors()
         if step.shape not in self.shapes_run:  # its first run compiles (warmup): later runs reuse the graph
             self.shapes_run.add(step.shape)
-            rows = (step.embeds, step.positions, step.slots, step.block_table, step.last_index)
-            self.plan.mark_bucket_dims(*[(t, 0) for t in rows], *[(t, 1) for t in rows[:4]])
-        return self._forward(step.embeds, step.positions, step.slots, step.block_table, step.last_index)
+            self.plan.mark_bucket_dims(*[(t, 0) for t in tensors], *[(t, 1) for t in tensors if t.dim() > 1])
+        return self._forward(*tensors)

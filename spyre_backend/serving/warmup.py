@@ -49,6 +49,8 @@ def warmup_llm(service, checkpoint: str) -> float:
     if runner.plan.compile_backend != "eager":
         for batch, q_len, ctx in runner.shape_set():
             runner.forward(runner.dummy_inputs(batch, q_len, ctx))
+        if runner.mixes_steps:  # one graph for every mixed step (ModelRunner's module doc)
+            runner.forward(runner.mixed_example())
     _, prompt = real_image_inputs(checkpoint, service.spec)
     encoder = VisionEncoder(checkpoint, DevicePlan(runner.plan.kind, "eager", runner.plan.dtype))
     features = encoder.encode(torch.from_numpy(prompt.pixel_values), torch.from_numpy(prompt.image_sizes))

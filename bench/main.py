@@ -27,14 +27,14 @@ from safetensors import safe_open
 from spyre_backend import DEFAULT_CHECKPOINT, MODEL_REPOSITORY, PROJECT_ROOT
 from spyre_backend.device.host_memory import keep_freed_memory
 
-from bench import peer_compare, perf_analyzer, report, roofline, session
+from bench import peer_compare, perf_analyzer, prefix, report, roofline, session
 from bench.loadgen import EngineTarget, TritonTarget, closed_loop
 from bench.stats import summarize
 from bench.workload import IMAGE_SIZE, Workload
 
 # outside checkpoints/ (which the Docker image copies), in the uncommitted results/ folder
 MID_CHECKPOINT = PROJECT_ROOT / "results" / "checkpoints" / "random-mid"
-PHASES = ("transformers", "engine", "roofline", "triton", "perf_analyzer", "ensemble", "session", "peer")
+PHASES = ("transformers", "engine", "roofline", "triton", "perf_analyzer", "ensemble", "session", "peer", "prefix")
 # vision_encoder's cache of repeated images would skip the vision tower: every request here has a
 # new image anyway, and the cache stays off.
 SERVER_ENV = {"SPYRE_ENCODER_CACHE_MB": "0"}
@@ -153,7 +153,7 @@ def run_engine(prof: Profile, workload: Workload, levels: list[int], machine: di
     try:
         pre = Preprocessor(str(prof.checkpoint))
         # no encoder cache here (the Triton model attaches one, where it has one; it is off there too)
-        encoder = VisionEncoder(str(prof.checkpoint), serving_config("vision_encoder", prof.checkpoint).device_plan())
+        encoder = VisionEncoder(str(prof.checkpoint), serving_config("vision_encoder", prof.checkpoint).device.plan())
         roof = None
         if with_roofline:
             log("roofline: machine limits again, then vision, prefill and decode on the idle engine")
@@ -329,6 +329,9 @@ def run_checkpoint(name: str, prof: Profile, args, machine: dict, out_dir: Path)
     if "peer" not in skip:
         log(f"{name}: side by side with vLLM CPU ({peer_compare.ROUNDS} alternating rounds)")
         ck["peer"] = peer_compare.run(name, prof.checkpoint, workload, prof.requests, ck_dir, log, SERVER_ENV)
+    if "prefix" not in skip:
+        log(f"{name}: prefix caching, ours and vLLM CPU")
+        ck["prefix"] = prefix.run(name, prof.checkpoint, workload, 4 if name == "tiny" else 2, ck_dir, log, SERVER_ENV)
     ck.setdefault("prompt_tokens", _prompt_tokens(prof, workload))
     ck["ratios"] = ratios(ck, args.levels)
     return ck
@@ -365,6 +368,8 @@ def main(argv=None) -> int:
         result["targets"] += targets(name, ck, args.levels)
         if "peer" in ck:
             result["targets"] += peer_compare.targets(name, ck["peer"]["comparison"])
+        if "prefix" in ck:
+            result["targets"] += prefix.targets(name, ck["prefix"])
         report.write_json(out_dir, result)  # partial results survive a later failure
     end = roofline.measure_machine()
     machine.update(loadavg_end=loadavg(), matmul_gflops_end=end["matmul_gflops"],

@@ -77,6 +77,10 @@ def markdown(result: dict) -> str:
             from bench import peer_compare
 
             lines += peer_compare.markdown(ck["peer"]["comparison"])
+        if ck.get("prefix"):
+            from bench import prefix
+
+            lines += prefix.markdown(ck["prefix"])
         roof = ck.get("roofline")
         if roof:
             lines += ["", f"Roofline ({roof['crops']} crops per image, prompt {roof['prompt_tokens']} tokens, "

@@ -62,7 +62,8 @@ def stream_answer(url: str, prompt: str, images: list[bytes], *, model: str = "g
             if reason:
                 return {"text": "".join(pieces), "finish_reason": reason,
                         "num_input_tokens": int(result.as_numpy("num_input_tokens")[0]),
-                        "num_output_tokens": int(result.as_numpy("num_output_tokens")[0])}
+                        "num_output_tokens": int(result.as_numpy("num_output_tokens")[0]),
+                        "num_cached_tokens": int(result.as_numpy("num_cached_tokens")[0])}
     finally:
         client.stop_stream()
         client.close()
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     except InferenceServerException as exc:
         print(f"\nerror: {exc.message()}", file=sys.stderr)
         return 1
-    print(f"\n[{out['finish_reason']}: {out['num_input_tokens']} prompt tokens, "
-          f"{out['num_output_tokens']} generated]", file=sys.stderr)
+    print(f"\n[{out['finish_reason']}: {out['num_input_tokens']} prompt tokens "
+          f"({out['num_cached_tokens']} from the prefix cache), {out['num_output_tokens']} generated]", file=sys.stderr)
     return 0
 
 

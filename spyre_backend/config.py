@@ -1,10 +1,18 @@
-"""Model configuration: ``config.pbtxt`` parameters, overridable by SPYRE_<NAME> environment variables."""
+"""Model configuration: ``config.pbtxt`` parameters, overridable by SPYRE_<NAME> environment variables.
+
+One typed section per concern, each default written once, here: where the models run
+(``DeviceConfig``), the KV cache and the static shapes (``CacheConfig``), the scheduler
+(``SchedulerConfig``), the engine's request and session limits (``EngineLimits``), the preprocessor's
+input limits (``InputLimits``) and the vision encoder (``VisionConfig``). ``ServingConfig`` holds
+them all; parameters keep flat names (``max_running``, not ``scheduler.max_running``), each the name
+of one section's field.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -12,6 +20,7 @@ from spyre_backend import DEFAULT_CHECKPOINT
 from spyre_backend.device import COMPILE_BACKENDS, CPU_GEMMS, DEVICES, DeviceError, DevicePlan, resolve
 from spyre_backend.device.host_memory import keep_freed_memory
 
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -23,123 +32,37 @@ class ConfigError(ValueError):
     pass
 
 
+def _check(section, ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"parameter {name!r}: {message} (got {getattr(section, name)!r})")
+
+
 @dataclass
-class ServingConfig:
-    checkpoint: str = ""  # empty: SPYRE_CHECKPOINT, else the shipped tiny checkpoint
+class DeviceConfig:
     device: str = "auto"  # auto | spyre | cpu | cuda
     compile_backend: str = ""  # eager | inductor | sendnn; empty: sendnn on spyre, inductor elsewhere (eager without g++)
     dtype: str = "float32"
     cpu_gemm: str = "onednn"  # onednn | mkl: the CPU's large fp32 linears (spyre_backend/device/cpu_linear.py)
-    block_size: int = 64  # KV block and prefill padding granularity
-    max_context: int = 4096  # tokens per sequence (prompt + output)
-    num_kv_blocks: int = 0  # 0: max_running * max_context / block_size (+1 padding block)
-    kv_memory_mb: int = 0  # alternative to num_kv_blocks: size the KV pool from a memory budget
-    max_running: int = 16  # sequences in the decode batch
-    prefill_chunk: int = 512  # prompt tokens prefilled per engine step (a multiple of block_size)
-    max_num_batched_tokens: int = 0  # tokens computed per engine step, decode rows included; 0: prefill_chunk + max_running
-    session_ttl_s: int = 600  # idle sessions are freed after this
-    max_request_s: int = 600  # wall-clock limit of one request
-    decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    # request limits, enforced before any work is done (each refusal names the limit)
-    max_images: int = 8  # images per request
-    max_image_bytes: int = 20 * 2**20  # encoded bytes per image
-    max_image_pixels: int = 4096 * 4096  # per image, read from the header before decoding
-    max_text_bytes: int = 2**20  # text_input size
-    max_prompt_tokens: int = 0  # 0: max_context
-    max_tokens_limit: int = 4096  # cap on max_tokens
-    max_sessions: int = 256  # open sessions (sequences kept between turns)
-    default_max_tokens: int = 16
     num_threads: int = 0  # torch intra-op threads; 0: one for narrow models, else torch's default
-    stream_interval_ms: int = 100  # granite_llm: least time between two responses of one stream (0: per token)
-    encoder_cache_mb: int = 256  # vision_encoder: features of recent images kept (MiB); 0: no cache
-    max_crop_batch: int = 0  # vision_encoder: most crops per tower run (rounded down to a power of two); 0: auto
-
-    @classmethod
-    def from_model_config(cls, model_config: dict | str) -> "ServingConfig":
-        if isinstance(model_config, str):
-            model_config = json.loads(model_config)
-        raw = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
-        for f in fields(cls):
-            env = os.environ.get(f"SPYRE_{f.name.upper()}")
-            if env is not None:
-                raw[f.name] = env
-        return cls.from_strings(raw)
-
-    @classmethod
-    def from_strings(cls, raw: dict[str, str]) -> "ServingConfig":
-        known = {f.name: f for f in fields(cls)}
-        values = {}
-        for name, text in raw.items():
-            if name not in known:
-                continue  # other models' parameters share the namespace
-            default = getattr(cls(), name)
-            try:
-                if isinstance(default, list):
-                    values[name] = [int(x) for x in str(text).replace(",", " ").split()]
-                elif isinstance(default, int):
-                    values[name] = int(text)
-                else:
-                    values[name] = str(text)
-            except ValueError:
-                raise ConfigError(f"parameter {name!r}: cannot parse {text!r} as {type(default).__name__}") from None
-        config = cls(**values)
-        config.validate()
-        return config
 
     def validate(self) -> None:
-        def check(ok: bool, name: str, message: str):
-            if not ok:
-                raise ConfigError(f"parameter {name!r}: {message} (got {getattr(self, name)!r})")
-
-        check(self.device in DEVICES, "device", f"must be one of {list(DEVICES)}")
-        check(self.compile_backend in ("", *COMPILE_BACKENDS), "compile_backend",
-              f"must be one of {list(COMPILE_BACKENDS)} (or empty for the device's default)")
-        check(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}")
-        check(self.cpu_gemm in CPU_GEMMS, "cpu_gemm", f"must be one of {list(CPU_GEMMS)}")
-        check(self.block_size > 0, "block_size", "must be positive")
-        check(self.stream_interval_ms >= 0, "stream_interval_ms", "must be >= 0")
-        check(self.max_context > 0 and self.max_context % self.block_size == 0, "max_context",
-              "must be a positive multiple of block_size")
-        check(self.max_running > 0, "max_running", "must be positive")
-        check(bool(self.decode_batch_sizes) and all(b > 0 for b in self.decode_batch_sizes)
-              and max(self.decode_batch_sizes) >= self.max_running, "decode_batch_sizes",
-              "must be positive sizes, the largest at least max_running")
-        check(self.num_kv_blocks >= 0, "num_kv_blocks", "must be >= 0")
-        check(self.kv_memory_mb >= 0, "kv_memory_mb", "must be >= 0")
-        check(self.prefill_chunk > 0 and self.prefill_chunk % self.block_size == 0, "prefill_chunk",
-              "must be a positive multiple of block_size")
-        check(self.max_num_batched_tokens >= 0, "max_num_batched_tokens", "must be >= 0")
-        check(self.session_ttl_s > 0, "session_ttl_s", "must be positive")
-        check(self.max_request_s > 0, "max_request_s", "must be positive")
-        for name in ("max_images", "max_image_bytes", "max_image_pixels", "max_text_bytes", "max_tokens_limit",
-                     "max_sessions"):
-            check(getattr(self, name) > 0, name, "must be positive")
-        check(self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0")
-        check(self.encoder_cache_mb >= 0, "encoder_cache_mb", "must be >= 0")
-        check(self.max_crop_batch >= 0, "max_crop_batch", "must be >= 0")
-
-    @property
-    def checkpoint_dir(self) -> str:
-        return self.checkpoint or os.environ.get("SPYRE_CHECKPOINT") or str(DEFAULT_CHECKPOINT)
+        _check(self, self.device in DEVICES, "device", f"must be one of {list(DEVICES)}")
+        _check(self, self.compile_backend in ("", *COMPILE_BACKENDS), "compile_backend",
+               f"must be one of {list(COMPILE_BACKENDS)} (or empty for the device's default)")
+        _check(self, self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}")
+        _check(self, self.cpu_gemm in CPU_GEMMS, "cpu_gemm", f"must be one of {list(CPU_GEMMS)}")
+        _check(self, self.num_threads >= 0, "num_threads", "must be >= 0")
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
-    def device_plan(self) -> DevicePlan:
+    def plan(self) -> DevicePlan:
         """Resolve device and compile backend; a device that cannot be used fails here, at load."""
         try:
             return resolve(self.device, self.compile_backend or None, self.torch_dtype, self.cpu_gemm)
         except (DeviceError, RuntimeError) as exc:
             raise ConfigError(f"parameter 'device' ({self.device!r}): {exc}") from None
-
-    def kv_blocks(self, bytes_per_token: int) -> int:
-        """Blocks in the KV pool (one more is reserved for padding)."""
-        if self.num_kv_blocks:
-            return self.num_kv_blocks
-        if self.kv_memory_mb:
-            return max(2, self.kv_memory_mb * 2**20 // (bytes_per_token * self.block_size))
-        return self.max_running * (self.max_context // self.block_size) + 1
 
     def apply_threads(self, model_width: int) -> int:
         """Sets torch's intra-op threads for a model ``model_width`` wide; returns the count.
@@ -153,8 +76,176 @@ class ServingConfig:
         torch.set_num_threads(threads)  # also undoes an earlier model's setting in the same process
         return threads
 
+
+@dataclass
+class CacheConfig:
+    """The KV pool and the static shapes the model runner is compiled for."""
+
+    block_size: int = 64  # KV block and prefill padding granularity
+    max_context: int = 4096  # tokens per sequence (prompt + output)
+    num_kv_blocks: int = 0  # 0: max_running * max_context / block_size (+1 padding block)
+    kv_memory_mb: int = 0  # alternative to num_kv_blocks: size the KV pool from a memory budget
+    decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    enable_prefix_caching: bool = True  # full blocks shared by content (engine/prefix_cache.py)
+
+    def validate(self) -> None:
+        _check(self, self.block_size > 0, "block_size", "must be positive")
+        _check(self, self.max_context > 0 and self.max_context % self.block_size == 0, "max_context",
+               "must be a positive multiple of block_size")
+        _check(self, self.num_kv_blocks >= 0, "num_kv_blocks", "must be >= 0")
+        _check(self, self.kv_memory_mb >= 0, "kv_memory_mb", "must be >= 0")
+        _check(self, bool(self.decode_batch_sizes) and all(b > 0 for b in self.decode_batch_sizes),
+               "decode_batch_sizes", "must be positive sizes")
+
+    def kv_blocks(self, bytes_per_token: int, max_running: int) -> int:
+        """Blocks in the KV pool (one more is reserved for padding)."""
+        if self.num_kv_blocks:
+            return self.num_kv_blocks
+        if self.kv_memory_mb:
+            return max(2, self.kv_memory_mb * 2**20 // (bytes_per_token * self.block_size))
+        return max_running * (self.max_context // self.block_size) + 1
+
+
+@dataclass
+class SchedulerConfig:
+    max_running: int = 16  # requests admitted at once (the decode batch)
+    prefill_chunk: int = 512  # most prompt tokens of one request in one step (a multiple of block_size)
+    max_num_batched_tokens: int = 0  # tokens per step, decode rows included; 0: prefill_chunk + max_running
+    max_prefills: int = 1  # requests that get a prompt chunk in one step
+
+    @property
+    def token_budget(self) -> int:
+        return self.max_num_batched_tokens or self.prefill_chunk + self.max_running
+
+    def validate(self) -> None:
+        _check(self, self.max_running > 0, "max_running", "must be positive")
+        _check(self, self.prefill_chunk > 0, "prefill_chunk", "must be positive")
+        _check(self, self.max_num_batched_tokens >= 0, "max_num_batched_tokens", "must be >= 0")
+        _check(self, self.max_prefills > 0, "max_prefills", "must be positive")
+
+
+@dataclass
+class EngineLimits:
+    """Limits the engine enforces on requests and sessions (each refusal names its limit)."""
+
+    session_ttl_s: int = 600  # idle sessions are freed after this
+    max_request_s: int = 600  # wall-clock limit of one request
+    max_sessions: int = 256  # open sessions (sequences kept between turns)
+    max_tokens_limit: int = 4096  # cap on max_tokens
+    default_max_tokens: int = 16
+
+    def validate(self) -> None:
+        for name in ("session_ttl_s", "max_request_s", "max_sessions", "max_tokens_limit", "default_max_tokens"):
+            _check(self, getattr(self, name) > 0, name, "must be positive")
+
+
+@dataclass
+class InputLimits:
+    """Enforced by the preprocessor before any work is done (each refusal names the limit)."""
+
+    max_images: int = 8  # images per request
+    max_image_bytes: int = 20 * 2**20  # encoded bytes per image
+    max_image_pixels: int = 4096 * 4096  # per image, read from the header before decoding
+    max_text_bytes: int = 2**20  # text_input size
+    max_prompt_tokens: int = 0  # 0: max_context
+
+    def validate(self) -> None:
+        for name in ("max_images", "max_image_bytes", "max_image_pixels", "max_text_bytes"):
+            _check(self, getattr(self, name) > 0, name, "must be positive")
+        _check(self, self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0")
+
+
+@dataclass
+class VisionConfig:
+    encoder_cache_mb: int = 256  # features of recent images kept (MiB); 0: no cache
+    max_crop_batch: int = 0  # most crops per tower run (rounded down to a power of two); 0: auto
+
+    def validate(self) -> None:
+        _check(self, self.encoder_cache_mb >= 0, "encoder_cache_mb", "must be >= 0")
+        _check(self, self.max_crop_batch >= 0, "max_crop_batch", "must be >= 0")
+
+
+_SECTIONS = {"device": DeviceConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "engine": EngineLimits,
+             "inputs": InputLimits, "vision": VisionConfig}
+
+
+@dataclass
+class ServingConfig:
+    checkpoint: str = ""  # empty: SPYRE_CHECKPOINT, else the shipped tiny checkpoint
+    stream_interval_ms: int = 100  # granite_llm: least time between two responses of one stream (0: per token)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    engine: EngineLimits = field(default_factory=EngineLimits)
+    inputs: InputLimits = field(default_factory=InputLimits)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+    @staticmethod
+    def parameters() -> dict[str, str]:
+        """Every parameter name, with the section it belongs to ("" for the top level)."""
+        names = {f.name: "" for f in fields(ServingConfig) if f.name not in _SECTIONS}
+        for section, cls in _SECTIONS.items():
+            for f in fields(cls):
+                assert f.name not in names, f"parameter {f.name} in two sections"
+                names[f.name] = section
+        return names
+
+    @classmethod
+    def from_model_config(cls, model_config: dict | str) -> "ServingConfig":
+        if isinstance(model_config, str):
+            model_config = json.loads(model_config)
+        raw = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+        for name in cls.parameters():
+            env = os.environ.get(f"SPYRE_{name.upper()}")
+            if env is not None:
+                raw[name] = env
+        return cls.from_strings(raw)
+
+    @classmethod
+    def from_strings(cls, raw: dict[str, str]) -> "ServingConfig":
+        config = cls()
+        known = cls.parameters()
+        for name, text in raw.items():
+            if name not in known:
+                continue  # other models' parameters share the namespace
+            target = getattr(config, known[name]) if known[name] else config
+            default = getattr(target, name)
+            try:
+                if isinstance(default, list):
+                    value = [int(x) for x in str(text).replace(",", " ").split()]
+                elif isinstance(default, bool):
+                    value = _BOOLS[str(text).strip().lower()]
+                elif isinstance(default, int):
+                    value = int(text)
+                else:
+                    value = str(text)
+            except (ValueError, KeyError):
+                raise ConfigError(f"parameter {name!r}: cannot parse {text!r} as {type(default).__name__}") from None
+            setattr(target, name, value)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        _check(self, self.stream_interval_ms >= 0, "stream_interval_ms", "must be >= 0")
+        for section in _SECTIONS:
+            getattr(self, section).validate()
+        # across sections
+        cache, scheduler = self.cache, self.scheduler
+        _check(scheduler, scheduler.prefill_chunk % cache.block_size == 0, "prefill_chunk",
+               "must be a positive multiple of block_size")
+        _check(cache, max(cache.decode_batch_sizes) >= scheduler.max_running, "decode_batch_sizes",
+               "must be positive sizes, the largest at least max_running")
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint or os.environ.get("SPYRE_CHECKPOINT") or str(DEFAULT_CHECKPOINT)
+
+    def input_limits(self) -> InputLimits:
+        """The preprocessor's limits, with the prompt limit resolved (0: max_context)."""
+        return replace(self.inputs, max_prompt_tokens=self.inputs.max_prompt_tokens or self.cache.max_context)
+
     def apply_process_settings(self, model_width: int) -> int:
         """What a process serving a model sets before loading it: torch's threads (apply_threads,
         returned) and the allocator (device/host_memory.py: step temporaries reuse heap pages)."""
         keep_freed_memory()
-        return self.apply_threads(model_width)
+        return self.device.apply_threads(model_width)

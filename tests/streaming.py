@@ -30,7 +30,8 @@ def grpc_stream(url: str, inputs: dict, model: str = "granite_vision", sequence_
             if reason:
                 return {"pieces": pieces, "text": "".join(pieces), "finish_reason": reason,
                         "num_input_tokens": int(result.as_numpy("num_input_tokens")[0]),
-                        "num_output_tokens": int(result.as_numpy("num_output_tokens")[0])}
+                        "num_output_tokens": int(result.as_numpy("num_output_tokens")[0]),
+                        "num_cached_tokens": int(result.as_numpy("num_cached_tokens")[0])}
     finally:
         client.stop_stream()
         client.close()
@@ -79,4 +80,5 @@ def http_generate_stream(http_url: str, body: dict, model: str = "granite_vision
     pieces = [e["text_output"] for e in events]
     last = events[-1]
     return {"pieces": pieces, "text": "".join(pieces), "finish_reason": last["finish_reason"],
-            "num_input_tokens": last["num_input_tokens"], "num_output_tokens": last["num_output_tokens"]}
+            "num_input_tokens": last["num_input_tokens"], "num_output_tokens": last["num_output_tokens"],
+            "num_cached_tokens": last["num_cached_tokens"]}

@@ -184,3 +184,18 @@ def test_peer_comparison_takes_each_sides_best_round():
     assert c["c=1 itl_p50"]["ratio"] == pytest.approx(9 / 12)
     met = {t["name"]: t["met"] for t in peer_targets("mid", c)}
     assert met == {"vs vLLM CPU: c=1 ttft_p50 (ours / vLLM)": True, "vs vLLM CPU: c=1 itl_p50 (ours / vLLM)": True}
+
+
+def test_prefix_phase_summary_and_targets():
+    from bench import prefix
+
+    ours = {"second_question": [[900, 1100], [40, 60]], "resent": [[1000], [70], [80]], "session": [[950], [60], [64]]}
+    peer = {"second_question": [[800], [100]], "resent": [[900], [120], [100]]}
+    medians = {"ours": prefix._medians(ours), "vllm": prefix._medians(peer)}
+    assert medians["ours"]["second_question"] == [1000, 50]
+    result = {"repeats": 2, "medians_ms": medians, "summary": {
+        "second_question_speedup": 1000 / 50, "resent_turn3_vs_session_turn3": 80 / 64,
+        "second_question_vs_vllm": 50 / 100, "resent_turn3_vs_vllm": 80 / 100}}
+    met = {t["name"]: t["met"] for t in prefix.targets("mid", result)}
+    assert all(met.values()) and len(met) == 4
+    assert "| session | 950, 60, 64 | - |" in prefix.markdown(result)

@@ -18,7 +18,7 @@ def test_spyre_without_ibm_stack_fails_clearly():
     with pytest.raises(RuntimeError, match="torch_sendnn"):
         resolve("spyre", None, torch.float16)
     with pytest.raises(ConfigError, match="'device'.*torch_sendnn"):
-        ServingConfig.from_strings({"device": "spyre"}).device_plan()
+        ServingConfig.from_strings({"device": "spyre"}).device.plan()
 
 
 def test_device_choices():
@@ -90,9 +90,9 @@ def test_auto_threads_one_for_narrow_models():
     before = torch.get_num_threads()
     try:
         auto = ServingConfig.from_strings({})
-        assert auto.apply_threads(64) == 1  # the tiny checkpoint: ops too small to split
-        assert auto.apply_threads(1024) == TORCH_DEFAULT_THREADS == torch.get_num_threads()  # torch's default again
-        assert ServingConfig.from_strings({"num_threads": "3"}).apply_threads(64) == 3  # explicit wins
+        assert auto.device.apply_threads(64) == 1  # the tiny checkpoint: ops too small to split
+        assert auto.device.apply_threads(1024) == TORCH_DEFAULT_THREADS == torch.get_num_threads()  # torch's default again
+        assert ServingConfig.from_strings({"num_threads": "3"}).device.apply_threads(64) == 3  # explicit wins
     finally:
         torch.set_num_threads(before)
 

@@ -25,6 +25,9 @@ def snapshot(url: str) -> dict[str, float]:
         out[name + "_sum"] = value(name + "_sum")
     for result in ("hit", "miss"):
         out[result] = m.get(f'spyre_encoder_cache{{result="{result}"}}', 0.0)
+    for name in ("spyre_prefix_cache_queries_total", "spyre_prefix_cache_hits_total"):
+        out[name] = value(name)
+    out["cached_blocks"] = m.get('spyre_kv_blocks{state="cached"}', 0.0)
     out["cache_bytes"] = value("spyre_encoder_cache_bytes")
     return out
 
@@ -50,14 +53,19 @@ def test_repeated_image_hits_the_encoder_cache_and_metrics_add_up(server):
     second = grpc_stream(server.grpc_url, inputs)
     assert "error" not in second, second
     assert second["text"] == first["text"] and second["num_output_tokens"] == first["num_output_tokens"]
+    # and the prefix cache: every full 64-token block of the prompt came from the first request
+    n = second["num_input_tokens"]
+    assert first["num_cached_tokens"] < second["num_cached_tokens"] == (n - 1) // 64 * 64 > 0
 
     n_in = first["num_input_tokens"] + second["num_input_tokens"]
     n_out = first["num_output_tokens"] + second["num_output_tokens"]
     expected = {"miss": 1, "hit": 1, "spyre_prompt_tokens_total": n_in, "spyre_generation_tokens_total": n_out,
-                **{name + "_count": 2 for name in HISTOGRAMS}}
+                "spyre_prefix_cache_hits_total": first["num_cached_tokens"] + second["num_cached_tokens"],
+                "spyre_prefix_cache_queries_total": n_in, **{name + "_count": 2 for name in HISTOGRAMS}}
     end = wait_for(lambda: (s := snapshot(url)) and all(delta(s, start)[k] == v for k, v in expected.items()) and s)
     assert end, (delta(snapshot(url), start), expected)
     grown = delta(end, start)
+    assert end["cached_blocks"] >= second["num_cached_tokens"] // 64
     # seconds, not milliseconds: each request took well under a minute and more than nothing
     assert 0 < grown["spyre_time_to_first_token_seconds_sum"] <= grown["spyre_e2e_request_latency_seconds_sum"] < 120
     assert 0 < grown["spyre_time_per_output_token_seconds_sum"] < 10

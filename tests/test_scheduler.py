@@ -12,7 +12,8 @@ import torch
 from spyre_backend.engine.kv_cache_manager import NULL_BLOCK, BlockPool, KVCacheManager
 from spyre_backend.engine.request import Request
 from spyre_backend.engine.sampling_params import SamplingParams
-from spyre_backend.engine.scheduler import Scheduler, SchedulerConfig
+from spyre_backend.config import SchedulerConfig
+from spyre_backend.engine.scheduler import Scheduler
 from spyre_backend.engine.sessions import SessionTable
 
 BLOCK = 4
@@ -196,3 +197,124 @@ def test_kv_manager_refuses_without_taking_anything():
     assert kv.allocate("a", 8) and not kv.allocate("b", 8)
     assert kv.block_ids("b") == [] and kv.num_free == 1
     assert kv.free("a") == 2 and kv.num_free == 3
+
+
+# -- prefix caching ------------------------------------------------------------------------------
+IMAGE = 99  # the image placeholder id of these tests
+
+
+def make_cached(num_blocks=64, **config) -> Scheduler:
+    from spyre_backend.engine.prefix_cache import BlockHasher
+
+    kv = KVCacheManager(num_blocks, BLOCK)
+    return Scheduler(kv, SessionTable(kv, ttl_s=600), SchedulerConfig(**config), BlockHasher(BLOCK, IMAGE))
+
+
+def submit_ids(sched: Scheduler, ids: list[int], features: torch.Tensor | None = None) -> Request:
+    request = Request(torch.tensor(ids), None, SamplingParams(max_tokens=100), lambda out: None, sequence_id=object())
+    session = sched.sessions.open(request.sequence_id)
+    session.token_ids.extend(ids)
+    if features is not None:
+        session.image_features.append(features)
+    session.active = request
+    request.session = session
+    sched.add(request)
+    return request
+
+
+def run_prefill(sched: Scheduler, request: Request):
+    """Steps until ``request`` sampled its first token; returns its first scheduled sequence."""
+    first = None
+    for _ in range(50):
+        if request.sampled_any:
+            break
+        out = step(sched)
+        first = first or next((s for s in out.sequences if s.request_id == request.request_id), None)
+    return first
+
+
+def image_prompt(features_seed: int, question: list[int]) -> tuple[list[int], torch.Tensor]:
+    ids = [1, 2, 3] + [IMAGE] * 6 + question  # the image's rows span blocks 0-2
+    return ids, torch.randn(6, 8, generator=torch.Generator().manual_seed(features_seed))
+
+
+def test_a_repeated_prompt_takes_the_cached_blocks_and_computes_only_the_rest():
+    sched = make_cached(max_running=4, prefill_chunk=64)
+    ids = list(range(10, 24))  # 14 tokens: 3 full blocks and 2 tokens
+    first = submit_ids(sched, ids)
+    assert run_prefill(sched, first).start == 0 and first.num_cached_tokens == 0
+    finish(sched, first)
+    again = submit_ids(sched, ids)
+    seq = run_prefill(sched, again)
+    assert (seq.start, seq.num_tokens, again.num_cached_tokens) == (12, 2, 12)
+    assert (sched.prefix_queries, sched.prefix_hits) == (28, 12)
+
+
+def test_the_last_token_is_always_computed():
+    sched = make_cached(max_running=4, prefill_chunk=64)
+    ids = list(range(10, 22))  # 12 tokens: exactly 3 blocks
+    finish(sched, (lambda r: (run_prefill(sched, r), r)[1])(submit_ids(sched, ids)))
+    again = submit_ids(sched, ids)
+    seq = run_prefill(sched, again)
+    assert (seq.start, seq.num_tokens) == (8, 4)  # the third block is computed again, into a block of its own
+
+
+def test_the_same_text_with_another_image_shares_only_what_comes_before_the_image():
+    sched = make_cached(max_running=4, prefill_chunk=64)
+    ids, red = image_prompt(0, [5, 6, 7, 8, 9])
+    _, blue = image_prompt(1, [5, 6, 7, 8, 9])
+    finish(sched, (lambda r: (run_prefill(sched, r), r)[1])(submit_ids(sched, ids, red)))
+    other = submit_ids(sched, ids, blue)
+    assert run_prefill(sched, other).start == 0  # block 0 holds 1 image position already: nothing shared
+    same = submit_ids(sched, ids, red.clone())  # the same image again (equal features, another tensor)
+    seq = run_prefill(sched, same)
+    assert seq.start == 12 and same.num_cached_tokens == 12
+
+
+def test_a_cached_block_is_never_written_and_every_block_comes_back():
+    sched = make_cached(num_blocks=9, max_running=4, prefill_chunk=64)  # 8 usable blocks
+    ids = list(range(10, 24))
+    a = submit_ids(sched, ids)
+    run_prefill(sched, a)
+    b = submit_ids(sched, ids)  # while a still runs: shares a's full blocks
+    seq = run_prefill(sched, b)
+    a_blocks, b_blocks = sched.kv.block_ids(a.session.sequence_id), sched.kv.block_ids(b.session.sequence_id)
+    assert b_blocks[:3] == a_blocks[:3] and all(sched.kv.pool.refs(blk) == 2 for blk in a_blocks[:3])
+    assert b_blocks[seq.start // BLOCK] not in a_blocks  # b writes only into a block of its own
+    for r in (a, b):
+        finish(sched, r)
+    assert sched.kv.num_free == sched.kv.num_usable  # cached blocks count as free: nothing leaked
+    assert sched.kv.num_cached == 3
+    # other prompts need every block: the cached ones are handed out again, their hashes dropped
+    fillers = [submit_ids(sched, list(range(100 * k, 100 * k + 15))) for k in (1, 2)]
+    for r in fillers:
+        run_prefill(sched, r)
+    assert sched.kv.num_free == 0
+    for r in fillers:
+        finish(sched, r)
+    late = submit_ids(sched, ids)
+    assert run_prefill(sched, late).start == 0  # a's blocks were reused: a miss, never a stale hit
+
+
+def test_a_preempted_request_comes_back_through_its_own_cached_blocks():
+    sched = make_cached(num_blocks=7, max_running=4, prefill_chunk=64)  # 6 usable blocks
+    a = submit_ids(sched, list(range(10, 17)))  # 7 tokens: 2 blocks, and decode grows it
+    run_prefill(sched, a)
+    b = submit_ids(sched, list(range(30, 42)))  # 12 tokens: 3 blocks
+    run_prefill(sched, b)
+    for _ in range(10):
+        if sched.num_preemptions:
+            break
+        step(sched)
+    assert b.num_preemptions == 1 and b in sched.waiting  # the pool ran out as both grew
+    finish(sched, a)
+    seq = step(sched).sequences[0]
+    assert seq.request_id == b.request_id and seq.start == 12  # its full blocks were still cached
+
+
+def test_truncate_keeps_only_whole_blocks():
+    kv = KVCacheManager(16, BLOCK)
+    kv.allocate("s", 14)
+    blocks = kv.block_ids("s")[:]
+    assert kv.truncate("s", 9) == 8 and kv.block_ids("s") == blocks[:2]
+    assert kv.num_free == kv.num_usable - 2

@@ -107,7 +107,25 @@ def test_config_errors_name_the_parameter():
         ServingConfig.from_strings({"max_context": "100"})
     with pytest.raises(ConfigError, match="'max_running'"):
         ServingConfig.from_strings({"max_running": "lots"})
-    assert ServingConfig.from_strings({"decode_batch_sizes": "1 4 16"}).decode_batch_sizes == [1, 4, 16]
+    assert ServingConfig.from_strings({"decode_batch_sizes": "1 4 16"}).cache.decode_batch_sizes == [1, 4, 16]
+    with pytest.raises(ConfigError, match="'decode_batch_sizes'.*max_running"):  # checked across sections
+        ServingConfig.from_strings({"decode_batch_sizes": "1 2", "max_running": "4"})
+
+
+def test_config_sections_take_flat_parameter_names(monkeypatch):
+    from spyre_backend.config import EngineLimits, SchedulerConfig
+
+    raw = {"max_running": "4", "block_size": "32", "max_context": "256", "session_ttl_s": "5", "device": "cpu",
+           "max_images": "2", "encoder_cache_mb": "0", "stream_interval_ms": "0", "decode_batch_sizes": "4",
+           "some_other_models_key": "x"}
+    config = ServingConfig.from_strings(raw)
+    assert (config.scheduler.max_running, config.cache.block_size, config.engine.session_ttl_s, config.device.device,
+            config.inputs.max_images, config.vision.encoder_cache_mb, config.stream_interval_ms) == (4, 32, 5, "cpu", 2, 0, 0)
+    assert config.scheduler.prefill_chunk == SchedulerConfig().prefill_chunk  # untouched: the section's own default
+    assert ServingConfig().engine == EngineLimits()
+    assert config.input_limits().max_prompt_tokens == 256  # 0 means max_context
+    monkeypatch.setenv("SPYRE_MAX_RUNNING", "2")  # environment overrides reach sections too
+    assert ServingConfig.from_model_config({"parameters": {"max_running": {"string_value": "8"}}}).scheduler.max_running == 2
 
 
 def test_stop_side_channel_carries_the_engine_answer_back(tmp_path):

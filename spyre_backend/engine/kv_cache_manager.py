@@ -5,12 +5,20 @@ per layer. This module only hands out block ids: a ``BlockPool`` of reference-co
 ``KVCacheManager`` that keeps one block list per owner (a sequence: its session key) and grows it
 as the sequence grows, a block at a time, never for tokens it may never produce.
 
+Prefix caching: a full block whose K/V are computed can be registered under its content hash
+(``engine/prefix_cache.py`` chains it from the parent block's hash, the block's token ids and the
+image features at its placeholder positions). A registered block keeps its hash after its owners
+release it: it sits in the free queue, still holding its K/V, until it is handed out again (least
+recently freed first); a new sequence whose leading blocks hash the same takes those blocks
+instead of computing them (``take_cached``). Cached blocks are only ever read: a sequence writes
+only past its cached prefix, into blocks of its own.
+
 Block 0 (``NULL_BLOCK``) is never handed out: padded positions of static-shape steps write there.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from typing import Hashable
 
 NULL_BLOCK = 0
@@ -24,23 +32,32 @@ class BlockPool:
     """Reference-counted block ids; a block returns to the free queue when its count drops to 0.
 
     Freed blocks go to the tail and are taken from the head, so the least recently freed block is
-    reused first (what a prefix cache keyed on block contents needs to keep hot blocks longest).
+    reused first: a freed block that is registered in the prefix cache stays there, hit-able, for
+    as long as possible, and loses its hash only when it is handed out again.
     """
 
     def __init__(self, num_blocks: int):
         if num_blocks < 2:
             raise ValueError("the KV pool needs at least 2 blocks (one is reserved for padding)")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(1, num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
         self._refs = [0] * num_blocks
+        self._cached: dict[bytes, int] = {}  # content hash -> block
+        self._hash_of: dict[int, bytes] = {}  # block -> content hash
 
     @property
     def num_free(self) -> int:
+        """Blocks no sequence holds, cached ones included (they are handed out when needed)."""
         return len(self._free)
 
     @property
     def num_usable(self) -> int:
         return self.num_blocks - 1
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks registered in the prefix cache, held or free."""
+        return len(self._hash_of)
 
     def refs(self, block: int) -> int:
         return self._refs[block]
@@ -48,9 +65,12 @@ class BlockPool:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfBlocks(f"need {n} KV blocks, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
+        blocks = [self._free.popitem(last=False)[0] for _ in range(n)]
         for b in blocks:
             self._refs[b] = 1
+            digest = self._hash_of.pop(b, None)
+            if digest is not None:  # its K/V are about to be overwritten
+                del self._cached[digest]
         return blocks
 
     def share(self, blocks: list[int]) -> None:
@@ -65,7 +85,34 @@ class BlockPool:
                 raise ValueError(f"block {b} released more often than taken")
             self._refs[b] -= 1
             if self._refs[b] == 0:
-                self._free.append(b)
+                self._free[b] = None
+
+    # -- prefix cache ------------------------------------------------------------------------
+    def register(self, block: int, digest: bytes) -> None:
+        """``block`` (held, full, computed) holds the content ``digest`` names. A block already
+        registered, or content already cached in another block, is left as it is."""
+        if self._refs[block] <= 0:
+            raise ValueError(f"block {block} is not allocated")
+        if block not in self._hash_of and digest not in self._cached:
+            self._cached[digest] = block
+            self._hash_of[block] = digest
+
+    def cached_prefix(self, digests: list[bytes]) -> list[int]:
+        """The blocks of the longest leading run of ``digests`` that is cached."""
+        blocks = []
+        for digest in digests:
+            block = self._cached.get(digest)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def take(self, blocks: list[int]) -> None:
+        """Take a reference to cached blocks, free or held."""
+        for b in blocks:
+            if self._refs[b] == 0:
+                del self._free[b]
+            self._refs[b] += 1
 
 
 class KVCacheManager:
@@ -73,6 +120,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self._tables: dict[Hashable, list[int]] = {}
+        self._registered: dict[Hashable, int] = {}  # leading blocks of each owner registered already
 
     @property
     def num_blocks(self) -> int:
@@ -107,7 +155,47 @@ class KVCacheManager:
         return True
 
     def free(self, owner: Hashable) -> int:
-        """Release every block of ``owner``; returns how many it held."""
+        """Release every block of ``owner``; returns how many it held. The last blocks go first into
+        the free queue, so they are reused before a prefix that later sequences may share."""
         table = self._tables.pop(owner, [])
-        self.pool.release(table)
+        self._registered.pop(owner, None)
+        self.pool.release(table[::-1])
         return len(table)
+
+    def truncate(self, owner: Hashable, num_tokens: int) -> int:
+        """Keep only ``owner``'s blocks that lie wholly within its first ``num_tokens`` tokens
+        (a turn that ended early: the blocks past them may be registered, or shared, and must not
+        be written again); returns the tokens they hold."""
+        table = self._tables.get(owner, [])
+        keep = min(len(table), num_tokens // self.block_size)
+        self.pool.release(table[keep:][::-1])
+        del table[keep:]
+        if owner in self._registered:
+            self._registered[owner] = min(self._registered[owner], keep)
+        return keep * self.block_size
+
+    # -- prefix cache ------------------------------------------------------------------------
+    @property
+    def num_cached(self) -> int:
+        return self.pool.num_cached
+
+    def take_cached(self, owner: Hashable, digests: list[bytes]) -> int:
+        """Give ``owner`` (holding no blocks yet) the cached blocks of the longest leading run of
+        ``digests``; returns how many."""
+        if self._tables.get(owner):
+            raise ValueError(f"{owner!r} holds blocks already")
+        blocks = self.pool.cached_prefix(digests)
+        if blocks:
+            self.pool.take(blocks)
+            self._tables[owner] = blocks
+            self._registered[owner] = len(blocks)
+        return len(blocks)
+
+    def register_full_blocks(self, owner: Hashable, digests: list[bytes]) -> None:
+        """``digests`` name ``owner``'s leading blocks, all full and computed: register those not
+        registered yet."""
+        table = self._tables.get(owner, [])
+        done = self._registered.get(owner, 0)
+        for i in range(done, min(len(digests), len(table))):
+            self.pool.register(table[i], digests[i])
+        self._registered[owner] = max(done, min(len(digests), len(table)))

@@ -18,29 +18,23 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from spyre_backend.config import EngineLimits, SchedulerConfig
 from spyre_backend.engine.kv_cache_manager import KVCacheManager
 from spyre_backend.engine.model_runner import ModelRunner, SequenceInput
 from spyre_backend.engine.output_processor import Finished, OutputProcessor
+from spyre_backend.engine.prefix_cache import BlockHasher
 from spyre_backend.engine.request import FinishReason, Request
 from spyre_backend.engine.sampler import SampleRow, make_generator, sample
 from spyre_backend.engine.sampling_params import InvalidRequest
-from spyre_backend.engine.scheduler import Scheduler, SchedulerConfig
+from spyre_backend.engine.scheduler import Scheduler
 from spyre_backend.engine.sessions import SessionTable
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineLimits:
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    session_ttl_s: float = 600.0
-    max_request_s: float = 600.0
-    max_sessions: int = 256
 
 
 @dataclass
@@ -61,18 +55,23 @@ class EngineStats:
     waiting: int
     sessions: int
     preemptions: int = 0  # since start
+    prefix_queries: int = 0  # tokens looked up in the prefix cache, since start
+    prefix_hits: int = 0  # of those, tokens found cached
+    cached_blocks: int = 0  # blocks registered in the prefix cache (held or free)
 
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer, *, eos_token_ids: list[int],
-                 limits: EngineLimits | None = None, on_step: Callable[[EngineStats], None] | None = None):
+                 scheduler: SchedulerConfig | None = None, limits: EngineLimits | None = None,
+                 enable_prefix_caching: bool = True, on_step: Callable[[EngineStats], None] | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.limits = limits or EngineLimits()
         self.image_token_id = runner.image_token_id
         self.kv = KVCacheManager(runner.kv_pool.num_blocks, runner.block_size)
         self.sessions = SessionTable(self.kv, ttl_s=self.limits.session_ttl_s)
-        self.scheduler = Scheduler(self.kv, self.sessions, self.limits.scheduler)
+        hasher = BlockHasher(runner.block_size, runner.image_token_id) if enable_prefix_caching else None
+        self.scheduler = Scheduler(self.kv, self.sessions, scheduler or SchedulerConfig(), hasher)
         self.output = OutputProcessor(tokenizer, eos_token_ids)
         self.on_step = on_step
         self._inbox: queue.Queue = queue.Queue()
@@ -132,8 +131,9 @@ class LLMEngine:
             self._thread.join(timeout=30)
 
     def stats(self) -> EngineStats:
-        return EngineStats(self.kv.num_free, self.kv.num_usable, len(self.scheduler.running),
-                           len(self.scheduler.waiting), len(self.sessions), self.scheduler.num_preemptions)
+        s = self.scheduler
+        return EngineStats(self.kv.num_free, self.kv.num_usable, len(s.running), len(s.waiting), len(self.sessions),
+                           s.num_preemptions, s.prefix_queries, s.prefix_hits, self.kv.num_cached)
 
     @property
     def num_free_blocks(self) -> int:
@@ -247,7 +247,10 @@ class LLMEngine:
             if images:
                 kept = session.features()
                 session.image_features = [kept[: kept.shape[0] - images]] if kept.shape[0] > images else []
-            session.num_computed = min(session.num_computed, len(session.token_ids))
+            # blocks past the kept history may be cached or shared now: drop them, never write them
+            session.num_computed = self.kv.truncate(session.sequence_id,
+                                                    min(session.num_computed, len(session.token_ids)))
+            del session.block_hashes[len(session.token_ids) // self.kv.block_size:]
         if request.sequence_end:
             self.sessions.close(session)
         queue_ = self._queued.get(session.sequence_id)

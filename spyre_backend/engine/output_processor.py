@@ -91,4 +91,5 @@ class OutputProcessor:
             timing = RequestTiming(request.arrival, request.first_token_at, request.last_token_at,
                                    time.monotonic(), len(request.output_ids))
         request.on_output(RequestOutput(text, finished, request.num_prompt_tokens, len(request.output_ids),
-                                        reason, error, logprobs, request.num_prefill_tokens, timing))
+                                        reason, error, logprobs, request.num_prefill_tokens, timing,
+                                        num_cached_tokens=request.num_cached_tokens))

@@ -68,6 +68,7 @@ class RequestOutput:
     logprobs: list[dict] | None = None  # per token of this output, when requested
     num_prefill_tokens: int = 0  # tokens this turn computed at prefill (new ones only, in a session)
     timing: RequestTiming | None = None  # on the final output of a request the engine ran
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 @dataclass(eq=False)  # identity: requests hold tensors, and each one is unique
@@ -86,6 +87,7 @@ class Request:
     # engine state
     session: "Session | None" = None
     num_prefill_tokens: int = 0  # tokens computed before the first one was sampled (recompute included)
+    num_cached_tokens: int = 0  # of the sequence's tokens at admission, those taken from the prefix cache
     num_preemptions: int = 0
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None

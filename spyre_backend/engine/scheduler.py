@@ -14,6 +14,11 @@ are freed, it goes back to the front of the queue, and when admitted again it re
 sequence (prompt, images' features and the tokens it already produced) and goes on where it
 stopped. A waiting request never preempts a running one; it waits.
 
+With prefix caching (a ``BlockHasher``), a request admitted with nothing computed (a new sequence,
+or a preempted one coming back) first takes the cached blocks of its longest cached prefix of full
+blocks and computes only the rest: at least its last token, whose logits it needs. After each step
+the full blocks a step completed are registered under their hashes (``KVCacheManager``).
+
 ``schedule()`` returns a ``SchedulerOutput``: plain data (request ids, token ranges, block ids) that
 the engine turns into the model runner's inputs. ``step_done()`` then records what was computed.
 """
@@ -23,21 +28,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from spyre_backend.config import SchedulerConfig
 from spyre_backend.engine.kv_cache_manager import KVCacheManager
+from spyre_backend.engine.prefix_cache import BlockHasher
 from spyre_backend.engine.request import Request
 from spyre_backend.engine.sessions import SessionTable
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_running: int = 16  # requests admitted at once (the decode batch)
-    prefill_chunk: int = 512  # most prompt tokens of one request in one step
-    max_num_batched_tokens: int = 0  # tokens per step; 0: prefill_chunk + max_running
-    max_prefills: int = 1  # requests that get a prompt chunk in one step
-
-    @property
-    def token_budget(self) -> int:
-        return self.max_num_batched_tokens or self.prefill_chunk + self.max_running
 
 
 @dataclass(frozen=True)
@@ -75,13 +70,17 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, sessions: SessionTable, config: SchedulerConfig):
+    def __init__(self, kv: KVCacheManager, sessions: SessionTable, config: SchedulerConfig,
+                 hasher: BlockHasher | None = None):
         self.kv = kv
         self.sessions = sessions
         self.config = config
+        self.hasher = hasher  # None: no prefix caching
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
+        self.prefix_queries = 0  # tokens of sequences looked up in the prefix cache, since start
+        self.prefix_hits = 0  # of those, tokens found cached
 
     def add(self, request: Request) -> None:
         """Queue a request whose session holds its prompt (``session.token_ids``)."""
@@ -118,13 +117,20 @@ class Scheduler:
         # admit waiting requests, first come first served, unless this step had to preempt
         while (self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_running):
             request = self.waiting[0]
-            n = self._tokens_for(request, budget, prefills)
-            if n == 0:
-                break
             session = request.session
-            self._evict_idle(self.kv.num_missing(session.sequence_id, session.num_computed + n), out)
-            if not self.kv.allocate(session.sequence_id, session.num_computed + n):
+            cached = self._take_cached_prefix(request)  # None: not looked up
+            n = self._tokens_for(request, budget, prefills)
+            if n == 0 or not (self._evict_idle(self.kv.num_missing(session.sequence_id, session.num_computed + n), out)
+                              and self.kv.allocate(session.sequence_id, session.num_computed + n)):
+                if cached:  # give the blocks back while waiting (they stay cached): waiting holds nothing
+                    self.kv.free(session.sequence_id)
+                    session.num_computed = 0
                 break  # FCFS: later requests wait behind this one
+            if cached is not None:
+                self.prefix_queries += len(session.token_ids)
+                self.prefix_hits += cached
+                if not request.sampled_any:
+                    request.num_cached_tokens = cached
             self.waiting.popleft()
             self.running.append(request)
             out.sequences.append(self._scheduled(request, n))
@@ -138,11 +144,26 @@ class Scheduler:
         for seq in out.sequences:
             request = running.get(seq.request_id)  # None: it ended while its step was being built
             if request is not None:
-                request.session.num_computed = seq.start + seq.num_tokens
+                session = request.session
+                session.num_computed = seq.start + seq.num_tokens
                 if not request.sampled_any:
                     request.num_prefill_tokens += seq.num_tokens
+                if self.hasher is not None:
+                    full = session.num_computed // self.kv.block_size
+                    self.kv.register_full_blocks(session.sequence_id, self.hasher.hashes(session, full))
 
     # -- helpers -----------------------------------------------------------------------------
+    def _take_cached_prefix(self, request: Request) -> int | None:
+        """A request with nothing computed takes its cached leading blocks; returns their tokens
+        (None where it has computed tokens already, or without prefix caching)."""
+        session = request.session
+        if self.hasher is None or session.num_computed or self.kv.block_ids(session.sequence_id):
+            return None
+        usable = (len(session.token_ids) - 1) // self.kv.block_size  # the last token is always computed
+        blocks = self.kv.take_cached(session.sequence_id, self.hasher.hashes(session, usable)) if usable else 0
+        session.num_computed = blocks * self.kv.block_size
+        return session.num_computed
+
     def _tokens_for(self, request: Request, budget: int, prefills: int) -> int:
         need = request.session.num_uncomputed
         if need <= 1:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import AutoProcessor
 
+from spyre_backend.config import InputLimits, ServingConfig
 from spyre_backend.engine.sampling_params import InvalidRequest
 from spyre_backend.preprocess.images import decode_image
 
@@ -22,26 +23,12 @@ class ProcessedPrompt:
     image_sizes: np.ndarray  # [num_images, 2] int64 (height, width)
 
 
-@dataclass
-class InputLimits:
-    max_images: int = 8
-    max_image_bytes: int = 20 * 2**20
-    max_image_pixels: int = 4096 * 4096
-    max_text_bytes: int = 2**20
-    max_prompt_tokens: int = 4096
-
-    @classmethod
-    def from_config(cls, config) -> "InputLimits":
-        return cls(config.max_images, config.max_image_bytes, config.max_image_pixels, config.max_text_bytes,
-                   config.max_prompt_tokens or config.max_context)
-
-
 class Preprocessor:
     def __init__(self, checkpoint: str, limits: InputLimits | None = None):
         self.processor = AutoProcessor.from_pretrained(checkpoint)
         self.tokenizer = self.processor.tokenizer
         self.image_token = self.processor.image_token
-        self.limits = limits or InputLimits()
+        self.limits = limits or ServingConfig().input_limits()
         crop = self.processor.image_processor.crop_size
         self._crop_hw = (crop["height"], crop["width"])
 

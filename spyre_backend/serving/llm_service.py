@@ -17,10 +17,9 @@ import torch
 from transformers import AutoTokenizer
 
 from spyre_backend.config import ServingConfig
-from spyre_backend.engine.llm_engine import EngineLimits, EngineStats, LLMEngine
+from spyre_backend.engine.llm_engine import EngineStats, LLMEngine
 from spyre_backend.engine.model_runner import ModelRunner
 from spyre_backend.engine.request import Request, RequestOutput
-from spyre_backend.engine.scheduler import SchedulerConfig
 from spyre_backend.engine.sampling_params import InvalidRequest, SamplingParams
 from spyre_backend.multimodal import get_spec
 from spyre_backend.multimodal.registry import read_config
@@ -54,25 +53,24 @@ class LLMService:
         threads = config.apply_process_settings(read_config(checkpoint)["text_config"]["hidden_size"])
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.spec = get_spec(checkpoint)
+        cache, scheduler = config.cache, config.scheduler
         runner = ModelRunner(
-            checkpoint, plan=config.device_plan(), spec=self.spec, num_kv_blocks=config.kv_blocks,
-            block_size=config.block_size, max_context=config.max_context, prefill_chunk=config.prefill_chunk,
-            decode_batch_sizes=config.decode_batch_sizes,
+            checkpoint, plan=config.device.plan(), spec=self.spec,
+            num_kv_blocks=lambda bytes_per_token: cache.kv_blocks(bytes_per_token, scheduler.max_running),
+            block_size=cache.block_size, max_context=cache.max_context, prefill_chunk=scheduler.prefill_chunk,
+            decode_batch_sizes=cache.decode_batch_sizes,
         )
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        limits = EngineLimits(SchedulerConfig(config.max_running, config.prefill_chunk,
-                                              config.max_num_batched_tokens),
-                              session_ttl_s=config.session_ttl_s, max_request_s=config.max_request_s,
-                              max_sessions=config.max_sessions)
-        self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids=eos, limits=limits, on_step=on_stats)
+        self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids=eos, scheduler=scheduler, limits=config.engine,
+                                enable_prefix_caching=cache.enable_prefix_caching, on_step=on_stats)
         loaded = time.monotonic() - started
         self.engine.start()
         warmed = warmup_llm(self, checkpoint) if warmup else 0.0
         plan = runner.plan
         log.warning("granite_llm: loaded %s in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; %d static shapes; "
                     "KV %d blocks of %d tokens)", checkpoint, loaded, warmed, plan.kind, plan.compile_backend,
-                    config.dtype, threads, len(runner.shape_set()), runner.kv_pool.num_blocks,
-                    config.block_size)
+                    config.device.dtype, threads, len(runner.shape_set()), runner.kv_pool.num_blocks,
+                    cache.block_size)
 
     def submit(self, inputs: GenerateInputs, send: Callable[[str, RequestOutput], None],
                is_cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -81,11 +79,11 @@ class LLMService:
         Raises InvalidRequest for a request that can never run.
         """
         params = SamplingParams.from_request(inputs.sampling_parameters, max_tokens=inputs.max_tokens,
-                                             default_max_tokens=self.config.default_max_tokens,
+                                             default_max_tokens=self.config.engine.default_max_tokens,
                                              overrides=inputs.sampling_overrides)
-        if params.max_tokens > self.config.max_tokens_limit:
+        if params.max_tokens > self.config.engine.max_tokens_limit:
             raise InvalidRequest(f"max_tokens {params.max_tokens} is over the limit "
-                                 f"max_tokens_limit={self.config.max_tokens_limit}")
+                                 f"max_tokens_limit={self.config.engine.max_tokens_limit}")
         features = None
         if inputs.image_features is not None and inputs.image_features.size:
             features = torch.from_numpy(np.ascontiguousarray(inputs.image_features))

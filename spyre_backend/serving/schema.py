@@ -35,6 +35,7 @@ GENERATION_OUTPUTS: list[tuple[str, str, list[int]]] = [
     ("finish_reason", "TYPE_STRING", [-1]),
     ("num_input_tokens", "TYPE_INT32", [1]),
     ("num_output_tokens", "TYPE_INT32", [1]),
+    ("num_cached_tokens", "TYPE_INT32", [1]),  # prompt tokens served from the prefix cache (vLLM's cached_tokens)
     ("logprobs", "TYPE_STRING", [-1]),
 ]
 

@@ -83,7 +83,7 @@ def error_response(pb_utils, message: str):
 
 
 def text_response(pb_utils, text: str, finish_reason: str, num_input: int, num_output: int,
-                  logprobs: list | None = None, names=None):
+                  logprobs: list | None = None, names=None, num_cached: int = 0):
     """A response with the standard outputs, or only ``names`` (the outputs the requester asked for:
     Triton 2.51's stub drops the others without holding the GIL, which can crash it)."""
     values = {
@@ -91,6 +91,7 @@ def text_response(pb_utils, text: str, finish_reason: str, num_input: int, num_o
         "finish_reason": lambda: np.array([finish_reason.encode()], dtype=np.object_),
         "num_input_tokens": lambda: np.array([num_input], dtype=np.int32),
         "num_output_tokens": lambda: np.array([num_output], dtype=np.int32),
+        "num_cached_tokens": lambda: np.array([num_cached], dtype=np.int32),
         "logprobs": lambda: np.array([json.dumps(logprobs).encode() if logprobs is not None else b""],
                                      dtype=np.object_),
     }

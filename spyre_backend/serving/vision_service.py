@@ -26,17 +26,17 @@ class VisionService:
         started = time.monotonic()
         checkpoint = config.checkpoint_dir
         threads = config.apply_process_settings(read_config(checkpoint)["vision_config"]["hidden_size"])
-        plan = config.device_plan()
-        self.encoder = VisionEncoder(checkpoint, plan, max_crop_batch=config.max_crop_batch)
+        plan = config.device.plan()
+        self.encoder = VisionEncoder(checkpoint, plan, max_crop_batch=config.vision.max_crop_batch)
         loaded = time.monotonic() - started
         warmed = warmup_vision(self.encoder, checkpoint, get_spec(checkpoint))
         plan.seal_compiled()  # every crop batch ran; this process serves this model only
         # attached after warmup, so that the warmup image neither counts nor takes room
-        if config.encoder_cache_mb:
-            self.encoder.cache = EncoderCache(config.encoder_cache_mb * 2**20)
+        if config.vision.encoder_cache_mb:
+            self.encoder.cache = EncoderCache(config.vision.encoder_cache_mb * 2**20)
         log.warning("vision_encoder: loaded in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; crop batches %s; "
-                    "encoder cache %d MiB)", loaded, warmed, plan.kind, plan.compile_backend, config.dtype, threads,
-                    sorted(self.encoder.crop_batches_run), config.encoder_cache_mb)
+                    "encoder cache %d MiB)", loaded, warmed, plan.kind, plan.compile_backend, config.device.dtype, threads,
+                    sorted(self.encoder.crop_batches_run), config.vision.encoder_cache_mb)
 
     def encode(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> np.ndarray:
         """[n_features, hidden] float32 features of every image of one request, in order."""

@@ -45,6 +45,7 @@ class TritonPythonModel:
             "running": self._requests.Metric(labels={"state": "running"}),
             "waiting": self._requests.Metric(labels={"state": "waiting"}),
             "sessions": self._sessions.Metric(labels={}),
+            "cached_blocks": self._kv.Metric(labels={"state": "cached"}),  # held or free, reusable by content
         }
         self._gauge_values = {}  # as last sent
         self._finished_family = pb_utils.MetricFamily(
@@ -57,6 +58,15 @@ class TritonPythonModel:
             description="Running requests preempted for KV blocks (resumed later by recomputing their prefill)")
         self._preemptions = self._preemptions_family.Metric(labels={})
         self._preemptions_seen = 0
+        self._prefix_families = [
+            pb_utils.MetricFamily(name="spyre_prefix_cache_queries_total", kind=pb_utils.MetricFamily.COUNTER,
+                                  description="Tokens of sequences looked up in the prefix cache at admission"),
+            pb_utils.MetricFamily(name="spyre_prefix_cache_hits_total", kind=pb_utils.MetricFamily.COUNTER,
+                                  description="Of those, tokens whose KV blocks were found cached"),
+        ]
+        self._prefix_counters = {name: family.Metric(labels={}) for name, family in
+                                 zip(("prefix_queries", "prefix_hits"), self._prefix_families)}
+        self._prefix_seen = {"prefix_queries": 0, "prefix_hits": 0}
         counter, histogram = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM
         self._token_families = [
             pb_utils.MetricFamily(name="spyre_prompt_tokens_total", kind=counter,
@@ -80,8 +90,14 @@ class TritonPythonModel:
         if stats.preemptions > self._preemptions_seen:
             self._preemptions.increment(stats.preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.preemptions
+        for name, counter in self._prefix_counters.items():
+            total = getattr(stats, name)
+            if total > self._prefix_seen[name]:
+                counter.increment(total - self._prefix_seen[name])
+                self._prefix_seen[name] = total
         values = {"free_blocks": stats.free_blocks, "used_blocks": stats.total_blocks - stats.free_blocks,
-                  "running": stats.running, "waiting": stats.waiting, "sessions": stats.sessions}
+                  "running": stats.running, "waiting": stats.waiting, "sessions": stats.sessions,
+                  "cached_blocks": stats.cached_blocks}
         # each set is a round trip to the server that holds the GIL (the sender thread waits):
         # send only the gauges that changed
         for name, value in values.items():
@@ -124,7 +140,7 @@ class TritonPythonModel:
                     return
                 reason = out.finish_reason.value if out.finish_reason else ""
                 response = io.text_response(pb_utils, text, reason, out.num_input_tokens, out.num_output_tokens,
-                                            out.logprobs, names=names)
+                                            out.logprobs, names=names, num_cached=out.num_cached_tokens)
                 sender.send(response, flags=FINAL if out.finished else 0)
             finally:
                 if out.finished:
@@ -171,3 +187,5 @@ class TritonPythonModel:
         del self._prompt_tokens, self._generation_tokens, self._ttft, self._tpot, self._e2e
         self._token_families.clear()
         self._latency_families.clear()
+        self._prefix_counters.clear()
+        self._prefix_families.clear()

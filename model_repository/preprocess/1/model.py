@@ -4,14 +4,14 @@ import triton_python_backend_utils as pb_utils
 
 from spyre_backend.config import ServingConfig
 from spyre_backend.engine.sampling_params import InvalidRequest
-from spyre_backend.preprocess.processor import InputLimits, Preprocessor
+from spyre_backend.preprocess.processor import Preprocessor
 from spyre_backend.serving import triton_io as io
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = ServingConfig.from_model_config(args["model_config"])
-        self.preprocessor = Preprocessor(config.checkpoint_dir, InputLimits.from_config(config))
+        self.preprocessor = Preprocessor(config.checkpoint_dir, config.input_limits())
 
     def execute(self, requests):
         responses = []

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench import vllm_peer
-from bench.session import FIRST_SESSION_ID, _Stream
+from bench.session import FIRST_SESSION_ID, TritonStream
 from bench.workload import Workload
 
 FOLLOW_UPS = ["What color is the background?", "Is there anything else in the picture?"]
@@ -71,7 +71,7 @@ def _image_part(png: bytes) -> dict:
 
 def measure_ours(url: str, workload: Workload, repeats: int, first_index: int) -> dict:
     out = {"second_question": [[], []], "resent": [[], [], []], "session": [[], [], []]}
-    stream = _Stream(url)
+    stream = TritonStream(url)
     plain = {"max_tokens": workload.max_tokens, "stream": True}
     try:
         stream.first_token_ms({"text_input": "Hello", "max_tokens": 1, "stream": True})  # connect

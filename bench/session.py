@@ -21,7 +21,7 @@ TURN_2 = "\n<|user|>\nWhat color is the background?\n<|assistant|>\n"
 FIRST_SESSION_ID = 770_000  # far from the ids perf_analyzer and the load generator use
 
 
-class _Stream:
+class TritonStream:
     """One gRPC stream kept open for every request, as a chat client keeps its connection: the
     connection's setup is not part of any request's time to first token."""
 
@@ -53,7 +53,7 @@ class _Stream:
 
 def measure(url: str, workload: Workload, repeats: int = 8) -> dict:
     second, fresh = [], []
-    stream = _Stream(url)
+    stream = TritonStream(url)
     try:
         stream.first_token_ms({"text_input": "Hello", "max_tokens": 1, "stream": True})  # connect
         for i in range(repeats):

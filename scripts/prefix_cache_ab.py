@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 from bench.loadgen import EngineTarget, closed_loop
 from bench.main import serving_config
@@ -29,8 +30,6 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=64)
     args = p.parse_args(argv)
-
-    from pathlib import Path
 
     from spyre_backend.preprocess.processor import Preprocessor
     from spyre_backend.serving.llm_service import LLMService

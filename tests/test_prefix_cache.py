@@ -7,7 +7,6 @@ The tiny checkpoint's KV blocks are 64 tokens, so an image prompt has one or two
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.images import shape_png
 from tests.test_engine import make_stack
@@ -35,7 +34,7 @@ def no_leaks(stacks):
         assert engine.num_free_blocks == engine.kv.num_usable and len(engine.sessions) == 0
 
 
-def full_blocks_before(ids: torch.Tensor, position: int) -> int:
+def full_blocks_before(position: int) -> int:
     return position // BLOCK * BLOCK
 
 
@@ -58,7 +57,7 @@ def test_another_image_with_the_same_text_never_gets_the_first_images_blocks(sta
     red, blue = on.submit(question, [RED]).wait(), on.submit(question, [BLUE]).wait()
     ids, _ = on.prompt(question, [BLUE])
     first_image_position = int((ids == on.engine.image_token_id).nonzero()[0])
-    assert blue.final.num_cached_tokens == full_blocks_before(ids, first_image_position)
+    assert blue.final.num_cached_tokens == full_blocks_before(first_image_position)
     for image, got in ((RED, red), (BLUE, blue)):
         assert got.text == reference.generate(reference.chat_prompt(question, 1), [image], MAX_TOKENS)["text"]
 
@@ -69,7 +68,7 @@ def test_a_second_question_about_the_same_image_reuses_the_image_blocks(stacks, 
     second = on.submit("What shape is it?", [SQUARE]).wait()
     ids, _ = on.prompt("What shape is it?", [SQUARE])
     last_image_position = int((ids == on.engine.image_token_id).nonzero()[-1])
-    assert second.final.num_cached_tokens >= full_blocks_before(ids, last_image_position) > 0
+    assert second.final.num_cached_tokens >= full_blocks_before(last_image_position) > 0
     assert second.text == reference.generate(reference.chat_prompt("What shape is it?", 1), [SQUARE],
                                              MAX_TOKENS)["text"]
 

@@ -183,7 +183,7 @@ def test_a_session_turn_computes_only_what_the_cache_lacks():
 def test_block_pool_reference_counts():
     pool = BlockPool(4)
     blocks = pool.allocate(2)
-    pool.share(blocks[:1])
+    pool.take(blocks[:1])
     pool.release(blocks)
     assert pool.num_free == 2 and pool.refs(blocks[0]) == 1  # still held by its second owner
     pool.release(blocks[:1])

@@ -73,12 +73,6 @@ class BlockPool:
                 del self._cached[digest]
         return blocks
 
-    def share(self, blocks: list[int]) -> None:
-        for b in blocks:
-            if self._refs[b] <= 0:
-                raise ValueError(f"block {b} is not allocated")
-            self._refs[b] += 1
-
     def release(self, blocks: list[int]) -> None:
         for b in blocks:
             if self._refs[b] <= 0:
@@ -108,7 +102,8 @@ class BlockPool:
         return blocks
 
     def take(self, blocks: list[int]) -> None:
-        """Take a reference to cached blocks, free or held."""
+        """Take a reference to blocks, held or free (a free one must still be cached: it leaves
+        the free queue)."""
         for b in blocks:
             if self._refs[b] == 0:
                 del self._free[b]

@@ -141,30 +141,28 @@ class ModelRunner:
         (decode rows) run together in one decode program; where steps mix, a step of one chunk and
         decode rows runs as one mixed program.
         """
-        logits: list[torch.Tensor | None] = [None] * len(sequences)
         chunks = [i for i, seq in enumerate(sequences) if len(seq.token_ids) > 1]
         decode_rows = [i for i, seq in enumerate(sequences) if len(seq.token_ids) == 1]
         # at most max_running decode rows: decode_inputs refuses more than its largest batch
         rows = [sequences[i] for i in decode_rows]
+        chunk_embeds = {i: self.embed_prompt(torch.tensor(sequences[i].token_ids), sequences[i].image_features)
+                        for i in chunks}
+        runs: list[tuple[list[int], StepInputs]] = []  # (the sequences' indexes, in output row order), inputs
         if self.mixes_steps and len(chunks) == 1 and rows:
             seq = sequences[chunks[0]]
-            out = self.forward(self.mixed_inputs(
-                self.embed_prompt(torch.tensor(seq.token_ids), seq.image_features), seq.start, list(seq.block_ids),
-                self._decode_embeds(rows), [row.start for row in rows], [list(row.block_ids) for row in rows]))
-            for j, i in enumerate(chunks + decode_rows):
-                if sequences[i].wants_logits:
-                    logits[i] = out[j]
-            return logits
-        for i in chunks:
-            seq = sequences[i]
-            embeds = self.embed_prompt(torch.tensor(seq.token_ids), seq.image_features)
-            out = self.forward(self.prefill_inputs(embeds, seq.start, list(seq.block_ids)))
-            if seq.wants_logits:
-                logits[i] = out[0]
-        if rows:
-            out = self.forward(self.decode_inputs(self._decode_embeds(rows), [seq.start for seq in rows],
-                                                  [list(seq.block_ids) for seq in rows]))
-            for j, i in enumerate(decode_rows):
+            runs.append((chunks + decode_rows, self.mixed_inputs(
+                chunk_embeds[chunks[0]], seq.start, list(seq.block_ids),
+                self._decode_embeds(rows), [row.start for row in rows], [list(row.block_ids) for row in rows])))
+        else:
+            runs += [([i], self.prefill_inputs(chunk_embeds[i], sequences[i].start, list(sequences[i].block_ids)))
+                     for i in chunks]
+            if rows:
+                runs.append((decode_rows, self.decode_inputs(self._decode_embeds(rows), [seq.start for seq in rows],
+                                                             [list(seq.block_ids) for seq in rows])))
+        logits: list[torch.Tensor | None] = [None] * len(sequences)
+        for indexes, step in runs:
+            out = self.forward(step)
+            for j, i in enumerate(indexes):
                 if sequences[i].wants_logits:
                     logits[i] = out[j]
         return logits
@@ -279,10 +277,8 @@ class ModelRunner:
             embeds, position_ids=positions, past_key_value_states=self.kv_pool.layers, use_cache=True,
             attn_name=self.attn_name, slot_mapping=slots, block_table=block_table, **attn,
         )
-        if decode_block_table is None:
-            last = hidden[torch.arange(hidden.shape[0], device=embeds.device), last_index]
-        else:
-            last = hidden[0, last_index]
+        # a row per sequence; a mixed step's one row broadcasts against its 1 + rows indexes
+        last = hidden[torch.arange(hidden.shape[0], device=embeds.device), last_index]
         return (self.lm.head(last) / self.logits_scaling).float()
 
     @torch.no_grad()

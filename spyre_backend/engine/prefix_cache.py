@@ -29,7 +29,7 @@ def block_hash(parent: bytes, token_ids: list[int], features: torch.Tensor | Non
     if features is not None and features.shape[0]:
         rows = features.detach().cpu().contiguous()
         digest.update(str(rows.dtype).encode())
-        digest.update(rows.view(torch.uint8).numpy().tobytes())
+        digest.update(rows.view(torch.uint8).numpy())  # read in place, not copied
     return digest.digest()
 
 

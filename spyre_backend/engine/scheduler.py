@@ -148,8 +148,8 @@ class Scheduler:
                 session.num_computed = seq.start + seq.num_tokens
                 if not request.sampled_any:
                     request.num_prefill_tokens += seq.num_tokens
-                if self.hasher is not None:
-                    full = session.num_computed // self.kv.block_size
+                full = session.num_computed // self.kv.block_size
+                if self.hasher is not None and full * self.kv.block_size > seq.start:  # it filled a block
                     self.kv.register_full_blocks(session.sequence_id, self.hasher.hashes(session, full))
 
     # -- helpers -----------------------------------------------------------------------------

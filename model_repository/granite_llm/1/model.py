@@ -53,20 +53,19 @@ class TritonPythonModel:
             kind=pb_utils.MetricFamily.COUNTER)
         self._finished = {reason: self._finished_family.Metric(labels={"reason": reason})
                           for reason in ("stop", "length", "cancelled", "timeout", "error")}
-        self._preemptions_family = pb_utils.MetricFamily(
-            name="spyre_preemptions_total", kind=pb_utils.MetricFamily.COUNTER,
-            description="Running requests preempted for KV blocks (resumed later by recomputing their prefill)")
-        self._preemptions = self._preemptions_family.Metric(labels={})
-        self._preemptions_seen = 0
-        self._prefix_families = [
+        # counters of engine totals (EngineStats), incremented by what each total grew
+        self._total_families = [
+            pb_utils.MetricFamily(
+                name="spyre_preemptions_total", kind=pb_utils.MetricFamily.COUNTER,
+                description="Running requests preempted for KV blocks (resumed later by recomputing their prefill)"),
             pb_utils.MetricFamily(name="spyre_prefix_cache_queries_total", kind=pb_utils.MetricFamily.COUNTER,
                                   description="Tokens of sequences looked up in the prefix cache at admission"),
             pb_utils.MetricFamily(name="spyre_prefix_cache_hits_total", kind=pb_utils.MetricFamily.COUNTER,
                                   description="Of those, tokens whose KV blocks were found cached"),
         ]
-        self._prefix_counters = {name: family.Metric(labels={}) for name, family in
-                                 zip(("prefix_queries", "prefix_hits"), self._prefix_families)}
-        self._prefix_seen = {"prefix_queries": 0, "prefix_hits": 0}
+        self._totals = {name: family.Metric(labels={}) for name, family in
+                        zip(("preemptions", "prefix_queries", "prefix_hits"), self._total_families)}
+        self._totals_seen = dict.fromkeys(self._totals, 0)
         counter, histogram = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM
         self._token_families = [
             pb_utils.MetricFamily(name="spyre_prompt_tokens_total", kind=counter,
@@ -87,14 +86,11 @@ class TritonPythonModel:
             self._latency_families, (TTFT_BUCKETS, TPOT_BUCKETS, E2E_BUCKETS)))
 
     def _on_stats(self, stats):
-        if stats.preemptions > self._preemptions_seen:
-            self._preemptions.increment(stats.preemptions - self._preemptions_seen)
-            self._preemptions_seen = stats.preemptions
-        for name, counter in self._prefix_counters.items():
+        for name, counter in self._totals.items():
             total = getattr(stats, name)
-            if total > self._prefix_seen[name]:
-                counter.increment(total - self._prefix_seen[name])
-                self._prefix_seen[name] = total
+            if total > self._totals_seen[name]:
+                counter.increment(total - self._totals_seen[name])
+                self._totals_seen[name] = total
         values = {"free_blocks": stats.free_blocks, "used_blocks": stats.total_blocks - stats.free_blocks,
                   "running": stats.running, "waiting": stats.waiting, "sessions": stats.sessions,
                   "cached_blocks": stats.cached_blocks}
@@ -183,9 +179,9 @@ class TritonPythonModel:
         at interpreter exit, reaches for freed shared memory and the stub segfaults on the way out."""
         self._gauges.clear()
         self._finished.clear()
-        del self._kv, self._requests, self._sessions, self._finished_family, self._preemptions, self._preemptions_family
+        del self._kv, self._requests, self._sessions, self._finished_family
         del self._prompt_tokens, self._generation_tokens, self._ttft, self._tpot, self._e2e
         self._token_families.clear()
         self._latency_families.clear()
-        self._prefix_counters.clear()
-        self._prefix_families.clear()
+        self._totals.clear()
+        self._total_families.clear()

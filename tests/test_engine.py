@@ -243,3 +243,34 @@ def test_idle_sessions_expire(stack):
         assert stack.engine.sessions.get(31) is None
     finally:
         stack.engine.sessions.ttl_s = ttl
+
+
+def test_the_image_placeholder_is_never_sampled(stack):
+    """A sampled <image> would be taken for an image without features (it ended the request with
+    an error mid-stream): at temperature 100, seed 0, the tiny model drew it within 130 tokens."""
+    params = SamplingParams(max_tokens=300, temperature=100.0, seed=0, ignore_eos=True)
+    handle = stack.submit("hi", chat=False, params=params).wait()
+    out = handle.final
+    assert out.error is None and out.num_output_tokens == 300, out
+    placeholder = stack.engine.image_token_id
+    params = SamplingParams(max_tokens=300, temperature=100.0, seed=0, ignore_eos=True, logprobs=0)
+    entries = [e for o in stack.submit("hi", chat=False, params=params).wait().outputs for e in (o.logprobs or [])]
+    assert len(entries) == 300 and placeholder not in [e["token_id"] for e in entries]
+
+
+def test_max_tokens_none_means_what_the_context_leaves(stack):
+    ids, _ = stack.prompt("Say hello.", [], chat=True)
+    room = stack.engine.room_for(len(ids))
+    assert room == 1024 - len(ids)  # max_context of this stack; the pool holds 4 full contexts
+    from spyre_backend.serving.llm_service import GenerateInputs
+
+    sent = []
+    inputs = GenerateInputs(input_ids=ids.numpy(), image_features=None, prompt_text="", stream=True,
+                            exclude_input_in_output=True, max_tokens=None,
+                            sampling_parameters='{"max_tokens": null, "ignore_eos": true}', sampling_overrides={},
+                            sequence_id=None, sequence_start=True, sequence_end=True)
+    stack.service.submit(inputs, lambda text, out: sent.append(out))
+    deadline = time.monotonic() + 300
+    while not (sent and sent[-1].finished) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sent[-1].finish_reason.value == "length" and sent[-1].num_output_tokens == room

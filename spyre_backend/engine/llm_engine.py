@@ -102,6 +102,11 @@ class LLMEngine:
             raise InvalidRequest(f"image features are {request.image_features.shape[-1]} wide; the LLM takes "
                                  f"{self.runner.hidden_size}")
 
+    def room_for(self, num_prompt_tokens: int) -> int:
+        """How many tokens a one-off request with this prompt could generate (context and pool)."""
+        usable_tokens = self.kv.num_usable * self.kv.block_size
+        return min(self.runner.max_context, usable_tokens) - num_prompt_tokens
+
     def _check_fits_pool(self, num_tokens: int) -> None:
         """A sequence must fit the KV pool alone, or preempting the others would never make room."""
         need, usable = self.kv.blocks_for(num_tokens), self.kv.num_usable
@@ -323,7 +328,9 @@ class LLMEngine:
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> None:
         rows = [SampleRow(r.params, r.generator, r.prompt_ids, r.output_ids, self.output.banned_tokens(r))
                 for r in requests]
-        results = sample(logits, rows)
+        # never the image placeholder: the engine finds images by that token id, so a sampled one
+        # would be taken for an image without features (a text token for transformers)
+        results = sample(logits, rows, never=[self.image_token_id])
         now = time.monotonic()  # one clock read per step: every row's token is ready now
         for request, result in zip(requests, results):
             try:

@@ -68,9 +68,12 @@ def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | 
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
-def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sample]:
-    """logits: float32 [n, vocab] for the n real rows (padding rows already dropped)."""
+def sample(logits: torch.Tensor, rows: list[SampleRow], never: list[int] = ()) -> list[Sample]:
+    """logits: float32 [n, vocab] for the n real rows (padding rows already dropped), a tensor of
+    this step's own (masked in place). ``never``: tokens no row may sample."""
     logits = logits.cpu()
+    if never:
+        logits[:, list(never)] = float("-inf")
     simple = [r.params.greedy and not (r.params.has_penalties or r.params.logprobs is not None) for r in rows]
     # greedy rows with tokens not allowed yet (eos before min_tokens) are masked all in one op:
     # per row it was a few small ops each, 0.2 ms of a batch-16 step

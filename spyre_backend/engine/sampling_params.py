@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, fields
 
 
@@ -18,11 +19,23 @@ TRTLLM_INPUTS = {
     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
 }
 MAX_LOGPROBS = 20
+MAX_JSON_DEPTH = 16  # sampling_parameters nest 2 deep; Python's parser recurses once per level
+_JSON_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def check_json_depth(text: str, limit: int, what: str) -> None:
+    """Refuse JSON nested deeper than ``limit`` before parsing it: ``json.loads`` recurses per
+    level and a few thousand brackets end in a RecursionError."""
+    depth = 0
+    for bracket in re.findall(r"[\[\]{}]", _JSON_STRINGS.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > limit:
+            raise InvalidRequest(f"{what} is nested more than {limit} levels deep")
 
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: what the context leaves (resolved before the engine sees it)
     min_tokens: int = 0  # eos and stop tokens are suppressed until this many tokens exist
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 or -1: no limit
@@ -51,6 +64,7 @@ class SamplingParams:
         """``sampling_parameters`` JSON, then separate inputs (``overrides``, TRT-LLM names) on top."""
         values: dict = {}
         if text:
+            check_json_depth(text, MAX_JSON_DEPTH, "sampling_parameters")
             try:
                 values = json.loads(text)
             except json.JSONDecodeError as exc:
@@ -82,8 +96,9 @@ class SamplingParams:
         def is_num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
 
-        check(is_int(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        check(is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+        check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
+              f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        check(is_int(self.min_tokens) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
               f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
         check(is_num(self.temperature) and 0.0 <= self.temperature <= 100.0,
               f"temperature must be a number in [0, 100], got {self.temperature!r}")

@@ -10,6 +10,7 @@ directory onto LD_LIBRARY_PATH. The checkpoint reaches the models through SPYRE_
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import socket
@@ -40,6 +41,17 @@ class ServerOptions:
 
 class ServerStartError(RuntimeError):
     pass
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the launcher dies, even by SIGKILL. tritonserver runs
+    in a session of its own (our signals are forwarded explicitly), so nothing else would reach it
+    and it would go on holding the ports; its stubs exit when it does."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -137,6 +149,7 @@ class TritonServer:
             stdout=stdout,
             stderr=subprocess.STDOUT if stdout else None,
             start_new_session=True,  # our signals are forwarded explicitly
+            preexec_fn=die_with_parent,
         )
         self._wait_ready(timeout_s)
         return self
@@ -194,8 +207,70 @@ class TritonServer:
         return self.process.returncode
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ServerOptions, float]:
-    p = argparse.ArgumentParser(description="Serve Granite Vision with tritonserver (Python backend, ensemble).")
+class OpenAIFront:
+    """The OpenAI-compatible front (``spyre_backend.openai_api.app``) as a child process beside
+    tritonserver, bound where Triton binds; used by the launcher CLI and by the tests."""
+
+    def __init__(self, server: TritonServer, port: int = 9000, *, model_name: str = "",
+                 allowed_media_domains: str = "", allow_private_media_addresses: bool = False,
+                 log_path: Path | None = None):
+        self.server, self.port = server, port
+        self.args = ["--served-model-name", model_name, "--allowed-media-domains", allowed_media_domains]
+        if allow_private_media_addresses:
+            self.args.append("--allow-private-media-addresses")
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server.options.host}:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> "OpenAIFront":
+        opts = self.server.options
+        if not port_is_free(opts.host, self.port):
+            raise ServerStartError(f"port {self.port} on {opts.host} is already in use (--openai-port)")
+        if self.log_path is not None:
+            self._log_file = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "spyre_backend.openai_api.app", "--triton-url", self.server.grpc_url,
+             "--checkpoint", str(Path(opts.checkpoint).resolve()), "--host", opts.host, "--port", str(self.port),
+             *self.args],
+            stdout=self._log_file, stderr=subprocess.STDOUT if self._log_file else None,
+            preexec_fn=die_with_parent,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:  # /v1/models answers before Triton is ready
+            if self.process.poll() is not None:
+                raise ServerStartError(f"the OpenAI front exited with code {self.process.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v1/models", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise ServerStartError(f"the OpenAI front did not answer on {self.url} within {timeout_s:.0f} s")
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log_file:
+            self._log_file.close()
+        return self.process.returncode
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Serve Granite Vision with tritonserver (Python backend, ensemble) "
+                                            "and an OpenAI-compatible API beside it.")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                    help="HF LlavaNext checkpoint directory (default: the shipped tiny Granite Vision)")
     p.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY)
@@ -203,20 +278,33 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerOptions, float]:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--openai-port", type=int, default=9000, help="the OpenAI-compatible API (default 9000)")
+    p.add_argument("--no-openai", action="store_true", help="serve Triton's endpoints only")
+    p.add_argument("--served-model-name", default="", help="OpenAI model id (default: the checkpoint dir name)")
+    p.add_argument("--allowed-media-domains", default="",
+                   help="comma-separated domains whose http(s) image URLs the OpenAI API fetches (default: none)")
+    p.add_argument("--allow-private-media-addresses", action="store_true",
+                   help="let allowed image URLs resolve to private, loopback or link-local addresses")
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("tritonserver_args", nargs="*", help="extra tritonserver flags, after --")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def server_options(a: argparse.Namespace) -> ServerOptions:
     return ServerOptions(
         checkpoint=a.checkpoint, model_repository=a.model_repository, host=a.host,
         http_port=a.http_port, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
         log_verbose=a.log_verbose, extra_args=a.tritonserver_args,
-    ), a.startup_timeout
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    options, startup_timeout = parse_args(argv)
-    server = TritonServer(options)
+    a = parse_args(argv)
+    server = TritonServer(server_options(a))
+    front = None if a.no_openai else OpenAIFront(
+        server, a.openai_port, model_name=a.served_model_name, allowed_media_domains=a.allowed_media_domains,
+        allow_private_media_addresses=a.allow_private_media_addresses)
 
     def forward(sig, _frame):
         server.send_signal(signal.SIGINT if sig == signal.SIGINT else sig)
@@ -224,19 +312,30 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     try:
-        server.start(timeout_s=startup_timeout)
+        if front is not None:
+            front.start()  # first: its /health says 503 while tritonserver loads
+        server.start(timeout_s=a.startup_timeout)
     except ServerStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if front is not None:
+            front.stop()
+        server.stop()
         return 1
+    openai_line = (f"  OpenAI     : {front.url}/v1  (chat/completions, completions, models; model "
+                   f"{a.served_model_name or Path(a.checkpoint).resolve().name!r})\n" if front else "")
     print(
         "\nGranite Vision is ready\n"
-        f"  checkpoint : {Path(options.checkpoint).resolve()}\n"
+        f"  checkpoint : {Path(a.checkpoint).resolve()}\n"
         f"  HTTP       : http://{server.http_url}  (POST /v2/models/granite_vision/generate_stream)\n"
         f"  gRPC       : {server.grpc_url}  (model granite_vision, streaming)\n"
+        f"{openai_line}"
         f"  metrics    : {server.metrics_url}\n",
         flush=True,
     )
-    return server.process.wait()
+    code = server.process.wait()
+    if front is not None:
+        front.stop()
+    return code
 
 
 if __name__ == "__main__":

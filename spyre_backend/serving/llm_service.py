@@ -81,6 +81,10 @@ class LLMService:
         params = SamplingParams.from_request(inputs.sampling_parameters, max_tokens=inputs.max_tokens,
                                              default_max_tokens=self.config.engine.default_max_tokens,
                                              overrides=inputs.sampling_overrides)
+        if params.max_tokens is None:  # what the context leaves (OpenAI clients that set no max_tokens)
+            room = self.engine.room_for(len(inputs.input_ids))
+            params.max_tokens = max(1, min(room, self.config.engine.max_tokens_limit))
+            params.validate()  # min_tokens against the resolved value
         if params.max_tokens > self.config.engine.max_tokens_limit:
             raise InvalidRequest(f"max_tokens {params.max_tokens} is over the limit "
                                  f"max_tokens_limit={self.config.engine.max_tokens_limit}")

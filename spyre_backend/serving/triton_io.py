@@ -78,6 +78,13 @@ def sequence_flags(pb_utils, request) -> tuple[bool, bool]:
             bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END))
 
 
+# A stream that fails after its first response ends with this finish reason and the error message
+# as its text: Triton 2.51 loses an error response that follows other responses on its way from
+# the ensemble to the granite_vision front (BLS), which then waited forever. The front turns it
+# back into an error response for its client.
+MIDSTREAM_ERROR = "error"
+
+
 def error_response(pb_utils, message: str):
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 

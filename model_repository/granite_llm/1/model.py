@@ -127,13 +127,20 @@ class TritonPythonModel:
         return None
 
     def _sender(self, sender, names):
+        started = []
+
         def send(text, out):
             if out.finished:  # counted before the client can see the end (tests rely on that)
                 self._finished[out.finish_reason.value if out.finish_reason else "error"].increment(1)
             try:
-                if out.error:
+                if out.error and not started:
                     sender.send(io.error_response(pb_utils, out.error), flags=FINAL)
                     return
+                if out.error:  # after the stream began: in band (see io.MIDSTREAM_ERROR)
+                    sender.send(io.text_response(pb_utils, out.error, io.MIDSTREAM_ERROR, out.num_input_tokens,
+                                                 out.num_output_tokens, names=names), flags=FINAL)
+                    return
+                started.append(True)
                 reason = out.finish_reason.value if out.finish_reason else ""
                 response = io.text_response(pb_utils, text, reason, out.num_input_tokens, out.num_output_tokens,
                                             out.logprobs, names=names, num_cached=out.num_cached_tokens)

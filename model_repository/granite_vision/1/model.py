@@ -22,6 +22,9 @@ def _kind(response):
     if not response.output_tensors():
         return ResponseKind(empty=True)
     reason = pb_utils.get_output_tensor_by_name(response, "finish_reason").as_numpy().reshape(-1)[0]
+    if reason == io.MIDSTREAM_ERROR.encode():
+        text = pb_utils.get_output_tensor_by_name(response, "text_output").as_numpy().reshape(-1)[0]
+        return ResponseKind(error=text.decode("utf-8", "replace"))
     return ResponseKind(last=bool(reason))
 
 

@@ -1,0 +1,223 @@
+"""The OpenAI-compatible HTTP front (FastAPI on uvicorn), beside tritonserver.
+
+    python -m spyre_backend.openai_api.app --triton-url 127.0.0.1:8001 --checkpoint DIR [--port 9000]
+
+``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` and ``/health``; every request goes
+to ``granite_vision`` over gRPC streaming. The launcher starts it (``--openai-port``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from spyre_backend.openai_api.chat_template import ChatTemplate
+from spyre_backend.openai_api.media import MediaPolicy
+from spyre_backend.openai_api.protocol import ApiError, Generation, parse_body, parse_chat, parse_completion
+from spyre_backend.openai_api.service import Choice, OpenAIService, new_id, now, usage
+from spyre_backend.openai_api.triton_client import TritonGenerator
+
+log = logging.getLogger("spyre_backend.openai")
+
+
+@dataclass
+class FrontSettings:
+    triton_url: str
+    checkpoint: Path
+    model_name: str = ""  # default: the checkpoint directory's name
+    media: MediaPolicy = MediaPolicy()
+
+    @property
+    def served_model(self) -> str:
+        return self.model_name or Path(self.checkpoint).resolve().name
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+async def until_disconnected(request: Request, work):
+    """Run ``work`` unless the client goes away first; then cancel it (stops its generations)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ApiError(499, "the client closed the connection")
+
+
+def create_app(settings: FrontSettings) -> FastAPI:
+    generator = TritonGenerator(settings.triton_url)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await generator.close()
+
+    app = FastAPI(title="Granite Vision (OpenAI-compatible)", docs_url=None, redoc_url=None, lifespan=lifespan)
+    service = OpenAIService(generator, settings.checkpoint, settings.media)
+    template = ChatTemplate.from_checkpoint(settings.checkpoint)
+    model = settings.served_model
+    created = now()
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(_request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_request, exc: Exception):
+        log.exception("unexpected error")
+        return error_response(ApiError(500, f"internal error in the OpenAI front: {type(exc).__name__}: {exc}"))
+
+    async def require_ready():
+        if not await generator.ready():
+            raise ApiError(503, "the model is not ready yet (tritonserver is starting or stopped)")
+
+    @app.get("/health")
+    async def health():
+        await require_ready()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
+                                            "owned_by": "spyre-backend", "root": str(settings.checkpoint)}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        gen = parse_chat(parse_body(await request.body()), template, model)
+        await require_ready()
+        return await respond(request, [gen], chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        gens = parse_completion(parse_body(await request.body()), model)
+        await require_ready()
+        return await respond(request, gens, chat=False)
+
+    async def respond(request: Request, gens: list[Generation], chat: bool):
+        first = gens[0]
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        if not first.stream:
+            return await until_disconnected(request, whole(rid, gens, chat))
+        stream = service.run(gens)
+        try:  # the first delta before the response starts: a refused request is still an HTTP error
+            head = await until_disconnected(request, stream.__anext__())
+        except BaseException:
+            await stream.aclose()
+            raise
+        return StreamingResponse(chunks(rid, gens, chat, stream, head), media_type="text/event-stream")
+
+    async def whole(rid: str, gens: list[Generation], chat: bool):
+        n = gens[0].n
+        choices: dict[int, Choice] = {}
+        async for choice, _ in service.run(gens):
+            choices[choice.index] = choice
+        ordered = [choices[i] for i in sorted(choices)]
+        body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(),
+                "model": model, "choices": [], "usage": usage(ordered, n)}
+        for c in ordered:
+            text = "".join(c.text)
+            logprobs = None
+            if gens[0].logprobs is not None:
+                logprobs = service.chat_logprobs(c.logprobs) if chat else service.completion_logprobs(c.logprobs)
+            if chat:
+                body["choices"].append({"index": c.index, "message": {"role": "assistant", "content": text},
+                                        "logprobs": logprobs, "finish_reason": c.finish_reason})
+            else:
+                body["choices"].append({"index": c.index, "text": text, "logprobs": logprobs,
+                                        "finish_reason": c.finish_reason})
+        return JSONResponse(body)
+
+    async def chunks(rid: str, gens: list[Generation], chat: bool, stream, head):
+        first, created_at = gens[0], now()
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = first.include_usage
+        seen: dict[int, Choice] = {}
+        offsets: dict[int, int] = {}
+
+        def chunk(choices: list[dict]) -> str:
+            body = {"id": rid, "object": kind, "created": created_at, "model": model, "choices": choices}
+            if include_usage:
+                body["usage"] = None
+            return sse(body)
+
+        def piece(choice: Choice, delta) -> dict:
+            logprobs = None
+            if first.logprobs is not None and delta.logprobs:
+                if chat:
+                    logprobs = service.chat_logprobs(delta.logprobs)
+                else:
+                    logprobs = service.completion_logprobs(delta.logprobs, offsets.get(choice.index, 0))
+            offsets[choice.index] = offsets.get(choice.index, 0) + len(delta.text)
+            out = {"index": choice.index, "logprobs": logprobs, "finish_reason": delta.finish_reason or None}
+            if chat:
+                out["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
+            else:
+                out["text"] = delta.text
+            return out
+
+        try:
+            if chat:  # the role first, for every choice
+                total = sum(g.n for g in gens)
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(total)])
+            pending = [head]
+            while True:
+                for choice, delta in pending:
+                    seen[choice.index] = choice
+                    yield chunk([piece(choice, delta)])
+                try:
+                    pending = [await stream.__anext__()]
+                except StopAsyncIteration:
+                    break
+            if include_usage:
+                ordered = [seen[i] for i in sorted(seen)]
+                yield sse({"id": rid, "object": kind, "created": created_at, "model": model, "choices": [],
+                           "usage": usage(ordered, first.n)})
+        except ApiError as exc:  # after the stream began: an error event, as vLLM sends
+            yield sse(exc.body())
+        finally:
+            await stream.aclose()
+        yield sse("[DONE]")
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    p = argparse.ArgumentParser(description="OpenAI-compatible front for Granite Vision on Triton")
+    p.add_argument("--triton-url", default="127.0.0.1:8001", help="tritonserver's gRPC address")
+    p.add_argument("--checkpoint", type=Path, required=True, help="the served checkpoint (template, tokenizer)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--served-model-name", default="", help="model id clients send (default: checkpoint dir name)")
+    p.add_argument("--allowed-media-domains", default="",
+                   help="comma-separated domains whose http(s) image URLs are fetched (default: none)")
+    p.add_argument("--allow-private-media-addresses", action="store_true",
+                   help="let allowed image URLs resolve to private, loopback or link-local addresses")
+    a = p.parse_args(argv)
+    media = MediaPolicy.from_text(a.allowed_media_domains, allow_private_addresses=a.allow_private_media_addresses)
+    app = create_app(FrontSettings(a.triton_url, a.checkpoint, a.served_model_name, media))
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""One generation through ``granite_vision`` over Triton's gRPC stream (tritonclient's asyncio client).
+
+Each generation is a stream of its own: cancelling it (the HTTP client went away) cancels the gRPC
+call, which the ``granite_vision`` front turns into a stop of the sequence in ``granite_llm``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.grpc import InferInput
+from tritonclient.utils import InferenceServerException
+
+from spyre_backend.openai_api.protocol import ApiError
+
+MODEL = "granite_vision"
+OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "num_cached_tokens", "logprobs")
+
+# Triton's own failures and the pipeline's internal ones; every other error is the request's fault
+_SERVER_FAULTS = ("internal error", "granite_vision:", "Stub process", "not healthy", "without a final response",
+                  "unknown model", "is not ready")
+
+
+def error_for(message: str) -> ApiError:
+    """A pipeline error as an OpenAI error: the server's own faults are 500s, the rest 400s."""
+    if "failed to connect" in message.lower() or "unavailable" in message.lower():
+        return ApiError(503, f"the inference server is not reachable: {message}")
+    if any(fault in message for fault in _SERVER_FAULTS):
+        return ApiError(500, message)
+    return ApiError(400, message)
+
+
+@dataclass
+class Delta:
+    text: str
+    finish_reason: str  # "" until the last response
+    num_input_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    logprobs: list[dict] = field(default_factory=list)
+
+
+def _tensor(name: str, array: np.ndarray, dtype: str) -> InferInput:
+    t = InferInput(name, list(array.shape), dtype)
+    t.set_data_from_numpy(array)
+    return t
+
+
+def request_inputs(prompt: str, images: list[bytes], sampling: dict) -> list[InferInput]:
+    inputs = [
+        _tensor("text_input", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES"),
+        _tensor("stream", np.array([True]), "BOOL"),
+        _tensor("exclude_input_in_output", np.array([True]), "BOOL"),
+        _tensor("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_), "BYTES"),
+    ]
+    if images:
+        inputs.append(_tensor("image", np.array(images, dtype=np.object_), "BYTES"))
+    return inputs
+
+
+class TritonGenerator:
+    def __init__(self, url: str):
+        self.url = url
+        self._client: grpcaio.InferenceServerClient | None = None
+        self._ready = False
+
+    @property
+    def client(self) -> grpcaio.InferenceServerClient:
+        if self._client is None:  # created inside the running event loop (uvicorn's)
+            self._client = grpcaio.InferenceServerClient(self.url)
+        return self._client
+
+    async def ready(self) -> bool:
+        if not self._ready:
+            try:
+                self._ready = await self.client.is_model_ready(MODEL, client_timeout=2.0)
+            except InferenceServerException:
+                self._ready = False
+        return self._ready
+
+    async def generate(self, prompt: str, images: list[bytes], sampling: dict) -> AsyncIterator[Delta]:
+        """Yields the text deltas; the last one has the finish reason and the token counts."""
+        done = asyncio.Event()
+
+        async def one_request():
+            yield {"model_name": MODEL, "inputs": request_inputs(prompt, images, sampling),
+                   "outputs": None}
+            await done.wait()  # keep our side of the stream open until the last response
+
+        responses = self.client.stream_infer(one_request())
+        finished = False
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise error_for(error.message())
+                delta = Delta(
+                    text=result.as_numpy("text_output")[0].decode("utf-8"),
+                    finish_reason=result.as_numpy("finish_reason")[0].decode(),
+                    num_input_tokens=int(result.as_numpy("num_input_tokens")[0]),
+                    num_output_tokens=int(result.as_numpy("num_output_tokens")[0]),
+                    num_cached_tokens=int(result.as_numpy("num_cached_tokens")[0]),
+                )
+                raw = result.as_numpy("logprobs")[0]
+                if raw:
+                    delta.logprobs = json.loads(raw)
+                if delta.finish_reason:
+                    finished = True
+                yield delta
+                if finished:
+                    return
+            raise ApiError(500, "the inference server closed the stream without a final response")
+        except InferenceServerException as exc:
+            self._ready = False
+            raise error_for(exc.message()) from None
+        except grpc.RpcError as exc:
+            self._ready = False
+            raise error_for(f"{exc.code()}: {exc.details()}") from None
+        finally:
+            done.set()
+            if not finished:  # cancelled, or the consumer stopped early: granite_vision stops the sequence
+                responses.cancel()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spyre_backend import DEFAULT_CHECKPOINT
-from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
+from spyre_backend.server.launcher import OpenAIFront, ServerOptions, TritonServer, free_port
 
 CHECKPOINT = Path(os.environ.get("SPYRE_TEST_CHECKPOINT", DEFAULT_CHECKPOINT))
 
@@ -30,6 +30,17 @@ def server(tmp_path_factory) -> TritonServer:
     yield srv
     code = srv.stop()
     print(f"tritonserver exited with {code}; log: {log}")
+
+
+@pytest.fixture(scope="session")
+def openai_front(server, tmp_path_factory) -> OpenAIFront:
+    """The OpenAI-compatible front beside the session server, as the launcher starts it. Image URLs
+    on 127.0.0.1 are allowed (the tests serve images from a local HTTP server)."""
+    log = tmp_path_factory.mktemp("openai") / "front.log"
+    front = OpenAIFront(server, free_port(), allowed_media_domains="127.0.0.1",
+                        allow_private_media_addresses=True, log_path=log).start()
+    yield front
+    print(f"OpenAI front exited with {front.stop()}; log: {log}")
 
 
 @pytest.fixture(autouse=True)

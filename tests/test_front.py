@@ -104,3 +104,32 @@ def test_configuration_from_the_model_config(monkeypatch):
     monkeypatch.setenv("SPYRE_MAX_PIPELINE_STARTS", "0")
     with pytest.raises(ValueError, match="'max_pipeline_starts'"):
         FrontService.from_model_config(config)
+
+
+def test_a_silent_stream_is_stopped_when_its_client_cancels():
+    """No response arrives while the client goes away (a long prefill, tokens without text): the
+    watcher stops the sequence all the same, and the relay ends when the pipeline closes."""
+    import threading
+
+    stops, client = [], Client()
+    front = make(stops)
+    front.watch_interval_s = 0.01
+    gone = threading.Event()
+    stopped = threading.Event()
+
+    def silent():
+        gone.set()  # the client cancels while nothing is streaming
+        assert wait(lambda: stops == [9]), stops
+        stopped.set()
+        yield "last"
+
+    def wait(predicate, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return predicate()
+
+    how = front.relay(silent(), 9, kind=kind, forward=client.forward, send_error=client.send_error,
+                      is_cancelled=gone.is_set)
+    assert stopped.is_set() and how in ("done", "abandoned")
+    assert not front._watched  # nothing left to watch

@@ -50,3 +50,53 @@ def test_every_stub_runs_with_the_host_settings(server):
                        Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)
         assert environ.get("OMP_WAIT_POLICY") == "PASSIVE", model
         assert environ.get("MALLOC_ARENA_MAX") == "2", model
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_launcher_killed_with_sigkill_takes_tritonserver_and_the_front_with_it(checkpoint, tmp_path):
+    """tritonserver runs in a session of its own: without the parent-death signal it went on
+    serving (and holding the ports) after a kill -9 of the launcher."""
+    import signal
+    import time
+    import urllib.request
+
+    from tests.metrics import wait_for
+
+    ports = [free_port() for _ in range(4)]
+    log = open(tmp_path / "launcher.log", "w")
+    launcher = subprocess.Popen([sys.executable, "-m", "spyre_backend.server.launcher", "--checkpoint", str(checkpoint),
+                                 "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
+                                 "--metrics-port", str(ports[2]), "--openai-port", str(ports[3])],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def ready():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{ports[3]}/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        assert wait_for(ready, timeout=600, interval=1), (tmp_path / "launcher.log").read_text()[-2000:]
+        children = _children(launcher.pid)
+        stubs = [s for c in children for s in _children(c)]
+        assert len(children) == 2 and len(stubs) == 4, (children, stubs)  # tritonserver + front; 4 models
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        assert wait_for(lambda: not any(map(_alive, children + stubs)), timeout=90, interval=0.5), \
+            [p for p in children + stubs if _alive(p)]
+        from spyre_backend.server.launcher import port_is_free
+
+        assert wait_for(lambda: all(port_is_free("127.0.0.1", p) for p in ports), timeout=30)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        log.close()

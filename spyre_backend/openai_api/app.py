@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from spyre_backend.openai_api.chat_template import ChatTemplate
 from spyre_backend.openai_api.media import MediaPolicy
 from spyre_backend.openai_api.protocol import ApiError, Generation, parse_body, parse_chat, parse_completion
-from spyre_backend.openai_api.service import Choice, OpenAIService, new_id, now, usage
+from spyre_backend.openai_api.service import Choice, ClientGone, OpenAIService, new_id, now, usage
 from spyre_backend.openai_api.triton_client import TritonGenerator
 
 log = logging.getLogger("spyre_backend.openai")
@@ -48,17 +48,10 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def until_disconnected(request: Request, work):
-    """Run ``work`` unless the client goes away first; then cancel it (stops its generations)."""
-    task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.2)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise ApiError(499, "the client closed the connection")
+async def client_gone(request: Request) -> None:
+    """Returns when the HTTP client disconnects (its body is read: the next message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(settings: FrontSettings) -> FastAPI:
@@ -114,19 +107,19 @@ def create_app(settings: FrontSettings) -> FastAPI:
         first = gens[0]
         rid = new_id("chatcmpl" if chat else "cmpl")
         if not first.stream:
-            return await until_disconnected(request, whole(rid, gens, chat))
-        stream = service.run(gens)
+            return await whole(rid, gens, chat, lambda: client_gone(request))
+        stream = service.run(gens, lambda: client_gone(request))
         try:  # the first delta before the response starts: a refused request is still an HTTP error
-            head = await until_disconnected(request, stream.__anext__())
+            head = await stream.__anext__()
         except BaseException:
             await stream.aclose()
             raise
         return StreamingResponse(chunks(rid, gens, chat, stream, head), media_type="text/event-stream")
 
-    async def whole(rid: str, gens: list[Generation], chat: bool):
+    async def whole(rid: str, gens: list[Generation], chat: bool, gone):
         n = gens[0].n
         choices: dict[int, Choice] = {}
-        async for choice, _ in service.run(gens):
+        async for choice, _ in service.run(gens, gone):
             choices[choice.index] = choice
         ordered = [choices[i] for i in sorted(choices)]
         body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(),
@@ -157,7 +150,7 @@ def create_app(settings: FrontSettings) -> FastAPI:
                 body["usage"] = None
             return sse(body)
 
-        def piece(choice: Choice, delta) -> dict:
+        def pieces(choice: Choice, delta) -> list[dict]:
             logprobs = None
             if first.logprobs is not None and delta.logprobs:
                 if chat:
@@ -165,11 +158,16 @@ def create_app(settings: FrontSettings) -> FastAPI:
                 else:
                     logprobs = service.completion_logprobs(delta.logprobs, offsets.get(choice.index, 0))
             offsets[choice.index] = offsets.get(choice.index, 0) + len(delta.text)
-            out = {"index": choice.index, "logprobs": logprobs, "finish_reason": delta.finish_reason or None}
-            if chat:
-                out["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
-            else:
-                out["text"] = delta.text
+            if not chat:
+                return [{"index": choice.index, "text": delta.text, "logprobs": logprobs,
+                         "finish_reason": delta.finish_reason or None}]
+            out = []
+            if delta.text or not delta.finish_reason:
+                out.append({"index": choice.index, "delta": {"content": delta.text}, "logprobs": logprobs,
+                            "finish_reason": None})
+            if delta.finish_reason:  # OpenAI's last chunk of a choice: an empty delta and the reason
+                out.append({"index": choice.index, "delta": {}, "logprobs": None,
+                            "finish_reason": delta.finish_reason})
             return out
 
         try:
@@ -181,7 +179,8 @@ def create_app(settings: FrontSettings) -> FastAPI:
             while True:
                 for choice, delta in pending:
                     seen[choice.index] = choice
-                    yield chunk([piece(choice, delta)])
+                    for part in pieces(choice, delta):
+                        yield chunk([part])
                 try:
                     pending = [await stream.__anext__()]
                 except StopAsyncIteration:
@@ -190,6 +189,8 @@ def create_app(settings: FrontSettings) -> FastAPI:
                 ordered = [seen[i] for i in sorted(seen)]
                 yield sse({"id": rid, "object": kind, "created": created_at, "model": model, "choices": [],
                            "usage": usage(ordered, first.n)})
+        except ClientGone:  # (uvicorn drops what is sent after a disconnect without raising)
+            return
         except ApiError as exc:  # after the stream began: an error event, as vLLM sends
             yield sse(exc.body())
         finally:

@@ -22,6 +22,11 @@ from spyre_backend.openai_api.protocol import ApiError, Generation
 from spyre_backend.openai_api.triton_client import Delta, TritonGenerator
 
 
+class ClientGone(ApiError):
+    def __init__(self):
+        super().__init__(499, "the client closed the connection")
+
+
 @dataclass
 class Choice:
     index: int
@@ -54,8 +59,9 @@ class OpenAIService:
                                     f"{url[:40]!r}", "messages")
         return out
 
-    async def run(self, generations: list[Generation]) -> AsyncIterator[tuple[Choice, Delta]]:
-        """All choices of all prompts, merged: (choice, delta) as each delta arrives."""
+    async def run(self, generations: list[Generation], client_gone=None) -> AsyncIterator[tuple[Choice, Delta]]:
+        """All choices of all prompts, merged: (choice, delta) as each delta arrives. When the
+        awaitable ``client_gone()`` returns, every choice stops and ClientGone is raised."""
         jobs = []
         for g_index, gen in enumerate(generations):
             images = await self.images(gen.image_urls)
@@ -75,9 +81,15 @@ class OpenAIService:
             except Exception as exc:  # never leave the merged stream waiting for a choice that died
                 await queue.put((choice, None, ApiError(500, f"{type(exc).__name__}: {exc}")))
 
+        async def watch():
+            await client_gone()
+            await queue.put((None, None, ClientGone()))
+
         tasks = [asyncio.create_task(pump(*job)) for job in jobs]
+        if client_gone is not None:  # a stream may be silent for long (prefill, tokens without text)
+            tasks.append(asyncio.create_task(watch()))
         try:
-            remaining = len(tasks)
+            remaining = len(jobs)
             while remaining:
                 choice, delta, error = await queue.get()
                 if error is not None:

@@ -12,14 +12,17 @@ HTTP disconnect) the front tells granite_llm to stop that sequence over the side
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, TypeVar
 
 from spyre_backend.serving.control import polled_every, request_stop, send_stop
 
 R = TypeVar("R")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,13 @@ class FrontService:
         # ids for clients that send none: a per-process range far from small client-chosen ids
         self._ids = itertools.count((1 << 62) + (os.getpid() << 24))
         self._stop, self._stop_with_reply = stop, stop_with_reply
+        # relays in progress (sequence id -> is_cancelled): asked by one watcher thread, because
+        # a relay itself asks only when a response arrives, and a stream can be silent for long
+        # (a long prefill; tokens without text, e.g. end-of-text repeated under ignore_eos)
+        self._watched: dict[int, Callable[[], bool]] = {}
+        self._watch_lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+        self.watch_interval_s = 0.2  # each ask is an IPC round trip, per relay in progress
 
     @classmethod
     def from_model_config(cls, model_config: dict) -> "FrontService":
@@ -75,6 +85,14 @@ class FrontService:
         ``send_error`` sends the client's final error. Returns how the relay ended:
         "done", "error", "abandoned" or "truncated".
         """
+        self._watch(sequence_id, is_cancelled)
+        try:
+            return self._relay(responses, sequence_id, kind, forward, send_error, is_cancelled)
+        finally:
+            with self._watch_lock:
+                self._watched.pop(sequence_id, None)
+
+    def _relay(self, responses, sequence_id, kind, forward, send_error, is_cancelled) -> str:
         iterator = iter(responses)
         cancelled = polled_every(is_cancelled)  # an IPC round trip: not once per token
         for response in iterator:
@@ -96,6 +114,27 @@ class FrontService:
                 return "done"
         send_error("the pipeline ended without a final response")
         return "truncated"
+
+    def _watch(self, sequence_id: int, is_cancelled: Callable[[], bool]) -> None:
+        with self._watch_lock:
+            self._watched[sequence_id] = is_cancelled
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch_loop, name="granite_vision-cancel", daemon=True)
+                self._watcher.start()
+
+    def _watch_loop(self) -> None:
+        while True:
+            time.sleep(self.watch_interval_s)
+            with self._watch_lock:
+                watched = list(self._watched.items())
+            for sequence_id, is_cancelled in watched:
+                try:
+                    if is_cancelled():
+                        with self._watch_lock:  # stopped once; the relay ends the request
+                            self._watched.pop(sequence_id, None)
+                        self._stop(sequence_id)
+                except Exception:
+                    log.exception("checking sequence %s for cancellation failed", sequence_id)
 
     def abandon(self, sequence_id: int, responses: Iterable, send_error: Callable[[str], None],
                 message: str = "request cancelled") -> str:

@@ -133,3 +133,32 @@ def test_a_silent_stream_is_stopped_when_its_client_cancels():
                       is_cancelled=gone.is_set)
     assert stopped.is_set() and how in ("done", "abandoned")
     assert not front._watched  # nothing left to watch
+
+
+def test_the_watcher_never_asks_after_the_final_response():
+    """Asking a finished request crashed tritonserver (its response factory is freed)."""
+    import threading
+
+    stops, client = [], Client()
+    front = make(stops)
+    front.watch_interval_s = 0.001
+    finished = threading.Event()
+    late = []
+
+    def is_cancelled():
+        if finished.is_set():
+            late.append(True)
+        time.sleep(0.002)  # a question in flight while the relay sends the final response
+        return False
+
+    def forward(response, last):
+        client.forward(response, last)
+        if last:
+            finished.set()
+
+    for sequence_id in range(20):
+        finished.clear()
+        front.relay(iter(["a", "b", "last"]), sequence_id, kind=kind, forward=forward,
+                    send_error=client.send_error, is_cancelled=is_cancelled)
+        time.sleep(0.005)
+    assert not late and not stops

@@ -144,9 +144,12 @@ def create_app(settings: FrontSettings) -> FastAPI:
         seen: dict[int, Choice] = {}
         offsets: dict[int, int] = {}
 
-        def chunk(choices: list[dict]) -> str:
+        def chunk(choices: list[dict], delta=None) -> str:
             body = {"id": rid, "object": kind, "created": created_at, "model": model, "choices": choices}
-            if include_usage:
+            if first.continuous_usage and delta is not None:  # this choice's counts so far
+                body["usage"] = {"prompt_tokens": delta.num_input_tokens, "completion_tokens": delta.num_output_tokens,
+                                 "total_tokens": delta.num_input_tokens + delta.num_output_tokens}
+            elif include_usage:
                 body["usage"] = None
             return sse(body)
 
@@ -180,7 +183,7 @@ def create_app(settings: FrontSettings) -> FastAPI:
                 for choice, delta in pending:
                     seen[choice.index] = choice
                     for part in pieces(choice, delta):
-                        yield chunk([part])
+                        yield chunk([part], delta)
                 try:
                     pending = [await stream.__anext__()]
                 except StopAsyncIteration:

@@ -8,7 +8,7 @@ same ``SamplingParams.validate`` that ``granite_llm`` runs, so both APIs refuse 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from spyre_backend.engine.sampling_params import MAX_LOGPROBS, InvalidRequest, SamplingParams, check_json_depth
 from spyre_backend.openai_api.chat_template import ChatTemplate
@@ -66,7 +66,7 @@ class Generation:
     include_usage: bool = False
     logprobs: int | None = None  # top alternatives per token, when logprobs were asked for
     model: str = ""
-    extra: dict = field(default_factory=dict)
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
 
 
 def _typed(body: dict, name: str, kinds, what: str):
@@ -111,7 +111,7 @@ def sampling_from(body: dict, logprobs: int | None) -> dict:
     return values
 
 
-def _common(body: dict, served_model: str) -> tuple[int, bool, bool]:
+def _common(body: dict, served_model: str) -> tuple[int, bool, dict]:
     for name in UNSUPPORTED:
         if body.get(name) not in (None, False, [], {}):
             raise bad(f"{name} is not supported by this server", name)
@@ -129,9 +129,9 @@ def _common(body: dict, served_model: str) -> tuple[int, bool, bool]:
     options = _typed(body, "stream_options", dict, "an object") or {}
     if options and not stream:
         raise bad("stream_options is only allowed with stream: true", "stream_options")
-    include_usage = bool(options.get("include_usage", False))
     _typed(body, "user", str, "a string")
-    return n, stream, include_usage
+    return n, stream, {"include_usage": bool(options.get("include_usage", False)),
+                       "continuous_usage": bool(options.get("continuous_usage_stats", False))}
 
 
 def _content_parts(content, where: str) -> tuple[list[dict] | str, list[str]]:
@@ -162,7 +162,7 @@ def _content_parts(content, where: str) -> tuple[list[dict] | str, list[str]]:
 
 
 def parse_chat(body: dict, template: ChatTemplate, served_model: str) -> Generation:
-    n, stream, include_usage = _common(body, served_model)
+    n, stream, usage = _common(body, served_model)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
@@ -188,12 +188,12 @@ def parse_chat(body: dict, template: ChatTemplate, served_model: str) -> Generat
         prompt = template.render(rendered, add_generation_prompt=True)
     except Exception as exc:  # the checkpoint's template refuses (e.g. roles out of order)
         raise bad(f"the chat template refused the messages: {exc}", "messages") from None
-    return Generation(prompt, urls, sampling_from(body, logprobs), n, stream, include_usage, logprobs,
-                      served_model)
+    return Generation(prompt, urls, sampling_from(body, logprobs), n, stream, logprobs=logprobs,
+                      model=served_model, **usage)
 
 
 def parse_completion(body: dict, served_model: str) -> list[Generation]:
-    n, stream, include_usage = _common(body, served_model)
+    n, stream, usage = _common(body, served_model)
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -204,4 +204,4 @@ def parse_completion(body: dict, served_model: str) -> list[Generation]:
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise bad(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
     sampling = sampling_from(body, logprobs)
-    return [Generation(p, [], sampling, n, stream, include_usage, logprobs, served_model) for p in prompts]
+    return [Generation(p, [], sampling, n, stream, logprobs=logprobs, model=served_model, **usage) for p in prompts]

@@ -132,13 +132,18 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.options.host}:{self.options.metrics_port}/metrics"
 
-    def start(self, timeout_s: float = 600.0) -> "TritonServer":
+    def check(self) -> None:
+        """What can be refused before anything starts."""
         opts = self.options
         if not Path(opts.checkpoint).is_dir() or not (Path(opts.checkpoint) / "config.json").exists():
             raise ServerStartError(f"checkpoint directory {opts.checkpoint} has no config.json")
         for port in (opts.http_port, opts.grpc_port, opts.metrics_port):
             if not port_is_free(opts.host, port):
                 raise ServerStartError(f"port {port} on {opts.host} is already in use")
+
+    def start(self, timeout_s: float = 600.0) -> "TritonServer":
+        opts = self.options
+        self.check()
         stdout = None
         if self.log_path is not None:
             self._log_file = open(self.log_path, "w")
@@ -312,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     try:
+        server.check()
         if front is not None:
             front.start()  # first: its /health says 503 while tritonserver loads
         server.start(timeout_s=a.startup_timeout)

@@ -47,7 +47,7 @@ class FrontService:
         # relays in progress (sequence id -> is_cancelled): asked by one watcher thread, because
         # a relay itself asks only when a response arrives, and a stream can be silent for long
         # (a long prefill; tokens without text, e.g. end-of-text repeated under ignore_eos)
-        self._watched: dict[int, Callable[[], bool]] = {}
+        self._watched: dict[int, _Watched] = {}
         self._watch_lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         self.watch_interval_s = 0.2  # each ask is an IPC round trip, per relay in progress
@@ -85,10 +85,22 @@ class FrontService:
         ``send_error`` sends the client's final error. Returns how the relay ended:
         "done", "error", "abandoned" or "truncated".
         """
-        self._watch(sequence_id, is_cancelled)
+        watched = _Watched(is_cancelled)
+        self._watch(sequence_id, watched)
+
+        def forward_watched(response, last):
+            if last:
+                watched.close()
+            forward(response, last)
+
+        def send_error_watched(message):
+            watched.close()
+            send_error(message)
+
         try:
-            return self._relay(responses, sequence_id, kind, forward, send_error, is_cancelled)
+            return self._relay(responses, sequence_id, kind, forward_watched, send_error_watched, is_cancelled)
         finally:
+            watched.close()
             with self._watch_lock:
                 self._watched.pop(sequence_id, None)
 
@@ -115,9 +127,9 @@ class FrontService:
         send_error("the pipeline ended without a final response")
         return "truncated"
 
-    def _watch(self, sequence_id: int, is_cancelled: Callable[[], bool]) -> None:
+    def _watch(self, sequence_id: int, watched: "_Watched") -> None:
         with self._watch_lock:
-            self._watched[sequence_id] = is_cancelled
+            self._watched[sequence_id] = watched
             if self._watcher is None:
                 self._watcher = threading.Thread(target=self._watch_loop, name="granite_vision-cancel", daemon=True)
                 self._watcher.start()
@@ -127,9 +139,9 @@ class FrontService:
             time.sleep(self.watch_interval_s)
             with self._watch_lock:
                 watched = list(self._watched.items())
-            for sequence_id, is_cancelled in watched:
+            for sequence_id, entry in watched:
                 try:
-                    if is_cancelled():
+                    if entry.cancelled():
                         with self._watch_lock:  # stopped once; the relay ends the request
                             self._watched.pop(sequence_id, None)
                         self._stop(sequence_id)
@@ -150,6 +162,26 @@ class FrontService:
         except Exception:
             pass  # nobody is listening; the request still ends
         return "abandoned"
+
+
+class _Watched:
+    """A relay's ``is_cancelled``, asked by the watcher only while the request is open: after its
+    final response Triton frees the request's response factory, and asking then crashed
+    tritonserver (SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled). The relay closes it before
+    it sends the final response, waiting for a question in flight."""
+
+    def __init__(self, is_cancelled: Callable[[], bool]):
+        self._is_cancelled = is_cancelled
+        self._lock = threading.Lock()
+        self._open = True
+
+    def cancelled(self) -> bool:
+        with self._lock:
+            return self._open and self._is_cancelled()
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
 
 
 def _drain(responses: Iterable) -> None:

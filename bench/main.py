@@ -27,14 +27,15 @@ from safetensors import safe_open
 from spyre_backend import DEFAULT_CHECKPOINT, MODEL_REPOSITORY, PROJECT_ROOT
 from spyre_backend.device.host_memory import keep_freed_memory
 
-from bench import peer_compare, perf_analyzer, prefix, report, roofline, session
+from bench import openai_front, peer_compare, perf_analyzer, prefix, report, roofline, session
 from bench.loadgen import EngineTarget, TritonTarget, closed_loop
 from bench.stats import summarize
 from bench.workload import IMAGE_SIZE, Workload
 
 # outside checkpoints/ (which the Docker image copies), in the uncommitted results/ folder
 MID_CHECKPOINT = PROJECT_ROOT / "results" / "checkpoints" / "random-mid"
-PHASES = ("transformers", "engine", "roofline", "triton", "perf_analyzer", "ensemble", "session", "peer", "prefix")
+PHASES = ("transformers", "engine", "roofline", "triton", "perf_analyzer", "ensemble", "session", "peer", "prefix",
+          "openai")
 # vision_encoder's cache of repeated images would skip the vision tower: every request here has a
 # new image anyway, and the cache stays off.
 SERVER_ENV = {"SPYRE_ENCODER_CACHE_MB": "0"}
@@ -329,6 +330,9 @@ def run_checkpoint(name: str, prof: Profile, args, machine: dict, out_dir: Path)
     if "peer" not in skip:
         log(f"{name}: side by side with vLLM CPU ({peer_compare.ROUNDS} alternating rounds)")
         ck["peer"] = peer_compare.run(name, prof.checkpoint, workload, prof.requests, ck_dir, log, SERVER_ENV)
+    if "openai" not in skip:
+        log(f"{name}: the OpenAI front against generate_stream ({openai_front.ROUNDS} alternating rounds), then aiperf")
+        ck["openai"] = openai_front.run(prof.checkpoint, workload, prof.requests, ck_dir, log, SERVER_ENV)
     if "prefix" not in skip:
         log(f"{name}: prefix caching, ours and vLLM CPU")
         ck["prefix"] = prefix.run(name, prof.checkpoint, workload, 4 if name == "tiny" else 2, ck_dir, log, SERVER_ENV)
@@ -370,6 +374,8 @@ def main(argv=None) -> int:
             result["targets"] += peer_compare.targets(name, ck["peer"]["comparison"])
         if "prefix" in ck:
             result["targets"] += prefix.targets(name, ck["prefix"])
+        if "openai" in ck and name == "tiny":
+            result["targets"] += openai_front.targets(ck["openai"]["comparison"])
         report.write_json(out_dir, result)  # partial results survive a later failure
     end = roofline.measure_machine()
     machine.update(loadavg_end=loadavg(), matmul_gflops_end=end["matmul_gflops"],

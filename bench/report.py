@@ -77,6 +77,10 @@ def markdown(result: dict) -> str:
             from bench import peer_compare
 
             lines += peer_compare.markdown(ck["peer"]["comparison"])
+        if ck.get("openai", {}).get("comparison"):
+            from bench import openai_front
+
+            lines += openai_front.markdown(ck["openai"])
         if ck.get("prefix"):
             from bench import prefix
 

@@ -199,3 +199,22 @@ def test_prefix_phase_summary_and_targets():
     met = {t["name"]: t["met"] for t in prefix.targets("mid", result)}
     assert all(met.values()) and len(met) == 4
     assert "| session | 950, 60, 64 | - |" in prefix.markdown(result)
+
+
+def test_openai_front_comparison_and_targets():
+    from bench import openai_front
+
+    def s(tps, ttft):
+        return {"tokens_per_s": tps, "ttft_ms": {"p50": ttft}, "itl_ms": {"p50": 5.0}}
+
+    result = {"levels": [16], "rounds": {"generate_stream": [{16: s(100.0, 50.0)}, {16: s(110.0, 48.0)}],
+                                         "openai": [{16: s(104.0, 49.5)}, {16: s(90.0, 60.0)}]}}
+    comparison = openai_front.compare(result)
+    row = comparison["c=16 tokens_per_s"]
+    assert row["best"] == {"generate_stream": 110.0, "openai": 104.0} and abs(row["ratio"] - 104 / 110) < 1e-9
+    assert comparison["c=16 ttft_p50"]["difference_ms"] == 49.5 - 48.0
+    met = {t["name"]: t["met"] for t in openai_front.targets(comparison)}
+    assert met == {"OpenAI front: c=16 tokens_per_s (front / generate_stream)": True,
+                   "OpenAI front: c=16 ttft_p50 added (ms)": True}
+    result["rounds"]["openai"] = [{16: s(90.0, 60.0)}]
+    assert not any(t["met"] for t in openai_front.targets(openai_front.compare(result)))

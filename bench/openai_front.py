@@ -19,7 +19,7 @@ from bench.loadgen import OpenAITarget, closed_loop
 from bench.stats import RequestRecord, summarize
 from bench.workload import IMAGE_SIZE, Workload
 
-ROUNDS = 2
+ROUNDS = 3
 LEVELS = (1, 16)
 AIPERF_VERSION = "0.13.0"
 AIPERF_VENV = Path(__file__).resolve().parent.parent / "results" / "peer" / "aiperf-venv"

@@ -14,13 +14,16 @@ from typing import AsyncIterator
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
-from tritonclient.grpc import InferInput
+from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from spyre_backend.openai_api.protocol import ApiError
 
 MODEL = "granite_vision"
-OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "num_cached_tokens", "logprobs")
+# only what is read: each output is a tensor in every response, through every process it crosses
+WITHOUT_LOGPROBS = [InferRequestedOutput(name) for name in
+                    ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "num_cached_tokens")]
+WITH_LOGPROBS = [*WITHOUT_LOGPROBS, InferRequestedOutput("logprobs")]
 
 # Triton's own failures and the pipeline's internal ones; every other error is the request's fault
 _SERVER_FAULTS = ("internal error", "granite_vision:", "Stub process", "not healthy", "without a final response",
@@ -90,7 +93,7 @@ class TritonGenerator:
 
         async def one_request():
             yield {"model_name": MODEL, "inputs": request_inputs(prompt, images, sampling),
-                   "outputs": None}
+                   "outputs": WITH_LOGPROBS if sampling.get("logprobs") is not None else WITHOUT_LOGPROBS}
             await done.wait()  # keep our side of the stream open until the last response
 
         responses = self.client.stream_infer(one_request())
@@ -106,9 +109,9 @@ class TritonGenerator:
                     num_output_tokens=int(result.as_numpy("num_output_tokens")[0]),
                     num_cached_tokens=int(result.as_numpy("num_cached_tokens")[0]),
                 )
-                raw = result.as_numpy("logprobs")[0]
-                if raw:
-                    delta.logprobs = json.loads(raw)
+                raw = result.as_numpy("logprobs")
+                if raw is not None and raw[0]:
+                    delta.logprobs = json.loads(raw[0])
                 if delta.finish_reason:
                     finished = True
                 yield delta

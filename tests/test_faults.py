@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +33,13 @@ def restricted_server(checkpoint, tmp_path_factory):
     holder = {"server": TritonServer(options, log_path=logs / "server.log").start(timeout_s=600), "logs": logs}
     yield holder
     holder["server"].stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def http_status(url: str, headers: dict | None = None) -> int:
@@ -73,8 +81,20 @@ def test_a_dead_stub_fails_clearly_and_a_restart_recovers(restricted_server):
                          sequence_start=True, sequence_end=True)
     assert direct.get("text") == answer["text"], direct
 
-    code = server.stop()
-    assert code is not None
+    # tritonserver itself crashes: its stubs must not live on as orphans (they did after a SIGSEGV)
+    stubs = list(server.stub_pids().values())
+    assert len(stubs) == 3, stubs  # the front's was killed above
+    busy = threading.Thread(target=grpc_stream, daemon=True, args=(server.grpc_url, dict(
+        HELLO, max_tokens=3000, sampling_parameters='{"ignore_eos": true}')), kwargs={
+        "model": "granite_vision_ensemble", "sequence_id": 4244, "sequence_start": True, "sequence_end": True})
+    busy.start()  # the LLM's stub is generating when tritonserver dies
+    time.sleep(2)
+    server.process.kill()
+    assert server.stop() == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while any(map(_alive, stubs)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(_alive, stubs)), [p for p in stubs if _alive(p)]
     restarted = TritonServer(server.options, log_path=restricted_server["logs"] / "restarted.log")
     restricted_server["server"] = restarted.start(timeout_s=600)
     assert grpc_stream(restarted.grpc_url, HELLO).get("text") == answer["text"]

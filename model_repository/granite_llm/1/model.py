@@ -8,6 +8,7 @@ from spyre_backend.serving import triton_io as io
 from spyre_backend.serving.control import StopListener
 from spyre_backend.serving.llm_service import GenerateInputs, LLMService
 from spyre_backend.serving.outbox import Outbox
+from spyre_backend.serving.orphan_watch import exit_with_parent
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -20,6 +21,7 @@ E2E_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_with_parent()  # no orphan stub if tritonserver crashes
         self._init_metrics()
         try:
             config = ServingConfig.from_model_config(args["model_config"])

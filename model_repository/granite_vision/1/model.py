@@ -10,6 +10,7 @@ import triton_python_backend_utils as pb_utils
 from spyre_backend.serving import triton_io as io
 from spyre_backend.serving.deferred_release import DeferredRelease
 from spyre_backend.serving.front import FrontService, ResponseKind
+from spyre_backend.serving.orphan_watch import exit_with_parent
 
 PIPELINE = "granite_vision_ensemble"
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -35,6 +36,7 @@ def _is_stop(request):
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_with_parent()  # no orphan stub if tritonserver crashes
         config = json.loads(args["model_config"])
         self.inputs = [i["name"] for i in config["input"]]
         self.required = [i["name"] for i in config["input"] if not i.get("optional", False)]

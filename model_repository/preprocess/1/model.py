@@ -6,10 +6,12 @@ from spyre_backend.config import ServingConfig
 from spyre_backend.engine.sampling_params import InvalidRequest
 from spyre_backend.preprocess.processor import Preprocessor
 from spyre_backend.serving import triton_io as io
+from spyre_backend.serving.orphan_watch import exit_with_parent
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_with_parent()  # no orphan stub if tritonserver crashes
         config = ServingConfig.from_model_config(args["model_config"])
         self.preprocessor = Preprocessor(config.checkpoint_dir, config.input_limits())
 

@@ -5,10 +5,12 @@ import triton_python_backend_utils as pb_utils
 from spyre_backend.config import ServingConfig
 from spyre_backend.serving import triton_io as io
 from spyre_backend.serving.vision_service import VisionService
+from spyre_backend.serving.orphan_watch import exit_with_parent
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_with_parent()  # no orphan stub if tritonserver crashes
         self.service = VisionService(ServingConfig.from_model_config(args["model_config"]))
         self._init_metrics()
 

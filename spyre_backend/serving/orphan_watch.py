@@ -20,8 +20,8 @@ def exit_with_parent(interval_s: float = 1.0) -> threading.Thread:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(interval_s)
-        # straight to stderr: a logging handler may forward to the dead server and block forever
-        os.write(2, f"tritonserver (pid {parent}) is gone: this model's stub exits\n".encode())
+        # nothing written first: a logging handler forwards to the dead server, and even a write
+        # to stderr blocked forever once (a full pipe nobody reads)
         os._exit(1)  # nothing left to serve; threads still running must not keep the process
 
     thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)

@@ -143,27 +143,34 @@ class OpenAITarget:
         }).encode()
 
     def send(self, c: int, i: int) -> RequestRecord:
-        host, port = self.url.rsplit(":", 1)
-        body = self.body(i)
-        conn = http.client.HTTPConnection(host, int(port), timeout=self.timeout_s)
-        record = RequestRecord(time.monotonic())
-        try:
-            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            if response.status != 200:
-                record.error = f"HTTP {response.status}: {response.read()[:500]!r}"
-                return record
-            for line in response:
-                arrived = time.monotonic()
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:].strip()
-                if data == b"[DONE]":
-                    break
-                chunk = json.loads(data)
-                usage = chunk.get("usage") or {}
-                if chunk.get("choices") and "completion_tokens" in usage:
-                    record.arrivals.append((arrived, int(usage["completion_tokens"])))
-        finally:
-            conn.close()
-        return record
+        def on_event(data: bytes, arrived: float, record: RequestRecord) -> bool:
+            if data == b"[DONE]":
+                return True
+            chunk = json.loads(data)
+            usage = chunk.get("usage") or {}
+            if chunk.get("choices") and "completion_tokens" in usage:
+                record.arrivals.append((arrived, int(usage["completion_tokens"])))
+            return False
+
+        return post_sse(self.url, "/v1/chat/completions", self.body(i), on_event, self.timeout_s)
+
+
+def post_sse(url: str, path: str, body: bytes, on_event, timeout_s: float) -> RequestRecord:
+    """POSTs ``body`` and reads server-sent events: ``on_event(data, arrival time, record)`` per
+    ``data:`` line, True when the stream is done. One connection per request."""
+    host, port = url.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+    record = RequestRecord(time.monotonic())
+    try:
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            record.error = f"HTTP {response.status}: {response.read()[:500]!r}"
+            return record
+        for line in response:
+            arrived = time.monotonic()
+            if line.startswith(b"data: ") and on_event(line[6:].strip(), arrived, record):
+                break
+    finally:
+        conn.close()
+    return record

@@ -8,14 +8,13 @@ Every request has an image of its own within the server's life (no encoder or pr
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from bench.loadgen import OpenAITarget, closed_loop
+from bench.loadgen import OpenAITarget, closed_loop, post_sse
+from bench.peer_compare import summary_metric
 from bench.stats import RequestRecord, summarize
 from bench.workload import IMAGE_SIZE, Workload
 
@@ -32,8 +31,7 @@ class GenerateStreamTarget:
     request ``i`` as every other path: one connection per request, as curl or aiperf would."""
 
     def __init__(self, http_url: str, workload: Workload, timeout_s: float = 900.0):
-        self.host, port = http_url.rsplit(":", 1)
-        self.port, self.workload, self.timeout_s = int(port), workload, timeout_s
+        self.url, self.workload, self.timeout_s = http_url, workload, timeout_s
 
     def body(self, i: int) -> bytes:
         w = self.workload
@@ -42,39 +40,16 @@ class GenerateStreamTarget:
                            "sampling_parameters": w.sampling_parameters}).encode()
 
     def send(self, c: int, i: int) -> RequestRecord:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
-        body = self.body(i)
-        record = RequestRecord(time.monotonic())
-        try:
-            conn.request("POST", "/v2/models/granite_vision/generate_stream", body,
-                         {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            if response.status != 200:
-                record.error = f"HTTP {response.status}: {response.read()[:500]!r}"
-                return record
-            for line in response:
-                arrived = time.monotonic()
-                if not line.startswith(b"data: "):
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    record.error = event["error"]
-                    return record
-                record.arrivals.append((arrived, int(event["num_output_tokens"])))
-                if event.get("finish_reason"):
-                    break
-        finally:
-            conn.close()
-        return record
+        def on_event(data: bytes, arrived: float, record: RequestRecord) -> bool:
+            event = json.loads(data)
+            if "error" in event:
+                record.error = event["error"]
+                return True
+            record.arrivals.append((arrived, int(event["num_output_tokens"])))
+            return bool(event.get("finish_reason"))
 
-
-def _metric(summary: dict, metric: str) -> float | None:
-    if not summary or "tokens_per_s" not in summary:
-        return None
-    if metric == "tokens_per_s":
-        return summary["tokens_per_s"]
-    kind, q = metric.split("_")
-    return summary[f"{kind}_ms"][q]
+        return post_sse(self.url, "/v2/models/granite_vision/generate_stream", self.body(i), on_event,
+                        self.timeout_s)
 
 
 def run(checkpoint: Path, workload: Workload, requests_of, out_dir: Path, log, server_env: dict | None = None,
@@ -120,7 +95,7 @@ def compare(result: dict) -> dict:
     for level in result["levels"]:
         for metric in ("tokens_per_s", "ttft_p50", "itl_p50"):
             better = max if metric == "tokens_per_s" else min
-            rounds = {name: [v for r in result["rounds"][name] if (v := _metric(r.get(level), metric)) is not None]
+            rounds = {name: [v for r in result["rounds"][name] if (v := summary_metric(r.get(level), metric)) is not None]
                       for name in ("generate_stream", "openai")}
             if not all(rounds.values()):
                 continue

@@ -79,7 +79,7 @@ def run(name: str, checkpoint: Path, workload: Workload, requests_of, out_dir: P
     return result
 
 
-def _metric(summary: dict, metric: str) -> float | None:
+def summary_metric(summary: dict, metric: str) -> float | None:
     if not summary or "tokens_per_s" not in summary:
         return None
     if metric == "tokens_per_s":
@@ -94,8 +94,8 @@ def compare(result: dict, levels: list[int]) -> dict:
     for level in levels:
         for metric in ("tokens_per_s", "ttft_p50", "itl_p50"):
             better = max if metric == "tokens_per_s" else min
-            ours = [v for r in result["ours"] if (v := _metric(r.get(level), metric)) is not None]
-            peer = {f"t{t}": [v for r in result[f"vllm_t{t}"] if (v := _metric(r.get(level), metric)) is not None]
+            ours = [v for r in result["ours"] if (v := summary_metric(r.get(level), metric)) is not None]
+            peer = {f"t{t}": [v for r in result[f"vllm_t{t}"] if (v := summary_metric(r.get(level), metric)) is not None]
                     for t in VLLM_THREADS}
             peer_best = [better(v) for v in peer.values() if v]
             if not ours or not peer_best:

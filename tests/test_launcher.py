@@ -67,7 +67,6 @@ def test_a_launcher_killed_with_sigkill_takes_tritonserver_and_the_front_with_it
     """tritonserver runs in a session of its own: without the parent-death signal it went on
     serving (and holding the ports) after a kill -9 of the launcher."""
     import signal
-    import time
     import urllib.request
 
     from tests.metrics import wait_for

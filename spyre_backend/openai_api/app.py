@@ -9,7 +9,6 @@ to ``granite_vision`` over gRPC streaming. The launcher starts it (``--openai-po
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging

@@ -73,9 +73,7 @@ def _typed(body: dict, name: str, kinds, what: str):
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise bad(f"{name} must be {what}, got {value!r}", name)
-    if not isinstance(value, kinds):
+    if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):  # True is an int too
         raise bad(f"{name} must be {what}, got {value!r}", name)
     return value
 

@@ -111,6 +111,31 @@ def server_command(options: ServerOptions) -> list[str]:
     ]
 
 
+def stop_process(process: subprocess.Popen | None, sig: int, timeout_s: float, log_file=None) -> int | None:
+    """Signal a child, give it ``timeout_s`` to exit, then kill it; its exit code."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if log_file:
+        log_file.close()
+    return process.returncode
+
+
+def answers_ok(url: str) -> bool:
+    """An HTTP GET of ``url`` answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return False
+
+
 class TritonServer:
     """A tritonserver child process; used by the launcher CLI and by the tests."""
 
@@ -166,12 +191,8 @@ class TritonServer:
             code = self.process.poll()
             if code is not None:
                 raise ServerStartError(f"tritonserver exited with code {code} before it was ready{self._log_hint()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
+            if answers_ok(url):
+                return
             time.sleep(0.5)
         self.stop()
         raise ServerStartError(f"tritonserver was not ready after {timeout_s:.0f} s{self._log_hint()}")
@@ -198,18 +219,7 @@ class TritonServer:
             self.process.send_signal(sig)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # Triton's graceful shutdown
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._log_file:
-            self._log_file.close()
-        return self.process.returncode
+        return stop_process(self.process, signal.SIGINT, timeout_s, self._log_file)  # SIGINT: Triton's graceful shutdown
 
 
 class OpenAIFront:
@@ -248,29 +258,14 @@ class OpenAIFront:
         while time.monotonic() < deadline:  # /v1/models answers before Triton is ready
             if self.process.poll() is not None:
                 raise ServerStartError(f"the OpenAI front exited with code {self.process.returncode}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/v1/models", timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
+            if answers_ok(f"{self.url}/v1/models"):
+                return self
             time.sleep(0.2)
         self.stop()
         raise ServerStartError(f"the OpenAI front did not answer on {self.url} within {timeout_s:.0f} s")
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._log_file:
-            self._log_file.close()
-        return self.process.returncode
+        return stop_process(self.process, signal.SIGTERM, timeout_s, self._log_file)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -154,7 +154,7 @@ def run_engine(prof: Profile, workload: Workload, levels: list[int], machine: di
     try:
         pre = Preprocessor(str(prof.checkpoint))
         # no encoder cache here (the Triton model attaches one, where it has one; it is off there too)
-        encoder = VisionEncoder(str(prof.checkpoint), serving_config("vision_encoder", prof.checkpoint).device.plan())
+        encoder = VisionEncoder(str(prof.checkpoint), serving_config("vision_encoder", prof.checkpoint).device.plan(str(prof.checkpoint)))
         roof = None
         if with_roofline:
             log("roofline: machine limits again, then vision, prefill and decode on the idle engine")

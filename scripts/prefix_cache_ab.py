@@ -37,7 +37,7 @@ def main(argv=None) -> None:
 
     checkpoint = Path(args.checkpoint)
     service = LLMService(serving_config("granite_llm", checkpoint))
-    encoder = VisionEncoder(str(checkpoint), serving_config("vision_encoder", checkpoint).device.plan())
+    encoder = VisionEncoder(str(checkpoint), serving_config("vision_encoder", checkpoint).device.plan(str(checkpoint)))
     target = EngineTarget(service, Preprocessor(str(checkpoint)), encoder, Workload(args.max_tokens))
     scheduler = service.engine.scheduler
     hasher = scheduler.hasher

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from spyre_backend import DEFAULT_CHECKPOINT
-from spyre_backend.device import COMPILE_BACKENDS, CPU_GEMMS, DEVICES, DeviceError, DevicePlan, resolve
+from spyre_backend.device import COMPILE_BACKENDS, CPU_GEMMS, DEVICES, DeviceError, DevicePlan, memory, resolve
 from spyre_backend.device.host_memory import keep_freed_memory
 
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
@@ -32,6 +33,20 @@ class ConfigError(ValueError):
     pass
 
 
+def checkpoint_dtype(checkpoint: str) -> str:
+    """The dtype a checkpoint says it was saved in (transformers writes "dtype", older versions
+    "torch_dtype", at the top or in text_config); float32 where it says none we serve."""
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    for section in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if section.get(key) in _DTYPES:
+                return section[key]
+    return "float32"
+
+
 def _check(section, ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"parameter {name!r}: {message} (got {getattr(section, name)!r})")
@@ -40,8 +55,8 @@ def _check(section, ok: bool, name: str, message: str) -> None:
 @dataclass
 class DeviceConfig:
     device: str = "auto"  # auto | spyre | cpu | cuda
-    compile_backend: str = ""  # eager | inductor | sendnn; empty: sendnn on spyre, inductor elsewhere (eager without g++)
-    dtype: str = "float32"
+    compile_backend: str = ""  # eager | inductor | sendnn; empty: sendnn on spyre, else device.default_compile_backend
+    dtype: str = "auto"  # auto: the checkpoint's (config.json "dtype"/"torch_dtype"; float32 where it says none)
     cpu_gemm: str = "onednn"  # onednn | mkl: the CPU's large fp32 linears (spyre_backend/device/cpu_linear.py)
     num_threads: int = 0  # torch intra-op threads; 0: one for narrow models, else torch's default
 
@@ -49,18 +64,21 @@ class DeviceConfig:
         _check(self, self.device in DEVICES, "device", f"must be one of {list(DEVICES)}")
         _check(self, self.compile_backend in ("", *COMPILE_BACKENDS), "compile_backend",
                f"must be one of {list(COMPILE_BACKENDS)} (or empty for the device's default)")
-        _check(self, self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}")
+        _check(self, self.dtype in ("auto", *_DTYPES), "dtype", f"must be auto or one of {sorted(_DTYPES)}")
         _check(self, self.cpu_gemm in CPU_GEMMS, "cpu_gemm", f"must be one of {list(CPU_GEMMS)}")
         _check(self, self.num_threads >= 0, "num_threads", "must be >= 0")
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+    def torch_dtype(self, checkpoint: str = "") -> torch.dtype:
+        """The dtype to serve in: ``dtype``, or for auto the one ``checkpoint`` was saved in."""
+        return _DTYPES[checkpoint_dtype(checkpoint) if self.dtype == "auto" else self.dtype]
 
-    def plan(self) -> DevicePlan:
-        """Resolve device and compile backend; a device that cannot be used fails here, at load."""
+    def plan(self, checkpoint: str = "") -> DevicePlan:
+        """Resolve device, compile backend and dtype (auto: ``checkpoint``'s); a device that cannot
+        be used fails here, at load."""
         try:
-            return resolve(self.device, self.compile_backend or None, self.torch_dtype, self.cpu_gemm)
+            params = sum(memory.tensor_counts(checkpoint).values()) if checkpoint else 0
+            return resolve(self.device, self.compile_backend or None, self.torch_dtype(checkpoint), self.cpu_gemm,
+                           model_params=params)
         except (DeviceError, RuntimeError) as exc:
             raise ConfigError(f"parameter 'device' ({self.device!r}): {exc}") from None
 
@@ -83,8 +101,11 @@ class CacheConfig:
 
     block_size: int = 64  # KV block and prefill padding granularity
     max_context: int = 4096  # tokens per sequence (prompt + output)
-    num_kv_blocks: int = 0  # 0: max_running * max_context / block_size (+1 padding block)
+    num_kv_blocks: int = 0  # 0: sized from memory (kv_memory_mb, else kv_memory_fraction)
     kv_memory_mb: int = 0  # alternative to num_kv_blocks: size the KV pool from a memory budget
+    # with neither set: this share of the memory available once the weights are loaded, and no
+    # more than max_running full contexts (vLLM sizes its pool from a memory share the same way)
+    kv_memory_fraction: float = 0.5
     decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     enable_prefix_caching: bool = True  # full blocks shared by content (engine/prefix_cache.py)
 
@@ -94,16 +115,34 @@ class CacheConfig:
                "must be a positive multiple of block_size")
         _check(self, self.num_kv_blocks >= 0, "num_kv_blocks", "must be >= 0")
         _check(self, self.kv_memory_mb >= 0, "kv_memory_mb", "must be >= 0")
+        _check(self, 0 < self.kv_memory_fraction <= 1, "kv_memory_fraction", "must be in (0, 1]")
         _check(self, bool(self.decode_batch_sizes) and all(b > 0 for b in self.decode_batch_sizes),
                "decode_batch_sizes", "must be positive sizes")
 
-    def kv_blocks(self, bytes_per_token: int, max_running: int) -> int:
-        """Blocks in the KV pool (one more is reserved for padding)."""
+    def min_kv_blocks(self) -> int:
+        """The smallest pool: one full context, and the padding block."""
+        return self.max_context // self.block_size + 1
+
+    def kv_blocks(self, bytes_per_token: int, max_running: int, available_bytes: int = 0) -> int:
+        """Blocks in the KV pool (one more is reserved for padding). ``available_bytes``: memory
+        available now, the weights loaded (0: unknown, then max_running full contexts)."""
         if self.num_kv_blocks:
             return self.num_kv_blocks
+        block_bytes = bytes_per_token * self.block_size
         if self.kv_memory_mb:
-            return max(2, self.kv_memory_mb * 2**20 // (bytes_per_token * self.block_size))
-        return max_running * (self.max_context // self.block_size) + 1
+            return max(2, self.kv_memory_mb * 2**20 // block_bytes)
+        full = max_running * (self.max_context // self.block_size) + 1
+        if not available_bytes:
+            return full
+        blocks = min(full, int(available_bytes * self.kv_memory_fraction) // block_bytes)
+        if blocks < self.min_kv_blocks():
+            need = self.min_kv_blocks() * block_bytes
+            raise ConfigError(
+                f"the KV pool for one {self.max_context}-token context needs {need / 2**30:.2f} GiB and "
+                f"kv_memory_fraction={self.kv_memory_fraction} of the {available_bytes / 2**30:.1f} GiB available "
+                f"after loading the weights is {available_bytes * self.kv_memory_fraction / 2**30:.2f} GiB: "
+                "lower max_context, raise kv_memory_fraction, or set dtype=bfloat16")
+        return blocks
 
 
 @dataclass
@@ -215,6 +254,8 @@ class ServingConfig:
                     value = [int(x) for x in str(text).replace(",", " ").split()]
                 elif isinstance(default, bool):
                     value = _BOOLS[str(text).strip().lower()]
+                elif isinstance(default, float):
+                    value = float(text)
                 elif isinstance(default, int):
                     value = int(text)
                 else:
@@ -246,6 +287,11 @@ class ServingConfig:
 
     def apply_process_settings(self, model_width: int) -> int:
         """What a process serving a model sets before loading it: torch's threads (apply_threads,
-        returned) and the allocator (device/host_memory.py: step temporaries reuse heap pages)."""
-        keep_freed_memory()
+        returned). The allocator's (``keep_freed_memory``) come after the load: set before, the
+        heap would keep what loading drops (granite_llm reads the vision tower and lets it go)."""
         return self.device.apply_threads(model_width)
+
+    @staticmethod
+    def apply_serving_allocator() -> None:
+        """After the load, before warmup: step temporaries reuse heap pages (device/host_memory.py)."""
+        keep_freed_memory()

@@ -52,10 +52,15 @@ class DevicePlan:
 
     def prepare(self, module: torch.nn.Module, single_row: bool = False) -> int:
         """Device-specific rewrites of a loaded model, before anything is compiled from it; returns
-        how many layers changed. On the CPU: large fp32 linears through oneDNN (cpu_linear);
+        how many layers changed. On the CPU: large fp32 linears through oneDNN, large bf16 ones
+        computed in fp32 for many rows where the CPU has no bf16 arithmetic (cpu_linear);
         ``single_row``: the model runs single rows (decode at batch 1) and memory allows, also
         in the layout for one row."""
-        if self.kind != "cpu" or self.cpu_gemm != "onednn" or not cpu_linear.available():
+        if self.kind != "cpu" or not cpu_linear.available():
+            return 0
+        if self.dtype == torch.bfloat16 and not cpu_linear.has_native_bf16():
+            return cpu_linear.upcast_bf16_linears(module)  # prefill-size matmuls in fp32
+        if self.cpu_gemm != "onednn":
             return 0
         return cpu_linear.pack_linears(module, single_row=single_row)
 
@@ -118,15 +123,24 @@ def _utf8_locale() -> None:
             continue
 
 
-def default_compile_backend(device: str) -> str:
+# On the CPU a model this large is not compiled by default: warmup runs every shape of the static
+# set (~110 forward passes, ~18k tokens of prefill), an hour for a 2B model on two cores, and its
+# steps are its matmuls (oneDNN or MKL in both backends), which compiling does not change.
+CPU_COMPILE_MAX_PARAMS = 1_000_000_000
+
+
+def default_compile_backend(device: str, model_params: int = 0) -> str:
     """inductor where it can build (measured faster on the CPU: the tiny checkpoint 2.5x at one
-    stream, the mid-size one 1.15x; README, Benchmarks); eager on a CPU without a C++ compiler."""
-    if device == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
+    stream, the mid-size one 1.15x; README, Benchmarks); eager on a CPU without a C++ compiler
+    and, on the CPU, for models of CPU_COMPILE_MAX_PARAMS or more."""
+    if device == "cpu" and (model_params >= CPU_COMPILE_MAX_PARAMS or not (shutil.which("g++") or shutil.which("c++"))):
         return "eager"
     return "inductor"
 
 
-def resolve(device: str, compile_backend: str | None, dtype: torch.dtype, cpu_gemm: str = "onednn") -> DevicePlan:
+def resolve(device: str, compile_backend: str | None, dtype: torch.dtype, cpu_gemm: str = "onednn",
+            model_params: int = 0) -> DevicePlan:
+    """``model_params``: the checkpoint's parameter count, for the default compile backend."""
     if cpu_gemm not in CPU_GEMMS:
         raise DeviceError(f"cpu_gemm must be one of {CPU_GEMMS}, got {cpu_gemm!r}")
     if device not in DEVICES:
@@ -140,7 +154,7 @@ def resolve(device: str, compile_backend: str | None, dtype: torch.dtype, cpu_ge
             raise DeviceError(f"device spyre runs compiled graphs only: compile_backend must be sendnn, "
                               f"got {compile_backend!r}")
     else:
-        compile_backend = compile_backend or default_compile_backend(device)
+        compile_backend = compile_backend or default_compile_backend(device, model_params)
         if compile_backend not in ("eager", "inductor"):
             raise DeviceError(f"compile_backend {compile_backend!r} needs device spyre; "
                               f"use eager or inductor on {device}")

@@ -18,6 +18,13 @@ memory allows (``pack_linears(single_row=True)``: the decoder, when the copies t
 quarter of the memory available), a layer keeps both layouts and a single row uses the second:
 the mid-size decode step at batch 1 went 50-56 -> 39-44 ms (README, CPU matmuls).
 
+bf16 weights on a CPU without bf16 arithmetic (AVX-512 BF16 or AMX; these AMD cores have
+neither): torch's bf16 matmul runs at ~20 GFLOPS here, fp32 at 90-120, so a 512-token prefill
+chunk of a 2B model took 5x longer in bf16, while a decode step, bound by reading the weights,
+was 2x faster. ``upcast_bf16_linears`` keeps the weights in bf16 (half the memory) and computes
+a matmul of ``UPCAST_MIN_ROWS`` rows or more in fp32 on a converted copy of the weight (the copy
+costs ~38 ms for an 8192 x 2048 weight; a 512-row fp32 matmul ~140 ms, in bf16 ~850 ms).
+
 Small weights stay on MKL: a oneDNN call costs ~25 us however small the matmul, MKL's ~9 us, and
 below ~1 MiB of weight MKL was as fast or faster. Only exact ``nn.Linear`` modules are swapped
 (subclasses such as ``MultiheadAttention``'s projection are read through ``.weight``).
@@ -27,6 +34,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from spyre_backend.device import memory
 
 MIN_PACKED_ELEMENTS = 1 << 18  # 1 MiB of fp32 weight: 512 x 512 was the smallest shape oneDNN won
 # oneDNN picks its blocking for this many rows: the largest decode batch. With it every row count
@@ -39,6 +48,8 @@ _ROWS_HINT = 16
 # this op the call stays opaque to it and runs as written, the weight an ordinary graph input.
 _LIBRARY = torch.library.Library("spyre_backend", "DEF")
 _LIBRARY.define("packed_linear(Tensor x, Tensor weight, Tensor? single_row_weight, Tensor? bias) -> Tensor")
+_LIBRARY.define("upcast_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+UPCAST_MIN_ROWS = 32  # bf16: ~1.7 ms a row for 8192 x 2048; converting the weight ~38 ms
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, single_row_weight: torch.Tensor | None,
@@ -54,6 +65,46 @@ _LIBRARY.impl("packed_linear", _linear, "CompositeExplicitAutograd")
 @torch.library.register_fake("spyre_backend::packed_linear")
 def _(x, weight, single_row_weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.numel() // x.shape[-1] < UPCAST_MIN_ROWS:
+        return torch.nn.functional.linear(x, weight, bias)
+    return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+_LIBRARY.impl("upcast_linear", _upcast_linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("spyre_backend::upcast_linear")
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def has_native_bf16() -> bool:
+    """The CPU does bf16 arithmetic (oneDNN's test: AVX-512 BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class UpcastLinear(nn.Module):
+    """``y = x @ W.T + b`` with a bf16 ``W``, in fp32 for many rows (see the module doc)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.out_features, self.in_features = linear.weight.shape
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.spyre_backend.upcast_linear.default(x, self.weight, self.bias)
+
+
+def upcast_bf16_linears(module: nn.Module) -> int:
+    """Replaces every large bf16 ``nn.Linear`` under ``module`` with UpcastLinear; returns how many."""
+    found = _packable_linears(module, torch.bfloat16)
+    for parent, name, child in found:
+        setattr(parent, name, UpcastLinear(child))
+    return len(found)
 
 
 def available() -> bool:
@@ -79,23 +130,15 @@ class PackedLinear(nn.Module):
                 f"single_row={self.single_row_weight is not None}")
 
 
-def _packable(module: nn.Module) -> bool:
+def _packable(module: nn.Module, dtype: torch.dtype = torch.float32) -> bool:
     if type(module) is not nn.Linear:
         return False
     weight = module.weight
-    return weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() >= MIN_PACKED_ELEMENTS
+    return weight.dtype == dtype and weight.device.type == "cpu" and weight.numel() >= MIN_PACKED_ELEMENTS
 
 
 def available_memory_bytes() -> int:
-    """The kernel's estimate of memory available without swapping (0 where it cannot be read)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return memory.available_bytes()
 
 
 def pack_linears(module: nn.Module, single_row: bool = False) -> int:
@@ -112,11 +155,11 @@ def pack_linears(module: nn.Module, single_row: bool = False) -> int:
     return len(packable)
 
 
-def _packable_linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+def _packable_linears(module: nn.Module, dtype: torch.dtype = torch.float32) -> list[tuple[nn.Module, str, nn.Linear]]:
     found = []
     for name, child in module.named_children():
-        if _packable(child):
+        if _packable(child, dtype):
             found.append((module, name, child))
         else:
-            found += _packable_linears(child)
+            found += _packable_linears(child, dtype)
     return found

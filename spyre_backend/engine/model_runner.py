@@ -22,11 +22,12 @@ from typing import Callable
 import torch
 from fms.models import get_model
 
-from spyre_backend.device import DevicePlan
+from spyre_backend.device import DevicePlan, memory
 from spyre_backend.engine import attention
 from spyre_backend.engine.kv_cache import KVPool
 from spyre_backend.engine.kv_cache_manager import NULL_BLOCK
 from spyre_backend.multimodal import MultimodalSpec
+from spyre_backend.multimodal.registry import read_config
 
 
 @dataclass
@@ -70,9 +71,13 @@ def next_power_of_two(n: int) -> int:
 
 class ModelRunner:
     def __init__(self, checkpoint: str, *, plan: DevicePlan, spec: MultimodalSpec,
-                 num_kv_blocks: int | Callable[[int], int], block_size: int, max_context: int,
+                 num_kv_blocks: int | Callable[[int, int], int], block_size: int, max_context: int,
                  prefill_chunk: int, decode_batch_sizes: list[int]):
-        """``num_kv_blocks`` may be a function of the KV bytes per token (sizing from a memory budget)."""
+        """``num_kv_blocks`` may be a function of the KV bytes per token and of the memory available
+        once the weights are loaded (sizing from a memory budget).
+
+        Raises memory.InsufficientMemory, before loading anything, where the weights and one full
+        context cannot fit in the memory available."""
         self.plan = plan
         self.device = plan.torch_device
         self.dtype = plan.dtype
@@ -86,6 +91,9 @@ class ModelRunner:
         self.attn_name = attention.register(fused_decode=plan.attends_in_place)
         self.mixes_steps = plan.mixes_steps and self.max_blocks_per_seq >= 2  # mixed sizes are >= 2
 
+        memory.decoder_estimate(checkpoint, self.dtype, read_config(checkpoint)["text_config"],
+                                min_kv_tokens=(self.max_blocks_per_seq + 1) * block_size
+                                ).check(memory.available_bytes(self.device))
         full = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=self.dtype,
                          device_type=self.device.type)
         self.image_token_id = int(full.config.image_token_index)
@@ -98,8 +106,9 @@ class ModelRunner:
         self.logits_scaling = float(text.logits_scaling)
         kv_heads = text.kvheads or text.nheads
         bytes_per_token = 2 * text.nlayers * kv_heads * text.head_dim * torch.finfo(self.dtype).bits // 8
+        self.weight_bytes = memory.module_bytes(self.lm)
         if callable(num_kv_blocks):
-            num_kv_blocks = num_kv_blocks(bytes_per_token)
+            num_kv_blocks = num_kv_blocks(bytes_per_token, memory.available_bytes(self.device))
         self.kv_pool = KVPool(
             num_layers=text.nlayers, num_blocks=num_kv_blocks, block_size=block_size,
             kv_heads=kv_heads, head_dim=text.head_dim, dtype=self.dtype, device=self.device,

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from spyre_backend.config import ServingConfig
+from spyre_backend.device import memory
 from spyre_backend.engine.llm_engine import EngineStats, LLMEngine
 from spyre_backend.engine.model_runner import ModelRunner
 from spyre_backend.engine.request import Request, RequestOutput
@@ -55,8 +56,8 @@ class LLMService:
         self.spec = get_spec(checkpoint)
         cache, scheduler = config.cache, config.scheduler
         runner = ModelRunner(
-            checkpoint, plan=config.device.plan(), spec=self.spec,
-            num_kv_blocks=lambda bytes_per_token: cache.kv_blocks(bytes_per_token, scheduler.max_running),
+            checkpoint, plan=config.device.plan(checkpoint), spec=self.spec,
+            num_kv_blocks=lambda per_token, available: cache.kv_blocks(per_token, scheduler.max_running, available),
             block_size=cache.block_size, max_context=cache.max_context, prefill_chunk=scheduler.prefill_chunk,
             decode_batch_sizes=cache.decode_batch_sizes,
         )
@@ -64,13 +65,17 @@ class LLMService:
         self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids=eos, scheduler=scheduler, limits=config.engine,
                                 enable_prefix_caching=cache.enable_prefix_caching, on_step=on_stats)
         loaded = time.monotonic() - started
+        config.apply_serving_allocator()
         self.engine.start()
         warmed = warmup_llm(self, checkpoint) if warmup else 0.0
-        plan = runner.plan
-        log.warning("granite_llm: loaded %s in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; %d static shapes; "
-                    "KV %d blocks of %d tokens)", checkpoint, loaded, warmed, plan.kind, plan.compile_backend,
-                    config.device.dtype, threads, len(runner.shape_set()), runner.kv_pool.num_blocks,
-                    cache.block_size)
+        plan, pool = runner.plan, runner.kv_pool
+        resident, peak = memory.resident_bytes()
+        log.warning("granite_llm: loaded %s in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; %d static shapes); "
+                    "memory: weights %s, KV pool %s (%d blocks of %d tokens, %d tokens), resident %s, peak %s",
+                    checkpoint, loaded, warmed, plan.kind, plan.compile_backend, str(plan.dtype).removeprefix("torch."),
+                    threads, len(runner.shape_set()), memory.gib(runner.weight_bytes), memory.gib(pool.nbytes),
+                    pool.num_blocks, cache.block_size, (pool.num_blocks - 1) * cache.block_size,
+                    memory.gib(resident), memory.gib(peak))
 
     def submit(self, inputs: GenerateInputs, send: Callable[[str, RequestOutput], None],
                is_cancelled: Callable[[], bool] = lambda: False) -> None:

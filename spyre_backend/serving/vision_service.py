@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from spyre_backend.config import ServingConfig
+from spyre_backend.device import memory
 from spyre_backend.multimodal import get_spec
 from spyre_backend.multimodal.registry import read_config
 from spyre_backend.serving.warmup import warmup_vision
@@ -26,17 +27,21 @@ class VisionService:
         started = time.monotonic()
         checkpoint = config.checkpoint_dir
         threads = config.apply_process_settings(read_config(checkpoint)["vision_config"]["hidden_size"])
-        plan = config.device.plan()
+        plan = config.device.plan(checkpoint)
         self.encoder = VisionEncoder(checkpoint, plan, max_crop_batch=config.vision.max_crop_batch)
         loaded = time.monotonic() - started
+        config.apply_serving_allocator()
         warmed = warmup_vision(self.encoder, checkpoint, get_spec(checkpoint))
         plan.seal_compiled()  # every crop batch ran; this process serves this model only
         # attached after warmup, so that the warmup image neither counts nor takes room
         if config.vision.encoder_cache_mb:
             self.encoder.cache = EncoderCache(config.vision.encoder_cache_mb * 2**20)
+        resident, peak = memory.resident_bytes()
         log.warning("vision_encoder: loaded in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; crop batches %s; "
-                    "encoder cache %d MiB)", loaded, warmed, plan.kind, plan.compile_backend, config.device.dtype, threads,
-                    sorted(self.encoder.crop_batches_run), config.vision.encoder_cache_mb)
+                    "encoder cache %d MiB); memory: weights %s, resident %s, peak %s", loaded, warmed, plan.kind,
+                    plan.compile_backend, str(plan.dtype).removeprefix("torch."), threads,
+                    sorted(self.encoder.crop_batches_run), config.vision.encoder_cache_mb,
+                    memory.gib(memory.module_bytes(self.encoder.model)), memory.gib(resident), memory.gib(peak))
 
     def encode(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> np.ndarray:
         """[n_features, hidden] float32 features of every image of one request, in order."""

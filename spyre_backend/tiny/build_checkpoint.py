@@ -150,22 +150,31 @@ TOKEN_COUNT_SIZES = [
 # --------------------------------------------------------------------------------------------
 # Tokenizer, processor, model
 # --------------------------------------------------------------------------------------------
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on every string the synthetic data can produce."""
+def build_tokenizer(image_token_id: int | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on every string the synthetic data can produce.
+
+    ``image_token_id``: put ``<image>`` at that id instead of right after the other special
+    tokens, the vocabulary between padded with tokens no text encodes to (the published
+    granite-vision tokenizer has 49155 entries and ``<image>`` at 49155)."""
     bpe = Tokenizer(models.BPE())
     # No prefix space: the answer is tokenized on its own after "<|assistant|>\n", and must
     # split exactly as the model will generate it.
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
+    specials = SPECIAL_TOKENS if image_token_id is None else [t for t in SPECIAL_TOKENS if t != IMAGE_TOKEN]
     trainer = trainers.BpeTrainer(
         vocab_size=TOKENIZER_VOCAB,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(synthetic.corpus(SYSTEM_PROMPT) + _filler_text(), trainer)
-    for i, token in enumerate(SPECIAL_TOKENS):
-        assert bpe.token_to_id(token) == i, (token, bpe.token_to_id(token))
+    if image_token_id is not None:
+        bpe = _padded(bpe, image_token_id)
+        bpe.add_special_tokens([IMAGE_TOKEN])
+    for token in SPECIAL_TOKENS:
+        wanted = SPECIAL_TOKENS.index(token) if token != IMAGE_TOKEN or image_token_id is None else image_token_id
+        assert bpe.token_to_id(token) == wanted, (token, bpe.token_to_id(token))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=EOS,
@@ -178,6 +187,16 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
     )
     return tokenizer
+
+
+def _padded(bpe: Tokenizer, size: int) -> Tokenizer:
+    """The same BPE with its vocabulary filled up to ``size`` entries by tokens that no merge
+    produces (so no text encodes to them; the model may still generate them)."""
+    spec = json.loads(bpe.to_str())
+    vocab = spec["model"]["vocab"]
+    for i in range(len(vocab), size):
+        vocab[f"<|unused_{i}|>"] = i
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def _filler_text() -> list[str]:
@@ -197,11 +216,12 @@ def scaled_pinpoints(crop: int) -> list[list[int]]:
     return [[h // CROP * crop, w // CROP * crop] for h, w in GRID_PINPOINTS]
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast, crop: int = CROP) -> LlavaNextProcessor:
+def build_processor(tokenizer: PreTrainedTokenizerFast, crop: int = CROP,
+                    pinpoints: list[list[int]] | None = None) -> LlavaNextProcessor:
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": crop},
         crop_size={"height": crop, "width": crop},
-        image_grid_pinpoints=scaled_pinpoints(crop),
+        image_grid_pinpoints=pinpoints or scaled_pinpoints(crop),
         image_mean=[0.5, 0.5, 0.5],  # SigLIP normalisation
         image_std=[0.5, 0.5, 0.5],
         do_pad=True,
@@ -220,14 +240,16 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, crop: int = CROP) -> Lla
 def build_config(
     tokenizer: PreTrainedTokenizerFast, text_init_std: float = 0.02, vision_hidden: int = 32, vision_heads: int = 2,
     *, crop: int = CROP, text_hidden: int = 64, text_layers: int = 4, text_heads: int = 4, text_kv_heads: int = 2,
-    attention_multiplier: float = ATTENTION_MULTIPLIER,
+    attention_multiplier: float = ATTENTION_MULTIPLIER, vision_intermediate: int = 0, text_intermediate: int = 0,
+    rope_theta: float = 10000.0, max_positions: int = 4096, pinpoints: list[list[int]] | None = None,
 ) -> LlavaNextConfig:
     """The shipped tiny shape by default; the keywords give other sizes of the same architecture
-    (spyre_backend/tiny/random_checkpoint.py builds a mid-size one for benchmarks)."""
+    (spyre_backend/tiny/random_checkpoint.py builds a mid-size one for benchmarks, and the
+    published 2b shape). Intermediate sizes of 0 mean 4x the width."""
     vocab_size = len(tokenizer)
     vision = SiglipVisionConfig(
         hidden_size=vision_hidden,
-        intermediate_size=4 * vision_hidden,
+        intermediate_size=vision_intermediate or 4 * vision_hidden,
         num_hidden_layers=27,
         num_attention_heads=vision_heads,
         image_size=crop,
@@ -238,14 +260,14 @@ def build_config(
     text = GraniteConfig(
         vocab_size=vocab_size,
         hidden_size=text_hidden,
-        intermediate_size=4 * text_hidden,
+        intermediate_size=text_intermediate or 4 * text_hidden,
         num_hidden_layers=text_layers,
         num_attention_heads=text_heads,
         num_key_value_heads=text_kv_heads,
         hidden_act="silu",
-        max_position_embeddings=4096,
+        max_position_embeddings=max_positions,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
+        rope_theta=rope_theta,
         embedding_multiplier=EMBEDDING_MULTIPLIER,
         residual_multiplier=RESIDUAL_MULTIPLIER,
         attention_multiplier=attention_multiplier,
@@ -259,7 +281,7 @@ def build_config(
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,
-        image_grid_pinpoints=scaled_pinpoints(crop),
+        image_grid_pinpoints=pinpoints or scaled_pinpoints(crop),
         vision_feature_layer=VISION_FEATURE_LAYERS,
         vision_feature_select_strategy="full",
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -612,8 +634,8 @@ def evaluate(model, processor, samples: list[synthetic.Sample], log) -> dict:
 # --------------------------------------------------------------------------------------------
 # Saving in the published granite-vision layout
 # --------------------------------------------------------------------------------------------
-def published_state_dict(model: LlavaNextForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """Rename transformers 5.x module paths to the layout of the published checkpoints.
+def published_name(name: str) -> str:
+    """A transformers 5.x module path in the layout of the published checkpoints.
 
     transformers 5 nests everything under `model.` and flattens the SigLIP tower (no
     `vision_model.`); granite-vision-3.2-2b (and FMS's adapter, which only knows that layout)
@@ -628,29 +650,51 @@ def published_state_dict(model: LlavaNextForConditionalGeneration) -> dict[str, 
         ("model.language_model.", "language_model.model."),
         ("lm_head.", "language_model.lm_head."),
     ]
-    out = {}
-    for name, tensor in model.state_dict().items():
-        for old, new in renames:
-            if name.startswith(old):
-                name = new + name[len(old) :]
-                break
-        else:
-            raise KeyError(f"no published name for {name}")
-        # Tied weights share storage; safetensors wants separate tensors.
-        out[name] = tensor.detach().to(torch.float32).contiguous().clone()
-    return out
+    for old, new in renames:
+        if name.startswith(old):
+            return new + name[len(old):]
+    raise KeyError(f"no published name for {name}")
 
 
-def save_checkpoint(model, processor, out_dir: Path) -> None:
+SHARD_BYTES = 2 * 2**30
+
+
+def save_weights(model, out_dir: Path, dtype=torch.float32, shard_bytes: int = SHARD_BYTES) -> None:
+    """Weights in the published layout: one ``model.safetensors``, or, past ``shard_bytes``, shards
+    with an index as the published checkpoints have. Each shard is copied out and written on its
+    own, so saving needs one shard of memory beyond the model, not a second model."""
+    tensors = list(model.state_dict().items())
+    total = sum(t.numel() * dtype.itemsize for _, t in tensors)
+    groups, size = [[]], 0
+    for name, t in tensors:
+        n = t.numel() * dtype.itemsize
+        if groups[-1] and size + n > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, t))
+        size += n
+    files = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    weight_map = {}
+    for file, group in zip(files, groups):
+        shard = {published_name(name): t.detach().to(dtype).contiguous().clone() for name, t in group}
+        save_file(shard, str(out_dir / file), metadata={"format": "pt"})
+        (out_dir / file).chmod(0o644)  # safetensors creates it owner-only
+        weight_map.update(dict.fromkeys(shard, file))
+        del shard
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_checkpoint(model, processor, out_dir: Path, dtype=torch.float32) -> None:
     out_dir.mkdir(parents=True)
     model.config.save_pretrained(out_dir)
     GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0).save_pretrained(out_dir)
     processor.save_pretrained(out_dir)  # tokenizer files, processor_config.json, chat_template.jinja
     # preprocessor_config.json too, for readers that load the image processor on its own.
     processor.image_processor.save_pretrained(out_dir)
-    weights = out_dir / "model.safetensors"
-    save_file(published_state_dict(model), str(weights), metadata={"format": "pt"})
-    weights.chmod(0o644)  # safetensors creates it owner-only
+    save_weights(model, out_dir, dtype)
 
     # transformers 5 writes tokenizer_class "TokenizersBackend", which older readers do not know;
     # PreTrainedTokenizerFast loads the same tokenizer.json everywhere. The template is also put

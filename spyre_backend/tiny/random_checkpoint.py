@@ -1,6 +1,7 @@
 """Build an untrained Granite Vision checkpoint of a chosen size, for benchmarks.
 
     python -m spyre_backend.tiny.random_checkpoint --out checkpoints/random-mid [--vision-hidden 384] ...
+    python -m spyre_backend.tiny.random_checkpoint --preset granite-vision-3.2-2b --out DIR
 
 The defaults give the "mid-size" model of the benchmark: the real architecture (SigLIP with 27
 layers and features of layers [-24,-20,-12,-1], 384 px crops of 14 px patches, gelu projector,
@@ -12,6 +13,14 @@ Tokenizer, processor, config and the published key layout come from the tiny bui
 (``build_checkpoint``), and the saved folder is checked the same way: it reloads in transformers
 with clean loading info and the same logits, and in FMS with every key placed and matching
 prefill logits. A folder built with the same arguments is reused, not rebuilt.
+
+``--preset granite-vision-3.2-2b`` gives the published model's exact shapes (2.98 B parameters:
+SigLIP so400m, 27 layers of 1152 with 16 heads; Granite 2B, 40 layers of 2048, 32 heads, 8 KV
+heads, intermediate 8192, vocabulary 49156 with ``<image>`` at 49155, rope theta 300000; the 27
+anyres pinpoints of 384 px crops), in bf16 as published. It is built in bf16 and saved shard by
+shard, so the build needs ~7 GB, not two fp32 copies of the model (23 GB). It is not reloaded to
+compare logits here: that takes two more copies of the model and minutes of prefill, and is what
+``make test-full-size`` does (tests/full_size/).
 """
 
 from __future__ import annotations
@@ -30,11 +39,37 @@ from . import build_checkpoint as tiny
 from . import synthetic
 
 STAMP = "random_checkpoint.json"  # the arguments a folder was built with
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# ibm-granite/granite-vision-3.2-2b's config.json: (height, width) grids of 384 px crops
+PUBLISHED_2B_PINPOINTS = (
+    [[384, 384 * k] for k in range(1, 11)] + [[768, 384 * k] for k in range(1, 6)]
+    + [[1152, 384 * k] for k in range(1, 4)] + [[1536, 384], [1536, 768], [1920, 384], [1920, 768]]
+    + [[384 * k, 384] for k in range(6, 11)]
+)
+PRESETS = {
+    "granite-vision-3.2-2b": dict(
+        vision_hidden=1152, vision_intermediate=4304, vision_heads=16, crop=384,
+        text_hidden=2048, text_intermediate=8192, text_layers=40, text_heads=32, text_kv_heads=8,
+        vocab=49156, rope_theta=300000.0, max_positions=131072, pinpoints=PUBLISHED_2B_PINPOINTS,
+        dtype="bfloat16",
+    ),
+}
+
+
+SHAPE_ARGS = ("vision_hidden", "vision_heads", "text_hidden", "text_layers", "text_heads", "text_kv_heads", "crop",
+              "seed", "init_std")
+PRESET_ARGS = ("vision_intermediate", "text_intermediate", "vocab", "rope_theta", "max_positions", "pinpoints", "dtype")
 
 
 def build_args(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in ("vision_hidden", "vision_heads", "text_hidden", "text_layers",
-                                          "text_heads", "text_kv_heads", "crop", "seed", "init_std")}
+    """What a folder is built from (its stamp); a preset's values replace the shape arguments."""
+    wanted = {k: getattr(args, k) for k in SHAPE_ARGS}
+    if args.preset:
+        wanted.update(PRESETS[args.preset], preset=args.preset)
+    elif args.dtype != "float32":  # older stamps (fp32 mid-size folders) stay valid
+        wanted["dtype"] = args.dtype
+    return wanted
 
 
 def is_built(out_dir: Path, wanted: dict) -> bool:
@@ -54,22 +89,36 @@ def build(args: argparse.Namespace, log=print) -> Path:
         raise SystemExit(f"refusing to replace {out_dir}: not empty and not built by this script")
     started = time.monotonic()
     torch.manual_seed(args.seed)
-    tokenizer = tiny.build_tokenizer()
-    processor = tiny.build_processor(tokenizer, crop=args.crop)
+    shape = dict(wanted)
+    dtype = DTYPES[shape.get("dtype", "float32")]
+    vocab = shape.get("vocab")
+    tokenizer = tiny.build_tokenizer(image_token_id=vocab - 1 if vocab else None)
+    processor = tiny.build_processor(tokenizer, crop=shape["crop"], pinpoints=shape.get("pinpoints"))
     config = tiny.build_config(
-        tokenizer, args.init_std, args.vision_hidden, args.vision_heads, crop=args.crop,
-        text_hidden=args.text_hidden, text_layers=args.text_layers, text_heads=args.text_heads,
-        text_kv_heads=args.text_kv_heads, attention_multiplier=args.text_heads / args.text_hidden,
+        tokenizer, shape["init_std"], shape["vision_hidden"], shape["vision_heads"], crop=shape["crop"],
+        text_hidden=shape["text_hidden"], text_layers=shape["text_layers"], text_heads=shape["text_heads"],
+        text_kv_heads=shape["text_kv_heads"], attention_multiplier=shape["text_heads"] / shape["text_hidden"],
+        vision_intermediate=shape.get("vision_intermediate", 0), text_intermediate=shape.get("text_intermediate", 0),
+        rope_theta=shape.get("rope_theta", 10000.0), max_positions=shape.get("max_positions", 4096),
+        pinpoints=shape.get("pinpoints"),
     )
-    model = LlavaNextForConditionalGeneration(config).eval()
+    if dtype != torch.float32:
+        config.dtype = config.text_config.dtype = config.vision_config.dtype = str(dtype).removeprefix("torch.")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialised in the saved dtype: no fp32 copy of a large model
+    try:
+        model = LlavaNextForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
     model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"random Granite Vision: {n_params / 1e6:.1f} M parameters")
+    log(f"random Granite Vision: {n_params / 1e6:.1f} M parameters ({dtype}), built in "
+        f"{time.monotonic() - started:.0f} s")
 
     staging = out_dir.with_name(out_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    tiny.save_checkpoint(model, processor, staging)
-    if args.verify:
+    tiny.save_checkpoint(model, processor, staging, dtype=dtype)
+    if args.verify and not args.preset:
         # one image prompt: enough to show both loaders place every weight
         spec = synthetic.ShapeSpec("triangle", "green", "white", (200, 150))
         sample = synthetic.image_sample(spec, 0, synthetic.draw_shape_image("triangle", "green", "white", (200, 150)))
@@ -86,6 +135,8 @@ def build(args: argparse.Namespace, log=print) -> Path:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a published model's shapes (replaces the shape options)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="saved dtype (a preset sets its own)")
     p.add_argument("--vision-hidden", type=int, default=384)
     p.add_argument("--vision-heads", type=int, default=6)
     p.add_argument("--text-hidden", type=int, default=1024)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from fms.models import get_model
 
-from spyre_backend.device import DevicePlan, resolve
+from spyre_backend.device import DevicePlan, memory, resolve
 from spyre_backend.vision.cache import EncoderCache, image_key
 
 
@@ -56,6 +56,7 @@ class VisionEncoder:
         (CROP_BATCH_ROWS)."""
         self.plan = plan or resolve("cpu", "eager", torch.float32)
         self.device, self.dtype = self.plan.torch_device, self.plan.dtype
+        memory.vision_estimate(checkpoint, self.dtype).check(memory.available_bytes(self.device))
         self.model = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=self.dtype,
                                device_type=self.device.type, vision_only=True).eval()
         self.layers_prepared = self.plan.prepare(self.model)

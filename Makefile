@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CHECKPOINT ?= checkpoints/tiny-granite-vision
 ARGS ?=
 
-.PHONY: setup serve test soak bench checkpoint clean
+.PHONY: setup serve test test-full-size soak bench checkpoint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -13,7 +13,14 @@ serve: setup
 	$(PY) -m spyre_backend.server.launcher --checkpoint $(CHECKPOINT) $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q tests --ignore=tests/full_size $(ARGS)
+
+# Exactness at full size, outside `make test` (~15 minutes, ~14 GB): builds or reuses the
+# 2b-shaped random checkpoint, then fp32 transformers against the served fp32 model.
+FULL_SIZE_CHECKPOINT ?= results/checkpoints/granite-vision-3.2-2b
+test-full-size: setup
+	$(PY) -m spyre_backend.tiny.random_checkpoint --preset granite-vision-3.2-2b --out $(FULL_SIZE_CHECKPOINT)
+	FULL_SIZE_CHECKPOINT=$(FULL_SIZE_CHECKPOINT) $(PY) -m pytest -q -s tests/full_size $(ARGS)
 
 # A soak outside `make test` (MINUTES, STREAMS); the cancellation storm is part of `make test`.
 MINUTES ?= 10

@@ -20,15 +20,18 @@ def grpc_stream(url: str, inputs: dict, model: str = "granite_vision", sequence_
     try:
         client.async_stream_infer(model, to_grpc_inputs(inputs), sequence_id=sequence_id,
                                   sequence_start=sequence_start, sequence_end=sequence_end)
-        pieces = []
+        pieces, logprobs = [], []
         while True:
             result, error = results.get(timeout=timeout)
             if error is not None:
                 return {"error": str(error), "pieces": pieces}
             pieces.append(result.as_numpy("text_output")[0].decode("utf-8"))
+            raw = result.as_numpy("logprobs")
+            if raw is not None and raw[0]:
+                logprobs.append(json.loads(raw[0]))  # this response's tokens, when asked for
             reason = result.as_numpy("finish_reason")[0].decode()
             if reason:
-                return {"pieces": pieces, "text": "".join(pieces), "finish_reason": reason,
+                return {"pieces": pieces, "text": "".join(pieces), "finish_reason": reason, "logprobs": logprobs,
                         "num_input_tokens": int(result.as_numpy("num_input_tokens")[0]),
                         "num_output_tokens": int(result.as_numpy("num_output_tokens")[0]),
                         "num_cached_tokens": int(result.as_numpy("num_cached_tokens")[0])}

@@ -176,3 +176,15 @@ def test_weights_are_saved_in_shards_with_an_index_in_the_checkpoint_dtype(tmp_p
                 t = f.get_tensor(key)
                 assert t.dtype == torch.bfloat16
                 torch.testing.assert_close(t, published[key].to(torch.bfloat16))
+
+
+def test_the_gpu_check_refuses_clearly_without_cuda():
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: scripts/gpu_check.sh would run the whole check (minutes)")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "scripts/gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                          cwd=root)
+    assert done.returncode == 2, done
+    assert "sees no CUDA device" in done.stderr and "needs a CUDA GPU" in done.stderr

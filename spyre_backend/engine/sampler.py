@@ -72,6 +72,9 @@ def sample(logits: torch.Tensor, rows: list[SampleRow], never: list[int] = ()) -
     """logits: float32 [n, vocab] for the n real rows (padding rows already dropped), a tensor of
     this step's own (masked in place). ``never``: tokens no row may sample."""
     logits = logits.cpu()
+    # logprobs are the model's own distribution, before bans and penalties (vLLM's default, raw
+    # logprobs): banning the image placeholder would otherwise shift every logprob by its share
+    raw = logits.clone() if any(r.params.logprobs is not None for r in rows) else logits
     if never:
         logits[:, list(never)] = float("-inf")
     simple = [r.params.greedy and not (r.params.has_penalties or r.params.logprobs is not None) for r in rows]
@@ -98,7 +101,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow], never: list[int] = ()) -
         token = int(row_logits.argmax()) if p.greedy else _draw(row_logits, p, row.generator)
         sample_out = Sample(token)
         if p.logprobs is not None:
-            logprobs = torch.log_softmax(row_logits, dim=-1)
+            logprobs = torch.log_softmax(raw[i], dim=-1)
             sample_out.logprob = float(logprobs[token])
             if p.logprobs:
                 top = torch.topk(logprobs, p.logprobs)

@@ -32,8 +32,10 @@ def answers(checkpoint: Path, prompts: list[dict], max_new_tokens: int) -> list[
         inputs = reference.inputs(reference.chat_prompt(prompt["question"], len(images)), images).to(device)
         out = reference.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                        output_logits=True, return_dict_in_generate=True)
-        # Granite's head divides by logits_scaling: these are the logits after it
-        first = torch.log_softmax(out.logits[0][0].float(), dim=-1)
+        # transformers' LlavaNext applies its own lm_head and not Granite's logits_scaling (argmax is
+        # the same either way); the served logits are after it, as in FMS and vLLM
+        scaling = reference.model.config.text_config.logits_scaling
+        first = torch.log_softmax(out.logits[0][0].float() / scaling, dim=-1)
         top = torch.topk(first, TOP)
         results.append({
             "num_input_tokens": int(inputs["input_ids"].shape[1]),

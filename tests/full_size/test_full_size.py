@@ -3,9 +3,10 @@ in fp32 gives transformers' greedy tokens, and its first-step logprobs match tra
 1e-3, for one image prompt and one text prompt. Minutes of CPU and ~14 GB: outside `make test`,
 run by `make test-full-size` (which builds or reuses the checkpoint first).
 
-The served logprobs are the log-softmax of the logits after logits_scaling (what transformers'
-Granite head returns), so agreeing within 1e-3 on the top 20 says the logits agree within 1e-3
-up to the softmax's shift, and the normaliser agrees too.
+The served logprobs are the log-softmax of the logits after logits_scaling (FMS's and vLLM's
+Granite; transformers' LlavaNext leaves it out, so the reference divides its logits by it), before
+any penalty or ban. Agreeing within 1e-3 on the top 20 says the logits agree within 1e-3 up to
+the softmax's shift, and the normaliser agrees too.
 """
 
 from __future__ import annotations

@@ -37,3 +37,17 @@ def keep_freed_memory() -> bool:
     if not applied:
         log.warning("could not set glibc malloc thresholds: large temporaries will be mapped afresh each step")
     return applied
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the system now (glibc ``malloc_trim``): after a load, what
+    loading dropped (granite_llm reads the vision tower and lets it go; packing linears replaces
+    each weight) is otherwise kept, and the KV pool, sized from the memory available, comes out
+    smaller. True where applied."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True

@@ -23,6 +23,7 @@ import torch
 from fms.models import get_model
 
 from spyre_backend.device import DevicePlan, memory
+from spyre_backend.device.host_memory import release_freed_memory
 from spyre_backend.engine import attention
 from spyre_backend.engine.kv_cache import KVPool
 from spyre_backend.engine.kv_cache_manager import NULL_BLOCK
@@ -107,6 +108,7 @@ class ModelRunner:
         kv_heads = text.kvheads or text.nheads
         bytes_per_token = 2 * text.nlayers * kv_heads * text.head_dim * torch.finfo(self.dtype).bits // 8
         self.weight_bytes = memory.module_bytes(self.lm)
+        release_freed_memory()  # what loading dropped, before the pool is sized from what is left
         if callable(num_kv_blocks):
             num_kv_blocks = num_kv_blocks(bytes_per_token, memory.available_bytes(self.device))
         self.kv_pool = KVPool(

@@ -14,6 +14,7 @@ import time
 import torch
 
 from spyre_backend.device import DevicePlan
+from spyre_backend.device.host_memory import release_freed_memory
 from spyre_backend.engine.request import Request
 from spyre_backend.engine.sampling_params import SamplingParams
 from spyre_backend.preprocess.processor import Preprocessor
@@ -55,6 +56,7 @@ def warmup_llm(service, checkpoint: str) -> float:
     encoder = VisionEncoder(checkpoint, DevicePlan(runner.plan.kind, "eager", runner.plan.dtype))
     features = encoder.encode(torch.from_numpy(prompt.pixel_values), torch.from_numpy(prompt.image_sizes))
     del encoder  # only its code path was needed
+    release_freed_memory()  # its weights
     ids = torch.from_numpy(prompt.input_ids)
     for params in (SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, temperature=1.0, top_p=0.9, seed=0)):
         done = threading.Event()

@@ -271,13 +271,18 @@ class TritonServer:
                 self.stub_watch.poll({})
                 raise ServerStartError(f"tritonserver exited with code {code} before it was ready"
                                        f"{self.stub_watch.report()}{self._log_hint()}")
-            if answers_ok(url):
+            # the metrics port opens a moment after HTTP says ready (a test once found it closed)
+            if answers_ok(url) and (not self._metrics_on() or answers_ok(self.metrics_url)):
                 return
             self._watch_stubs()
             time.sleep(0.5)
         self.stop()
         raise ServerStartError(f"tritonserver was not ready after {timeout_s:.0f} s{self.stub_watch.report()}"
                                f"{self._log_hint()}")
+
+    def _metrics_on(self) -> bool:
+        return not any(a.replace(" ", "=") in ("--allow-metrics=false", "--allow-metrics=0")
+                       for a in self.options.extra_args)
 
     def _watch_stubs(self) -> None:
         try:

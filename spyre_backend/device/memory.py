@@ -133,8 +133,9 @@ VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "image_newline", "
 def decoder_estimate(checkpoint: str | Path, dtype: torch.dtype, text_config: dict, min_kv_tokens: int) -> LoadEstimate:
     """granite_llm: the language model (a tied LM head counted as its own copy, as the CPU's packed
     linears hold it), the vision tower read with it and dropped, KV for ``min_kv_tokens``."""
-    everything = weight_bytes(checkpoint, dtype)
-    vision = weight_bytes(checkpoint, dtype, VISION_PREFIXES[:3])
+    counts = tensor_counts(checkpoint)  # the headers read once
+    everything = sum(counts.values()) * dtype.itemsize
+    vision = sum(n for name, n in counts.items() if name.startswith(VISION_PREFIXES[:3])) * dtype.itemsize
     return LoadEstimate(
         "granite_llm", weights=everything - vision, transient=vision,
         kv_minimum=min_kv_tokens * kv_bytes_per_token(text_config, dtype), dtype=str(dtype).removeprefix("torch."),

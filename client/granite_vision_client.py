@@ -2,9 +2,13 @@
 
     python -m client.granite_vision_client "What is in the image?" --image shape.png
     python -m client.granite_vision_client "Say hello." --url localhost:8001 --max-tokens 32
+    python -m client.granite_vision_client "What is in the image?" --image shape.png --session 7 --start
+    python -m client.granite_vision_client $'\n<|user|>\nWhat color?\n<|assistant|>\n' --raw --session 7 --end
 
 Images are sent as encoded bytes; the server applies the model's chat template and places one
-``<image>`` per image before the question (``--raw`` sends the prompt as is instead).
+``<image>`` per image before the question (``--raw`` sends the prompt as is instead). A session
+(``--session ID``) keeps its KV cache between turns; its id also goes as the ``x-session-id``
+header, by which a proxy in front of several replicas keeps the session on one of them.
 """
 
 from __future__ import annotations
@@ -40,16 +44,24 @@ def build_inputs(prompt: str, images: list[bytes], *, max_tokens: int, chat_temp
     return inputs
 
 
+SESSION_HEADER = "x-session-id"  # the proxy's routing key (spyre_backend/serving/routing.py)
+
+
 def stream_answer(url: str, prompt: str, images: list[bytes], *, model: str = "granite_vision",
                   max_tokens: int = 64, chat_template: bool = True, sampling: dict | None = None,
+                  session: int = 0, start: bool = False, end: bool = False,
                   on_text=lambda text: None) -> dict:
-    """Streams one answer; calls ``on_text`` per delta; returns text, finish reason and counts."""
+    """Streams one answer; calls ``on_text`` per delta; returns text, finish reason and counts.
+    ``session``: a sequence id whose KV cache the server keeps between turns (``start`` opens it,
+    ``end`` frees it after this turn); 0 for a one-off request."""
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.start_stream(callback=lambda result, error: results.put((result, error)),
+                        headers={SESSION_HEADER: str(session)} if session else None)
     try:
         client.async_stream_infer(model, build_inputs(prompt, images, max_tokens=max_tokens,
-                                                      chat_template=chat_template, sampling=sampling))
+                                                      chat_template=chat_template, sampling=sampling),
+                                  sequence_id=session, sequence_start=start, sequence_end=end)
         pieces = []
         while True:
             result, error = results.get(timeout=600)
@@ -78,12 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--raw", action="store_true", help="send the prompt as is (no chat template)")
+    p.add_argument("--session", type=int, default=0, help="sequence id of a session (kept between turns)")
+    p.add_argument("--start", action="store_true", help="this turn opens the session")
+    p.add_argument("--end", action="store_true", help="the session ends after this turn")
     a = p.parse_args(argv)
+    if (a.start or a.end) and not a.session:
+        p.error("--start and --end need --session")
     sampling = {"temperature": a.temperature} if a.temperature else None
     try:
         out = stream_answer(a.url, a.prompt, [path.read_bytes() for path in a.image], model=a.model,
                             max_tokens=a.max_tokens, chat_template=not a.raw, sampling=sampling,
-                            on_text=lambda t: print(t, end="", flush=True))
+                            session=a.session, start=a.start, end=a.end, on_text=lambda t: print(t, end="", flush=True))
     except InferenceServerException as exc:
         print(f"\nerror: {exc.message()}", file=sys.stderr)
         return 1

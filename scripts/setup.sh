@@ -8,14 +8,19 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 
-# perf_analyzer (from the tritonclient wheel) links against libb64.so.0d.
-if ! ldconfig -p 2>/dev/null | grep -q 'libb64.so.0d'; then
+# System packages from Debian: libb64-0d (perf_analyzer, from the tritonclient wheel, links
+# against libb64.so.0d) and haproxy (the proxy in front of several replicas: scripts/serve_replicas.sh).
+missing=()
+ldconfig -p 2>/dev/null | grep -q 'libb64.so.0d' || missing+=(libb64-0d)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    echo "[setup] installing Debian package libb64-0d (for perf_analyzer)"
+    echo "[setup] installing Debian package(s) ${missing[*]}"
     apt-get update -qq >/dev/null 2>&1 || true
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "[setup] warning: libb64-0d missing and cannot be installed here; perf_analyzer will not run" >&2
+    echo "[setup] warning: ${missing[*]} missing and cannot be installed here (needs root and apt-get):" \
+         "perf_analyzer and the replicas behind HAProxy will not run" >&2
   fi
 fi
 

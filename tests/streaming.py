@@ -12,11 +12,15 @@ import tritonclient.grpc as grpcclient
 
 
 def grpc_stream(url: str, inputs: dict, model: str = "granite_vision", sequence_id=0,
-                sequence_start=False, sequence_end=False, timeout=300) -> dict:
-    """Sends one request on a gRPC stream; returns the text pieces, the last response or the error."""
+                sequence_start=False, sequence_end=False, timeout=300, headers: dict | None = None) -> dict:
+    """Sends one request on a gRPC stream; returns the text pieces, the last response or the error.
+    A session's id goes as the x-session-id header too, as the project's clients send it, unless
+    ``headers`` says otherwise."""
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    if headers is None and sequence_id:
+        headers = {"x-session-id": str(sequence_id)}
+    client.start_stream(callback=lambda result, error: results.put((result, error)), headers=headers or None)
     try:
         client.async_stream_infer(model, to_grpc_inputs(inputs), sequence_id=sequence_id,
                                   sequence_start=sequence_start, sequence_end=sequence_end)

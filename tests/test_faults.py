@@ -99,6 +99,6 @@ def test_a_dead_stub_fails_clearly_and_a_restart_recovers(restricted_server):
     restricted_server["server"] = restarted.start(timeout_s=600)
     assert grpc_stream(restarted.grpc_url, HELLO).get("text") == answer["text"]
     # The session died with the old server: Triton's sequence batcher no longer knows the id, and
-    # its next turn is told to start the sequence again.
+    # its next turn is told that the session was lost and must start again.
     second_turn = grpc_stream(restarted.grpc_url, HELLO, sequence_id=4242)
-    assert "sequence 4242" in second_turn.get("error", "") and "START flag" in second_turn["error"], second_turn
+    assert "session lost: sequence 4242" in second_turn.get("error", "") and "START" in second_turn["error"], second_turn

@@ -210,7 +210,9 @@ class LLMEngine:
             if session is None:
                 why = ("was evicted or expired" if sid in self.sessions.evicted
                        else "is not open on this server (it ended, or was lost in a restart)")
-                self._reject(request, f"sequence {sid} {why}; resend the whole conversation with sequence_start")
+                # "session lost:" is what the fronts look for (serving/routing.py; the OpenAI front's 409)
+                self._reject(request, f"session lost: sequence {sid} {why}; resend the whole conversation "
+                                      "with START (sequence_start)")
                 return False
         history = len(session.token_ids)
         total = history + request.num_prompt_tokens + request.params.max_tokens

@@ -20,9 +20,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from spyre_backend.openai_api.chat_template import ChatTemplate
 from spyre_backend.openai_api.media import MediaPolicy
-from spyre_backend.openai_api.protocol import ApiError, Generation, parse_body, parse_chat, parse_completion
+from spyre_backend.openai_api.protocol import (ApiError, Generation, parse_body, parse_chat, parse_completion,
+                                               routing_key)
 from spyre_backend.openai_api.service import Choice, ClientGone, OpenAIService, new_id, now, usage
 from spyre_backend.openai_api.triton_client import TritonGenerator
+from spyre_backend.serving.routing import SESSION_HEADER, replica_id
 
 log = logging.getLogger("spyre_backend.openai")
 
@@ -53,6 +55,26 @@ async def client_gone(request: Request) -> None:
         pass
 
 
+class ReplicaHeader:
+    """Names the replica that answered (``x-replica-id``) on every HTTP response, for clients and
+    operators behind a proxy. Plain ASGI: Starlette's BaseHTTPMiddleware would wrap ``receive``,
+    which the disconnect watch reads."""
+
+    def __init__(self, app, replica: str):
+        self.app, self.header = app, (b"x-replica-id", replica.encode("latin-1", "replace"))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
 def create_app(settings: FrontSettings) -> FastAPI:
     generator = TritonGenerator(settings.triton_url)
 
@@ -66,6 +88,7 @@ def create_app(settings: FrontSettings) -> FastAPI:
     template = ChatTemplate.from_checkpoint(settings.checkpoint)
     model = settings.served_model
     created = now()
+    app.add_middleware(ReplicaHeader, replica=replica_id())
 
     @app.exception_handler(ApiError)
     async def on_api_error(_request, exc: ApiError):
@@ -92,13 +115,18 @@ def create_app(settings: FrontSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        gen = parse_chat(parse_body(await request.body()), template, model)
+        body = parse_body(await request.body())
+        gen = parse_chat(body, template, model)
+        gen.session_key = routing_key(request.headers.get(SESSION_HEADER), body.get("user"))
         await require_ready()
         return await respond(request, [gen], chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        gens = parse_completion(parse_body(await request.body()), model)
+        body = parse_body(await request.body())
+        gens = parse_completion(body, model)
+        for gen in gens:
+            gen.session_key = routing_key(request.headers.get(SESSION_HEADER), body.get("user"))
         await require_ready()
         return await respond(request, gens, chat=False)
 

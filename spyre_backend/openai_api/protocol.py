@@ -7,6 +7,7 @@ same ``SamplingParams.validate`` that ``granite_llm`` runs, so both APIs refuse 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -29,11 +30,20 @@ class ApiError(Exception):
                  type: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or {400: "invalid_request_error", 404: "not_found_error",
+        self.type = type or {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error",
                              503: "service_unavailable"}.get(status, "internal_server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def routing_key(header: str | None, user) -> str:
+    """The key a proxy routes this client by: the x-session-id header, else the body's ``user``.
+    Passed on as gRPC metadata, which must be short printable ASCII: anything else goes as its hash."""
+    key = header or (user if isinstance(user, str) else "") or ""
+    if key and not (len(key) <= 128 and key.isascii() and key.isprintable()):
+        key = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return key
 
 
 def bad(message: str, param: str | None = None) -> ApiError:
@@ -67,6 +77,7 @@ class Generation:
     logprobs: int | None = None  # top alternatives per token, when logprobs were asked for
     model: str = ""
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
+    session_key: str = ""  # x-session-id or the request's user: the routing key passed on (serving/routing.py)
 
 
 def _typed(body: dict, name: str, kinds, what: str):

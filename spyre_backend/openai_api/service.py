@@ -69,12 +69,12 @@ class OpenAIService:
                 sampling = dict(gen.sampling)
                 if gen.n > 1 and sampling.get("seed") is not None:
                     sampling["seed"] = sampling["seed"] + k  # n different, reproducible choices
-                jobs.append((Choice(g_index * gen.n + k), gen.prompt, images, sampling))
+                jobs.append((Choice(g_index * gen.n + k), gen.prompt, images, sampling, gen.session_key))
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(choice, prompt, images, sampling):
+        async def pump(choice, prompt, images, sampling, session_key):
             try:
-                async for delta in self.generator.generate(prompt, images, sampling):
+                async for delta in self.generator.generate(prompt, images, sampling, session_key=session_key):
                     await queue.put((choice, delta, None))
             except ApiError as exc:
                 await queue.put((choice, None, exc))

@@ -18,6 +18,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from spyre_backend.openai_api.protocol import ApiError
+from spyre_backend.serving.routing import SESSION_HEADER, is_lost_session
 
 MODEL = "granite_vision"
 # only what is read: each output is a tensor in every response, through every process it crosses
@@ -32,6 +33,8 @@ _SERVER_FAULTS = ("internal error", "granite_vision:", "Stub process", "not heal
 
 def error_for(message: str) -> ApiError:
     """A pipeline error as an OpenAI error: the server's own faults are 500s, the rest 400s."""
+    if is_lost_session(message):  # the session's state is gone from this replica: the client must restart it
+        return ApiError(409, message, code="session_lost")
     if "failed to connect" in message.lower() or "unavailable" in message.lower():
         return ApiError(503, f"the inference server is not reachable: {message}")
     if any(fault in message for fault in _SERVER_FAULTS):
@@ -87,8 +90,10 @@ class TritonGenerator:
                 self._ready = False
         return self._ready
 
-    async def generate(self, prompt: str, images: list[bytes], sampling: dict) -> AsyncIterator[Delta]:
-        """Yields the text deltas; the last one has the finish reason and the token counts."""
+    async def generate(self, prompt: str, images: list[bytes], sampling: dict,
+                       session_key: str = "") -> AsyncIterator[Delta]:
+        """Yields the text deltas; the last one has the finish reason and the token counts.
+        ``session_key`` goes on as the x-session-id metadata (a routing key: no sequence id)."""
         done = asyncio.Event()
 
         async def one_request():
@@ -96,7 +101,7 @@ class TritonGenerator:
                    "outputs": WITH_LOGPROBS if sampling.get("logprobs") is not None else WITHOUT_LOGPROBS}
             await done.wait()  # keep our side of the stream open until the last response
 
-        responses = self.client.stream_infer(one_request())
+        responses = self.client.stream_infer(one_request(), headers={SESSION_HEADER: session_key} if session_key else None)
         finished = False
         try:
             async for result, error in responses:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spyre_backend import DEFAULT_CHECKPOINT, MODEL_REPOSITORY
+from spyre_backend.serving.routing import REPLICA_ENV, header_forward_args
 from spyre_backend.server.triton_install import find_triton, install_stub, libpython_dir
 
 
@@ -35,6 +36,7 @@ class ServerOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     log_verbose: int = 0
+    replica_id: str = ""  # names this server behind a proxy (Triton's server id; default: the host name)
     extra_env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
 
@@ -85,6 +87,8 @@ def server_environment(options: ServerOptions) -> dict[str, str]:
     # 118 ms passive, and the tower 4.2-4.4 s against 2.6-2.8 s. (A process alone on the machine
     # loses up to ~10 % to passive waits: the bench's in-process paths keep the default.)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if options.replica_id:
+        env[REPLICA_ENV] = options.replica_id
     env.update(options.extra_env)
     return env
 
@@ -107,6 +111,8 @@ def server_command(options: ServerOptions) -> list[str]:
         "--model-control-mode=none",
         "--exit-on-error=true",
         f"--log-verbose={options.log_verbose}",
+        *header_forward_args(),  # x-session-id reaches granite_vision, which checks it (serving/routing.py)
+        *([f"--id={options.replica_id}"] if options.replica_id else []),
         *options.extra_args,
     ]
 
@@ -340,11 +346,12 @@ class OpenAIFront:
             raise ServerStartError(f"port {self.port} on {opts.host} is already in use (--openai-port)")
         if self.log_path is not None:
             self._log_file = open(self.log_path, "w")
+        env = dict(os.environ, **({REPLICA_ENV: opts.replica_id} if opts.replica_id else {}))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "spyre_backend.openai_api.app", "--triton-url", self.server.grpc_url,
              "--checkpoint", str(Path(opts.checkpoint).resolve()), "--host", opts.host, "--port", str(self.port),
              *self.args],
-            stdout=self._log_file, stderr=subprocess.STDOUT if self._log_file else None,
+            stdout=self._log_file, stderr=subprocess.STDOUT if self._log_file else None, env=env,
             preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout_s
@@ -379,6 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-private-media-addresses", action="store_true",
                    help="let allowed image URLs resolve to private, loopback or link-local addresses")
     p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--replica-id", default="", help="this server's name behind a proxy (default: the host name)")
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("tritonserver_args", nargs="*", help="extra tritonserver flags, after --")
     return p.parse_args(argv)
@@ -388,7 +396,7 @@ def server_options(a: argparse.Namespace) -> ServerOptions:
     return ServerOptions(
         checkpoint=a.checkpoint, model_repository=a.model_repository, host=a.host,
         http_port=a.http_port, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
-        log_verbose=a.log_verbose, extra_args=a.tritonserver_args,
+        log_verbose=a.log_verbose, replica_id=a.replica_id, extra_args=a.tritonserver_args,
     )
 
 

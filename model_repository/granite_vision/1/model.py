@@ -11,6 +11,7 @@ from spyre_backend.serving import triton_io as io
 from spyre_backend.serving.deferred_release import DeferredRelease
 from spyre_backend.serving.front import FrontService, ResponseKind
 from spyre_backend.serving.orphan_watch import exit_with_parent
+from spyre_backend.serving.routing import explain_lost_session, header_mismatch, session_header
 
 PIPELINE = "granite_vision_ensemble"
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -56,6 +57,9 @@ class TritonPythonModel:
             sender.send(io.error_response(pb_utils, message), flags=FINAL)
 
         try:
+            mismatch = header_mismatch(request.correlation_id(), session_header(request.parameters()))
+            if mismatch:
+                return send_error(mismatch)
             if _is_stop(request):
                 end = bool(request.flags() & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END)
                 error = self.front.stop(request.correlation_id(), end)
@@ -82,8 +86,11 @@ class TritonPythonModel:
                            for t in response.output_tensors() if t.name() in wanted]
                 sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if last else 0)
 
+            def send_pipeline_error(message):  # Triton's "START flag" refusal says: session lost
+                send_error(explain_lost_session(message, sequence_id))
+
             try:
-                self.front.relay(responses, sequence_id, kind=_kind, forward=forward, send_error=send_error,
+                self.front.relay(responses, sequence_id, kind=_kind, forward=forward, send_error=send_pipeline_error,
                                  is_cancelled=request.is_cancelled)
             except Exception as exc:
                 self.front.abandon(sequence_id, responses, send_error, f"granite_vision: {exc}")

@@ -105,7 +105,8 @@ def create_app(settings: FrontSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        await require_ready()
+        if not await generator.ready(fresh=True):
+            raise ApiError(503, "the model is not ready yet (tritonserver is starting or stopped)")
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")

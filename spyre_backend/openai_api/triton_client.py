@@ -82,8 +82,10 @@ class TritonGenerator:
             self._client = grpcaio.InferenceServerClient(self.url)
         return self._client
 
-    async def ready(self) -> bool:
-        if not self._ready:
+    async def ready(self, fresh: bool = False) -> bool:
+        """Whether granite_vision is ready: asked once and remembered for requests (a failure
+        forgets it); ``fresh`` asks again, for health checks (a proxy must see a dead server)."""
+        if fresh or not self._ready:
             try:
                 self._ready = await self.client.is_model_ready(MODEL, client_timeout=2.0)
             except InferenceServerException:

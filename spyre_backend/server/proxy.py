@@ -66,7 +66,8 @@ class DnsServers:
 
 def _servers(protocol: str, servers: list[Replica] | DnsServers) -> list[str]:
     """The ``server`` lines of one backend: every check asks the replica's HTTP port."""
-    h2 = " proto h2" if protocol == "grpc" else ""
+    # gRPC is h2c; its checks ask the replica's HTTP/1.1 port (without check-proto they would speak h2 too)
+    h2 = " proto h2 check-proto h1" if protocol == "grpc" else ""
     if isinstance(servers, DnsServers):
         port = {"http": servers.http_port, "grpc": servers.grpc_port, "openai": servers.openai_port}[protocol]
         return [f"    server-template replica {servers.slots} {servers.hostname}:{port}{h2} "
@@ -233,3 +234,23 @@ class HAProxy:
         if self._log:
             self._log.close()
         return self.process.returncode
+
+
+K8S_REPLICAS = DnsServers("granite-vision-replicas.granite-vision.svc.cluster.local")
+
+
+def k8s_configmap() -> str:
+    """deploy/k8s/haproxy-configmap.yaml: the configuration above for the headless Service's pods."""
+    config = haproxy_config(K8S_REPLICAS, Listen(host="0.0.0.0"))
+    body = "".join(f"    {line}\n" if line else "\n" for line in config.splitlines())
+    return ("# Generated: .venv/bin/python -m spyre_backend.server.proxy k8s-configmap > deploy/k8s/haproxy-configmap.yaml\n"
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: granite-vision-proxy\n  namespace: granite-vision\n"
+            f"data:\n  haproxy.cfg: |\n{body}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["k8s-configmap"]:
+        sys.exit("usage: python -m spyre_backend.server.proxy k8s-configmap")
+    sys.stdout.write(k8s_configmap())

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from spyre_backend import DEFAULT_CHECKPOINT, MODEL_REPOSITORY, PROJECT_ROOT
 from spyre_backend.device.host_memory import keep_freed_memory
 
-from bench import openai_front, peer_compare, perf_analyzer, prefix, report, roofline, session
+from bench import openai_front, peer_compare, perf_analyzer, prefix, proxy, report, roofline, session
 from bench.loadgen import EngineTarget, TritonTarget, closed_loop
 from bench.stats import summarize
 from bench.workload import IMAGE_SIZE, Workload
@@ -35,7 +35,7 @@ from bench.workload import IMAGE_SIZE, Workload
 # outside checkpoints/ (which the Docker image copies), in the uncommitted results/ folder
 MID_CHECKPOINT = PROJECT_ROOT / "results" / "checkpoints" / "random-mid"
 PHASES = ("transformers", "engine", "roofline", "triton", "perf_analyzer", "ensemble", "session", "peer", "prefix",
-          "openai")
+          "openai", "proxy")
 # vision_encoder's cache of repeated images would skip the vision tower: every request here has a
 # new image anyway, and the cache stays off.
 SERVER_ENV = {"SPYRE_ENCODER_CACHE_MB": "0"}
@@ -333,6 +333,9 @@ def run_checkpoint(name: str, prof: Profile, args, machine: dict, out_dir: Path)
     if "openai" not in skip:
         log(f"{name}: the OpenAI front against generate_stream ({openai_front.ROUNDS} alternating rounds), then aiperf")
         ck["openai"] = openai_front.run(prof.checkpoint, workload, prof.requests, ck_dir, log, SERVER_ENV)
+    if "proxy" not in skip and name == "tiny":  # the proxy's cost does not depend on the model's size
+        log(f"{name}: two replicas behind HAProxy against one direct ({proxy.ROUNDS} alternating rounds)")
+        ck["proxy"] = proxy.run(prof.checkpoint, workload, prof.requests, ck_dir, log, SERVER_ENV)
     if "prefix" not in skip:
         log(f"{name}: prefix caching, ours and vLLM CPU")
         ck["prefix"] = prefix.run(name, prof.checkpoint, workload, 4 if name == "tiny" else 2, ck_dir, log, SERVER_ENV)

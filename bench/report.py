@@ -81,6 +81,10 @@ def markdown(result: dict) -> str:
             from bench import openai_front
 
             lines += openai_front.markdown(ck["openai"])
+        if "proxy" in ck:
+            from bench import proxy
+
+            lines += proxy.markdown(ck["proxy"])
         if ck.get("prefix"):
             from bench import prefix
 

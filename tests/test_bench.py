@@ -218,3 +218,19 @@ def test_openai_front_comparison_and_targets():
                    "OpenAI front: c=16 ttft_p50 added (ms)": True}
     result["rounds"]["openai"] = [{16: s(90.0, 60.0)}]
     assert not any(t["met"] for t in openai_front.targets(openai_front.compare(result)))
+
+
+def test_proxy_comparison_takes_medians_of_rounds():
+    from bench import proxy
+
+    def s(tps, ttft, itl):
+        return {"tokens_per_s": tps, "ttft_ms": {"p50": ttft}, "itl_ms": {"p50": itl}}
+
+    result = {"levels": [1], "rounds": {"direct": [{1: s(100.0, 40.0, 5.0)}, {1: s(90.0, 44.0, 6.0)}, {1: s(95.0, 42.0, 5.5)}],
+                                        "proxied": [{1: s(92.0, 43.0, 5.2)}, {1: s(99.0, 41.0, 5.8)}, {1: s(80.0, 60.0, 9.0)}]}}
+    comparison = proxy.compare(result)
+    assert comparison["c=1 ttft_p50"]["median"] == {"direct": 42.0, "proxied": 43.0}
+    assert comparison["c=1 ttft_p50"]["difference"] == 1.0
+    assert comparison["c=1 itl_p50"]["difference"] == 5.8 - 5.5
+    assert "| c=1 ttft_p50 | 40.0, 44.0, 42.0 | 43.0, 41.0, 60.0 | +1.0 |" in "\n".join(proxy.markdown(
+        {"comparison": comparison}))

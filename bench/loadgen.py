@@ -57,14 +57,15 @@ def closed_loop(send, n_requests: int, concurrency: int) -> list[RequestRecord]:
 
 class TritonTarget:
     def __init__(self, grpc_url: str, workload: Workload, concurrency: int, model: str = "granite_vision",
-                 timeout_s: float = 900.0):
+                 timeout_s: float = 900.0, headers: dict | None = None):
         self.model, self.workload, self.timeout_s = model, workload, timeout_s
         self.streams = []
         for _ in range(concurrency):
             results: queue.Queue = queue.Queue()
             client = grpcclient.InferenceServerClient(grpc_url)
             # arrival time taken in the callback, before anything else is done with the response
-            client.start_stream(callback=lambda result, error, q=results: q.put((time.monotonic(), result, error)))
+            client.start_stream(callback=lambda result, error, q=results: q.put((time.monotonic(), result, error)),
+                                headers=headers)
             self.streams.append((client, results))
         self._ids = itertools.count(1)
 

@@ -1,24 +1,34 @@
 """What HAProxy costs: two replicas behind the proxy against one replica direct, in alternating rounds.
 
-Both replicas stay up the whole time (the machine is in the same state for either path); the
-direct path talks to replica-0's gRPC port, the proxied one to HAProxy's, which spreads the
-clients' streams over both replicas (no x-session-id: round robin). Per request, the added
-latency is the TTFT difference; per streamed response, the inter-token latency difference.
+Both replicas stay up the whole time (the machine is in the same state for every path). Three paths:
+- ``direct``: the clients' gRPC streams straight to one replica;
+- ``proxied``: the same streams through HAProxy with one x-session-id, so they reach that same
+  replica: the difference to ``direct`` is the proxy's own cost (per request: TTFT; per streamed
+  response: inter-token latency);
+- ``spread``: through HAProxy without the header: the streams go round robin over both replicas,
+  what two replicas bring on this machine.
 Every request has an image of its own (no encoder or prefix cache hits).
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 import tempfile
+import urllib.request
 from pathlib import Path
 
 from bench.loadgen import TritonTarget, closed_loop
 from bench.peer_compare import summary_metric
 from bench.stats import summarize
 from bench.workload import Workload
+from spyre_backend.serving.routing import SESSION_HEADER
 
-ROUNDS = 3
+ROUNDS = 5
 LEVELS = (1, 4)
+MIN_REQUESTS = 32  # per level and round: a request is ~0.2 s on the tiny checkpoint
+PATHS = ("direct", "proxied", "spread")
+KEY = "bench-session"
 METRICS = ("ttft_p50", "itl_p50", "tokens_per_s")
 
 
@@ -38,21 +48,24 @@ def run(checkpoint: Path, workload: Workload, requests_of, out_dir: Path, log, s
         proxy = HAProxy(replicas, listen, Path(tempfile.mkdtemp(dir=out_dir, prefix="haproxy-"))).start()
         for r in replicas:
             proxy.wait_for(r.name, "UP")
-        urls = {"direct": servers[0].grpc_url, "proxied": f"127.0.0.1:{listen.grpc_port}"}
-        result: dict = {"levels": list(LEVELS), "rounds": {name: [] for name in urls}}
+        proxied = f"127.0.0.1:{listen.grpc_port}"
+        home = _replica_of(f"127.0.0.1:{listen.http_port}", KEY)  # where the key's streams land
+        direct = next(s.grpc_url for s in servers if s.options.replica_id == home)
+        paths = {"direct": (direct, None), "proxied": (proxied, {SESSION_HEADER: KEY}), "spread": (proxied, None)}
+        result: dict = {"levels": list(LEVELS), "replica": home, "rounds": {name: [] for name in paths}}
         start = 0
-        for name, url in urls.items():  # warm both paths
-            target = TritonTarget(url, workload, 2)
+        for name, (url, headers) in paths.items():  # warm every path
+            target = TritonTarget(url, workload, 2, headers=headers)
             closed_loop(lambda c, i, t=target, s=start: t.send(c, s + i), 2, 2)
             target.close()
             start += 2
         for rnd in range(ROUNDS):
-            for name, url in urls.items():
+            for name, (url, headers) in paths.items():
                 round_out = {}
                 for level in LEVELS:
-                    n = requests_of(level)
+                    n = max(MIN_REQUESTS, requests_of(level))
                     log(f"proxy round {rnd + 1}: {name}, concurrency {level}, {n} requests")
-                    target = TritonTarget(url, workload, level)
+                    target = TritonTarget(url, workload, level, headers=headers)
                     try:
                         round_out[level] = summarize(closed_loop(lambda c, i, t=target, s=start: t.send(c, s + i),
                                                                  n, level))
@@ -69,28 +82,42 @@ def run(checkpoint: Path, workload: Workload, requests_of, out_dir: Path, log, s
     return result
 
 
+def _replica_of(http_url: str, key: str) -> str:
+    """The replica HAProxy gives ``key`` (its x-served-by on one request; the gRPC backend hashes
+    the key over the same server ids, and its stick table then remembers the same choice)."""
+    body = json.dumps({"text_input": "Say hello.", "max_tokens": 1}).encode()
+    request = urllib.request.Request(f"http://{http_url}/v2/models/granite_vision/generate", data=body,
+                                     headers={"Content-Type": "application/json", SESSION_HEADER: key})
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        return resp.headers["x-served-by"]
+
+
 def compare(result: dict) -> dict:
-    """Per level and metric: both paths' rounds, their medians, and the proxy's added cost."""
+    """Per level and metric: each path's rounds, their medians, and each against ``direct``."""
     out = {}
     for level in result["levels"]:
         for metric in METRICS:
-            rounds = {name: [v for r in result["rounds"][name] if (v := summary_metric(r.get(level), metric)) is not None]
-                      for name in ("direct", "proxied")}
-            if not all(rounds.values()):
+            rounds = {name: [v for r in result["rounds"].get(name, []) if (v := summary_metric(r.get(level), metric)) is not None]
+                      for name in PATHS}
+            if not rounds["direct"] or not rounds["proxied"]:
                 continue
-            median = {name: sorted(vs)[len(vs) // 2] for name, vs in rounds.items()}
+            median = {name: statistics.median(vs) for name, vs in rounds.items() if vs}
             out[f"c={level} {metric}"] = {**rounds, "median": median,
                                           "difference": median["proxied"] - median["direct"],
-                                          "ratio": median["proxied"] / median["direct"]}
+                                          "ratio": median["proxied"] / median["direct"],
+                                          "spread_ratio": median["spread"] / median["direct"] if "spread" in median else None}
     return out
 
 
 def markdown(result: dict) -> list[str]:
     lines = ["", "HAProxy in front of two replicas against one replica direct (gRPC streams, rounds alternate; "
-             "medians of rounds):", "", "| level, metric | direct (rounds) | proxied (rounds) | proxied - direct | "
-             "proxied / direct |", "|---|---|---|---|---|"]
+             "medians of rounds). proxied: through HAProxy to the same replica (one x-session-id); spread: "
+             "through HAProxy, round robin over both:", "",
+             "| level, metric | direct (rounds) | proxied (rounds) | proxied - direct | proxied / direct | "
+             "spread (rounds) | spread / direct |", "|---|---|---|---|---|---|---|"]
     for key, row in result["comparison"].items():
-        fmt = lambda vs: ", ".join(f"{v:.1f}" for v in vs)  # noqa: E731
-        lines.append(f"| {key} | {fmt(row['direct'])} | {fmt(row['proxied'])} | {row['difference']:+.1f} | "
-                     f"{row['ratio']:.3f} |")
+        fmt = lambda vs: ", ".join(f"{v:.2f}" for v in vs)  # noqa: E731
+        spread = f"{row['spread_ratio']:.3f}" if row.get("spread_ratio") is not None else "-"
+        lines.append(f"| {key} | {fmt(row['direct'])} | {fmt(row['proxied'])} | {row['difference']:+.2f} | "
+                     f"{row['ratio']:.3f} | {fmt(row.get('spread', [])) or '-'} | {spread} |")
     return lines

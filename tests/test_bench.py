@@ -232,5 +232,8 @@ def test_proxy_comparison_takes_medians_of_rounds():
     assert comparison["c=1 ttft_p50"]["median"] == {"direct": 42.0, "proxied": 43.0}
     assert comparison["c=1 ttft_p50"]["difference"] == 1.0
     assert comparison["c=1 itl_p50"]["difference"] == 5.8 - 5.5
-    assert "| c=1 ttft_p50 | 40.0, 44.0, 42.0 | 43.0, 41.0, 60.0 | +1.0 |" in "\n".join(proxy.markdown(
-        {"comparison": comparison}))
+    assert comparison["c=1 ttft_p50"]["spread_ratio"] is None  # no spread rounds here
+    result["rounds"]["spread"] = [{1: s(190.0, 40.0, 5.0)}, {1: s(180.0, 41.0, 5.0)}]
+    assert proxy.compare(result)["c=1 tokens_per_s"]["spread_ratio"] == 185.0 / 95.0
+    assert "| c=1 ttft_p50 | 40.00, 44.00, 42.00 | 43.00, 41.00, 60.00 | +1.00 | 1.024 | - | - |" in "\n".join(
+        proxy.markdown({"comparison": comparison}))

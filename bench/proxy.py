@@ -33,21 +33,18 @@ METRICS = ("ttft_p50", "itl_p50", "tokens_per_s")
 
 
 def run(checkpoint: Path, workload: Workload, requests_of, out_dir: Path, log, server_env: dict | None = None) -> dict:
-    from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
-    from spyre_backend.server.proxy import HAProxy, Listen, Replica
+    from spyre_backend.server.launcher import ServerOptions, free_port
+    from spyre_backend.server.proxy import Listen
+    from spyre_backend.server.replicas import ReplicaSet
 
-    servers, proxy = [], None
+    replicas = [(ServerOptions(checkpoint=checkpoint, http_port=free_port(), grpc_port=free_port(),
+                               metrics_port=free_port(), replica_id=f"replica-{i}",
+                               extra_env=dict(server_env or {})), 0) for i in range(2)]
+    listen = Listen("127.0.0.1", free_port(), free_port(), 0, free_port())
+    replica_set = ReplicaSet(replicas, listen, Path(tempfile.mkdtemp(dir=out_dir, prefix="proxy-")))
     try:
-        for i in range(2):
-            options = ServerOptions(checkpoint=checkpoint, http_port=free_port(), grpc_port=free_port(),
-                                    metrics_port=free_port(), replica_id=f"replica-{i}", extra_env=dict(server_env or {}))
-            servers.append(TritonServer(options, log_path=out_dir / f"proxy-replica-{i}.log").start(timeout_s=1200))
-        listen = Listen("127.0.0.1", free_port(), free_port(), 0, free_port())
-        replicas = [Replica(s.options.replica_id, "127.0.0.1", s.options.http_port, s.options.grpc_port)
-                    for s in servers]
-        proxy = HAProxy(replicas, listen, Path(tempfile.mkdtemp(dir=out_dir, prefix="haproxy-"))).start()
-        for r in replicas:
-            proxy.wait_for(r.name, "UP")
+        replica_set.start(timeout_s=1200)
+        servers = replica_set.servers
         proxied = f"127.0.0.1:{listen.grpc_port}"
         home = _replica_of(f"127.0.0.1:{listen.http_port}", KEY)  # where the key's streams land
         direct = next(s.grpc_url for s in servers if s.options.replica_id == home)
@@ -74,10 +71,7 @@ def run(checkpoint: Path, workload: Workload, requests_of, out_dir: Path, log, s
                     start += n
                 result["rounds"][name].append(round_out)
     finally:
-        if proxy is not None:
-            proxy.stop()
-        for server in servers:
-            server.stop()
+        replica_set.stop()
     result["comparison"] = compare(result)
     return result
 

@@ -14,9 +14,9 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
-from spyre_backend.server.launcher import OpenAIFront, TritonServer, free_port
-from spyre_backend.server.proxy import HAProxy, Listen, haproxy_binary
-from spyre_backend.server.replicas import as_replica
+from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
+from spyre_backend.server.proxy import Listen, haproxy_binary
+from spyre_backend.server.replicas import ReplicaSet
 from tests.conftest import CHECKPOINT
 from tests.proxied import HELLO, grpc_turn, http_generate
 from tests.streaming import to_grpc_inputs
@@ -26,39 +26,21 @@ NEXT_TURN = {"text_input": "\n<|user|>\nAnd again.\n<|assistant|>\n", "apply_cha
 DEFAULT_PROXY_IDLE_S = 50
 
 
-def _replica(index: int, logs) -> tuple[TritonServer, int]:
-    from spyre_backend.server.launcher import ServerOptions
-
-    options = ServerOptions(checkpoint=CHECKPOINT, http_port=free_port(), grpc_port=free_port(),
-                            metrics_port=free_port(), replica_id=f"replica-{index}")
-    return TritonServer(options, log_path=logs / f"replica-{index}.log"), free_port()
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     haproxy_binary()  # installed by scripts/setup.sh (Debian's haproxy): a missing one fails here, loudly
     logs = tmp_path_factory.mktemp("replicas")
-    servers, fronts, proxy = [], [], None
+    replicas = [(ServerOptions(checkpoint=CHECKPOINT, http_port=free_port(), grpc_port=free_port(),
+                               metrics_port=free_port(), replica_id=f"replica-{i}"), free_port()) for i in range(2)]
+    listen = Listen("127.0.0.1", free_port(), free_port(), free_port(), free_port())
+    replica_set = ReplicaSet(replicas, listen, logs, check_interval_ms=300)
     try:
-        for i in range(2):
-            server, openai_port = _replica(i, logs)
-            servers.append(server.start(timeout_s=900))
-            fronts.append(OpenAIFront(server, openai_port, log_path=logs / f"replica-{i}-openai.log").start())
-        listen = Listen("127.0.0.1", free_port(), free_port(), free_port(), free_port())
-        proxy = HAProxy([as_replica(s.options, f.port) for s, f in zip(servers, fronts)], listen, logs,
-                        check_interval_ms=300).start()
-        for name in ("replica-0", "replica-1"):
-            proxy.wait_for(name, "UP")
-        yield {"servers": servers, "fronts": fronts, "proxy": proxy, "logs": logs,
+        replica_set.start(timeout_s=900)
+        yield {"servers": replica_set.servers, "proxy": replica_set.proxy, "logs": logs,
                "grpc": f"127.0.0.1:{listen.grpc_port}", "http": f"127.0.0.1:{listen.http_port}",
                "openai": f"http://127.0.0.1:{listen.openai_port}"}
     finally:
-        if proxy is not None:
-            proxy.stop()
-        for front in fronts:
-            front.stop()
-        for server in servers:
-            server.stop()
+        replica_set.stop()  # the restarted replica too: the last test puts it into servers
 
 
 def _session(url: str, sequence_id: int, turns: int = 3) -> list[dict]:

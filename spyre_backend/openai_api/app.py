@@ -126,8 +126,9 @@ def create_app(settings: FrontSettings) -> FastAPI:
     async def completions(request: Request):
         body = parse_body(await request.body())
         gens = parse_completion(body, model)
+        key = routing_key(request.headers.get(SESSION_HEADER), body.get("user"))
         for gen in gens:
-            gen.session_key = routing_key(request.headers.get(SESSION_HEADER), body.get("user"))
+            gen.session_key = key
         await require_ready()
         return await respond(request, gens, chat=False)
 

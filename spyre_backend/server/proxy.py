@@ -159,7 +159,8 @@ def check_config(path: Path) -> None:
 
 
 def haproxy_binary() -> str:
-    found = shutil.which(HAPROXY) or next((p for p in (f"/usr/sbin/{HAPROXY}",) if Path(p).exists()), None)
+    # /usr/sbin is not on every PATH (Debian puts haproxy there)
+    found = shutil.which(HAPROXY) or shutil.which(HAPROXY, path="/usr/sbin")
     if found is None:
         raise RuntimeError("haproxy is not installed: run `make setup` (Debian package haproxy) or apt-get install haproxy")
     return found

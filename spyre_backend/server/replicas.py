@@ -31,8 +31,41 @@ def replica_options(index: int, checkpoint: Path, base_port: int, host: str = "1
                          extra_args=list(extra_args or [])), base + 9
 
 
-def as_replica(options: ServerOptions, openai_port: int) -> Replica:
-    return Replica(options.replica_id, options.host, options.http_port, options.grpc_port, openai_port)
+class ReplicaSet:
+    """Replicas started one after the other (tritonserver, and the OpenAI front where it has a
+    port), then HAProxy in front; stopped in the reverse order. ``replicas``: each one's server
+    options and OpenAI port (0: none). Used by ``main``, the tests and the bench."""
+
+    def __init__(self, replicas: list[tuple[ServerOptions, int]], listen: Listen, logs: Path, **proxy_config):
+        self.replicas, self.listen, self.logs, self.proxy_config = replicas, listen, Path(logs), proxy_config
+        self.servers: list[TritonServer] = []
+        self.fronts: list[OpenAIFront] = []
+        self.proxy: HAProxy | None = None
+
+    def start(self, timeout_s: float = 900.0, on_ready=lambda server: None, should_stop=lambda: False) -> "ReplicaSet":
+        for options, openai_port in self.replicas:
+            server = TritonServer(options, log_path=self.logs / f"{options.replica_id}.log")
+            self.servers.append(server)
+            if openai_port:  # first: its /health says 503 while tritonserver loads
+                self.fronts.append(OpenAIFront(server, openai_port,
+                                               log_path=self.logs / f"{options.replica_id}-openai.log").start())
+            server.start(timeout_s=timeout_s)
+            on_ready(server)
+            if should_stop():
+                return self
+        servers = [Replica(o.replica_id, o.host, o.http_port, o.grpc_port, port) for o, port in self.replicas]
+        self.proxy = HAProxy(servers, self.listen, self.logs, **self.proxy_config).start()
+        for server in servers:
+            self.proxy.wait_for(server.name, "UP")
+        return self
+
+    def stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+        for front in self.fronts:
+            front.stop()
+        for server in self.servers:
+            server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,31 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     logs = a.logs or Path(tempfile.mkdtemp(prefix="granite-replicas-"))
     logs.mkdir(parents=True, exist_ok=True)
 
-    servers, fronts, proxy, code = [], [], None, 0
     stopping = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    replicas = [replica_options(i, a.checkpoint, a.base_port, extra_args=a.tritonserver_args) for i in range(a.replicas)]
+    listen = Listen(a.host, a.http_port, a.grpc_port, a.openai_port, a.stats_port)
+    cluster = ReplicaSet(replicas, listen, logs)
 
-    def stop_all(*_):
-        stopping.set()
+    def ready(server: TritonServer) -> None:
+        print(f"[replicas] {server.options.replica_id} ready: HTTP {server.http_url}, gRPC {server.grpc_url}", flush=True)
 
-    signal.signal(signal.SIGINT, stop_all)
-    signal.signal(signal.SIGTERM, stop_all)
+    code = 0
     try:
-        for i in range(a.replicas):
-            options, openai_port = replica_options(i, a.checkpoint, a.base_port, extra_args=a.tritonserver_args)
-            server = TritonServer(options, log_path=logs / f"replica-{i}.log")
-            servers.append(server)
-            fronts.append(OpenAIFront(server, openai_port, log_path=logs / f"replica-{i}-openai.log").start())
-            server.start(timeout_s=a.startup_timeout)
-            print(f"[replicas] replica-{i} ready: HTTP {server.http_url}, gRPC {server.grpc_url}, "
-                  f"OpenAI {fronts[-1].url}", flush=True)
-            if stopping.is_set():
-                return 1  # (the finally stops what started)
-        listen = Listen(a.host, a.http_port, a.grpc_port, a.openai_port, a.stats_port)
-        proxy = HAProxy([as_replica(s.options, f.port) for s, f in zip(servers, fronts)], listen, logs).start()
-    except (ServerStartError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code = 1
-    else:
+        cluster.start(a.startup_timeout, on_ready=ready, should_stop=stopping.is_set)
+        if stopping.is_set():
+            return 1  # (the finally stops what started)
         print(f"\n{a.replicas} replicas behind HAProxy\n"
               f"  HTTP   : http://{a.host}:{a.http_port}\n"
               f"  gRPC   : {a.host}:{a.grpc_port}  (sessions: send x-session-id: <sequence id>)\n"
@@ -86,18 +109,17 @@ def main(argv: list[str] | None = None) -> int:
               f"  stats  : http://{a.host}:{a.stats_port}/stats  (Prometheus: /metrics)\n"
               f"  logs   : {logs}\n", flush=True)
         while not stopping.wait(1.0):
-            if proxy.process.poll() is not None:
-                print(f"error: haproxy exited with {proxy.process.returncode} (see {proxy.log_path})", file=sys.stderr)
+            if cluster.proxy.process.poll() is not None:
+                print(f"error: haproxy exited with {cluster.proxy.process.returncode} (see {cluster.proxy.log_path})",
+                      file=sys.stderr)
                 code = 1
                 break
             # a replica that exits stays down (HAProxy routes around it); restart it by hand to try failover
+    except (ServerStartError, RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
     finally:
-        if proxy is not None:
-            proxy.stop()
-        for front in fronts:
-            front.stop()
-        for server in servers:
-            server.stop()
+        cluster.stop()
     return code
 
 

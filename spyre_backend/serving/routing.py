@@ -70,4 +70,4 @@ def lost_session_message(sequence_id, why: str) -> str:
 
 
 def is_lost_session(message: str) -> bool:
-    return message.startswith("session lost:") or "session lost: " in message
+    return "session lost:" in message  # also behind a prefix such as "granite_vision: "

@@ -108,12 +108,16 @@ class CacheConfig:
     kv_memory_fraction: float = 0.5
     decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     enable_prefix_caching: bool = True  # full blocks shared by content (engine/prefix_cache.py)
+    # prefill padding and prefix-cache unit in tokens; 0: the device's (16, or block_size on Spyre)
+    prefill_align: int = 0
 
     def validate(self) -> None:
         _check(self, self.block_size > 0, "block_size", "must be positive")
         _check(self, self.max_context > 0 and self.max_context % self.block_size == 0, "max_context",
                "must be a positive multiple of block_size")
         _check(self, self.num_kv_blocks >= 0, "num_kv_blocks", "must be >= 0")
+        _check(self, self.prefill_align >= 0 and (not self.prefill_align or self.block_size % self.prefill_align == 0),
+               "prefill_align", "must be 0 (the device's) or divide block_size")
         _check(self, self.kv_memory_mb >= 0, "kv_memory_mb", "must be >= 0")
         _check(self, 0 < self.kv_memory_fraction <= 1, "kv_memory_fraction", "must be in (0, 1]")
         _check(self, bool(self.decode_batch_sizes) and all(b > 0 for b in self.decode_batch_sizes),

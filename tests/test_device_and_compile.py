@@ -36,7 +36,8 @@ def test_shape_set_is_static_and_covers_what_runs(checkpoint):
     try:
         runner = stack.engine.runner
         shapes = set(runner.shape_set())
-        assert all(q % runner.block_size == 0 for b, q, _ in shapes if q > 1)
+        assert runner.prefill_align == 16  # off Spyre a prefill is padded to 16 tokens, not a block
+        assert all(q % runner.prefill_align == 0 for b, q, _ in shapes if q > 1)
         assert {b for b, q, _ in shapes if q == 1} == set(runner.decode_batch_sizes)
         image = shape_png("triangle", "green", "white", (200, 150))
         handles = [stack.submit("What is in the image?", [image]), stack.submit("Say hello."),
@@ -68,18 +69,27 @@ def test_inductor_warmup_compiles_everything_and_matches_eager(checkpoint):
         assert runner.attn_name == attention.FUSED_DECODE_ATTN_NAME  # decode attends in place under inductor
         assert eager.engine.runner.attn_name == attention.ATTN_NAME
         graphs_after_warmup = counters["stats"]["unique_graphs"]
-        # bucketed dims are symbolic for inductor: fewer graphs than shapes, every shape ran at warmup
-        warmed = set(runner.shape_set()) | {runner.mixed_example().shape}
+        # bucketed dims are symbolic for inductor: fewer graphs than shapes, every warmup shape ran
+        # (and the shapes of warmup's real requests)
+        warmed = set(runner.shapes_run)
+        assert set(runner.warmup_shapes()) | {runner.mixed_example().shape} <= warmed
         assert 0 < graphs_after_warmup - graphs_before < len(warmed)
-        assert runner.shapes_run == warmed
+        assert set(runner.warmup_shapes()) < set(runner.shape_set())
         runner.plan.seal_compiled()  # as the granite_llm stub does after warmup: nothing may compile from here
         traffic = [("What is in the image?", [shape_png("triangle", "green", "white", (200, 150))]),
                    ("Say hello.", []), ("What is the capital of France?", [])]
         got = [compiled.submit(q, imgs, max_tokens=12) for q, imgs in traffic]  # batched together
         want = [eager.submit(q, imgs, max_tokens=12).wait().text for q, imgs in traffic]
         assert [h.wait().text for h in got] == want
+        for words in (2, 9, 14):  # alone, so each runs a plain prefill: lengths warmup did not run
+            question = " ".join(["Please"] * words) + " say hello."
+            assert compiled.submit(question, [], max_tokens=4).wait().text == eager.submit(question, [], max_tokens=4).wait().text
         assert counters["stats"]["unique_graphs"] == graphs_after_warmup  # no recompilation
-        assert len({shape for shape in runner.shapes_run - warmed if len(shape) == 5}) > 0  # mixed, unseen sizes
+        unseen = runner.shapes_run - warmed
+        assert len({shape for shape in unseen if len(shape) == 5}) > 0  # mixed, unseen sizes
+        # prefills of lengths warmup did not run, served by the same graphs
+        assert {shape for shape in unseen if len(shape) == 3} and unseen - set(runner.shape_set()) == {
+            shape for shape in unseen if len(shape) == 5}
     finally:
         compiled.engine.runner.plan.seal_compiled(False)
         compiled.service.shutdown()

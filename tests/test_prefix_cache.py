@@ -1,7 +1,9 @@
 """Automatic prefix caching through the engine, against transformers' generate() (the oracle).
 
 Every answer is checked three ways: with the cache on (and hit), with it off, and by transformers.
-The tiny checkpoint's KV blocks are 64 tokens, so an image prompt has one or two full blocks.
+The tiny checkpoint's KV blocks are 64 tokens, so an image prompt has one or two full blocks. Every
+test runs with the CPU's prefix unit (16-token segments: a hit can end inside a block, whose
+leading segments are copied) and with Spyre's (whole blocks).
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ import pytest
 from tests.images import shape_png
 from tests.test_engine import make_stack
 
-BLOCK = 64
 MAX_TOKENS = 20
 RED = shape_png("circle", "red", "blue", (120, 90))
 BLUE = shape_png("circle", "blue", "red", (120, 90))
 SQUARE = shape_png("square", "green", "white", (200, 150))
 
 
-@pytest.fixture(scope="module")
-def stacks(checkpoint):
-    on, off = make_stack(checkpoint), make_stack(checkpoint, enable_prefix_caching="false")
+@pytest.fixture(scope="module", params=[16, 64], ids=["segments-of-16", "whole-blocks"])
+def stacks(checkpoint, request):
+    on = make_stack(checkpoint, prefill_align=str(request.param))
+    off = make_stack(checkpoint, enable_prefix_caching="false", prefill_align=str(request.param))
+    assert on.engine.kv.segment_size == request.param
     yield on, off
     on.service.shutdown()
     off.service.shutdown()
@@ -34,8 +37,10 @@ def no_leaks(stacks):
         assert engine.num_free_blocks == engine.kv.num_usable and len(engine.sessions) == 0
 
 
-def full_blocks_before(position: int) -> int:
-    return position // BLOCK * BLOCK
+def cached_before(stack, position: int) -> int:
+    """The tokens before ``position`` that the prefix cache can hold: its whole segments."""
+    unit = stack.engine.kv.segment_size
+    return position // unit * unit
 
 
 def test_repeats_hit_and_answer_as_transformers_does(stacks, reference):
@@ -46,7 +51,7 @@ def test_repeats_hit_and_answer_as_transformers_does(stacks, reference):
         first, again = on.submit(question, images).wait(), on.submit(question, images).wait()
         assert first.text == again.text == off.submit(question, images).wait().text == want
         n = again.final.num_input_tokens
-        assert again.final.num_cached_tokens == (n - 1) // BLOCK * BLOCK  # every full block, the last token computed
+        assert again.final.num_cached_tokens == cached_before(on, n - 1)  # every full segment, the last token computed
         assert again.final.num_prefill_tokens == n - again.final.num_cached_tokens
     assert off.engine.stats().prefix_hits == 0 and off.engine.kv.num_cached == 0
 
@@ -57,7 +62,7 @@ def test_another_image_with_the_same_text_never_gets_the_first_images_blocks(sta
     red, blue = on.submit(question, [RED]).wait(), on.submit(question, [BLUE]).wait()
     ids, _ = on.prompt(question, [BLUE])
     first_image_position = int((ids == on.engine.image_token_id).nonzero()[0])
-    assert blue.final.num_cached_tokens == full_blocks_before(first_image_position)
+    assert blue.final.num_cached_tokens == cached_before(on, first_image_position)
     for image, got in ((RED, red), (BLUE, blue)):
         assert got.text == reference.generate(reference.chat_prompt(question, 1), [image], MAX_TOKENS)["text"]
 
@@ -68,7 +73,7 @@ def test_a_second_question_about_the_same_image_reuses_the_image_blocks(stacks, 
     second = on.submit("What shape is it?", [SQUARE]).wait()
     ids, _ = on.prompt("What shape is it?", [SQUARE])
     last_image_position = int((ids == on.engine.image_token_id).nonzero()[-1])
-    assert second.final.num_cached_tokens >= full_blocks_before(last_image_position) > 0
+    assert second.final.num_cached_tokens >= cached_before(on, last_image_position) > 0
     assert second.text == reference.generate(reference.chat_prompt("What shape is it?", 1), [SQUARE],
                                              MAX_TOKENS)["text"]
 
@@ -81,7 +86,7 @@ def test_a_conversation_resent_whole_reuses_its_first_turn(stacks, reference):
                     {"role": "user", "content": [{"type": "text", "text": "And its color?"}]}]
     full = reference.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     resent = on.submit(full, [RED], chat=False).wait()
-    assert resent.final.num_cached_tokens >= BLOCK
+    assert resent.final.num_cached_tokens >= 64
     assert resent.text == off.submit(full, [RED], chat=False).wait().text
     assert resent.text == reference.generate(full, [RED], MAX_TOKENS)["text"]
 

@@ -203,11 +203,12 @@ def test_kv_manager_refuses_without_taking_anything():
 IMAGE = 99  # the image placeholder id of these tests
 
 
-def make_cached(num_blocks=64, **config) -> Scheduler:
-    from spyre_backend.engine.prefix_cache import BlockHasher
+def make_cached(num_blocks=64, segment=BLOCK, **config) -> Scheduler:
+    """Prefix caching by whole blocks (as on Spyre), or by ``segment``-token parts of them."""
+    from spyre_backend.engine.prefix_cache import SegmentHasher
 
-    kv = KVCacheManager(num_blocks, BLOCK)
-    return Scheduler(kv, SessionTable(kv, ttl_s=600), SchedulerConfig(**config), BlockHasher(BLOCK, IMAGE))
+    kv = KVCacheManager(num_blocks, BLOCK, segment)
+    return Scheduler(kv, SessionTable(kv, ttl_s=600), SchedulerConfig(**config), SegmentHasher(segment, IMAGE))
 
 
 def submit_ids(sched: Scheduler, ids: list[int], features: torch.Tensor | None = None) -> Request:
@@ -318,3 +319,86 @@ def test_truncate_keeps_only_whole_blocks():
     blocks = kv.block_ids("s")[:]
     assert kv.truncate("s", 9) == 8 and kv.block_ids("s") == blocks[:2]
     assert kv.num_free == kv.num_usable - 2
+
+
+# -- prefix caching by segments (half blocks here; 16 of 64 tokens on the CPU) -------------------
+SEGMENT = 2
+
+
+def test_a_prompt_that_diverges_inside_a_block_takes_its_leading_segments_as_a_copy():
+    sched = make_cached(max_running=4, prefill_chunk=64, segment=SEGMENT)
+    first = submit_ids(sched, list(range(10, 24)))  # 14 tokens
+    run_prefill(sched, first)
+    finish(sched, first)
+    ids = list(range(10, 20)) + [7, 7, 7]  # shares 10 tokens: 2 full blocks and one segment of the third
+    again = submit_ids(sched, ids)
+    out = sched.schedule()
+    seq = out.sequences[0]
+    assert (seq.start, seq.num_tokens, again.num_cached_tokens) == (10, 3, 10)
+    first_blocks, blocks = sched.kv.block_ids(first.session.sequence_id), list(seq.block_ids)
+    assert first_blocks == []  # first is done: its blocks are free, and still cached
+    source, destination = out.block_copies[0]
+    assert len(out.block_copies) == 1 and blocks[2] == destination != source
+    assert sched.kv.pool.refs(source) == 0  # only read: it stays in the free queue, cached
+    assert sched.kv.pool.refs(destination) == 1
+
+
+def test_segments_are_found_without_a_copy_when_a_whole_block_matches():
+    sched = make_cached(max_running=4, prefill_chunk=64, segment=SEGMENT)
+    finish(sched, (lambda r: (run_prefill(sched, r), r)[1])(submit_ids(sched, list(range(10, 24)))))
+    again = submit_ids(sched, list(range(10, 22)) + [7])  # 12 shared tokens: 3 full blocks
+    out = sched.schedule()
+    assert (out.sequences[0].start, out.block_copies) == (12, [])
+
+
+def test_the_last_token_is_computed_and_a_partial_hit_stops_before_it():
+    sched = make_cached(max_running=4, prefill_chunk=64, segment=SEGMENT)
+    ids = list(range(10, 22))  # 12 tokens: 3 blocks, 6 segments
+    finish(sched, (lambda r: (run_prefill(sched, r), r)[1])(submit_ids(sched, ids)))
+    again = submit_ids(sched, ids)
+    out = sched.schedule()
+    assert (out.sequences[0].start, out.sequences[0].num_tokens) == (10, 2)  # 5 segments: 2 blocks and a copy
+    assert len(out.block_copies) == 1
+
+
+def test_a_segment_is_shared_only_with_the_same_image():
+    sched = make_cached(max_running=4, prefill_chunk=64, segment=SEGMENT)
+    ids, red = image_prompt(0, [5, 6, 7, 8, 9])  # [1, 2, 3, img x 6, 5 ...]: segment 1 holds the first image row
+    _, blue = image_prompt(1, [5, 6, 7, 8, 9])
+    finish(sched, (lambda r: (run_prefill(sched, r), r)[1])(submit_ids(sched, ids, red)))
+    other = submit_ids(sched, ids, blue)
+    out = sched.schedule()
+    assert out.sequences[0].start == 2 and len(out.block_copies) == 1  # only segment 0: [1, 2]
+    finish(sched, other)
+    same = submit_ids(sched, ids, red.clone())
+    out = sched.schedule()
+    assert out.sequences[0].start == 12 and out.block_copies == []
+
+
+def test_a_request_that_must_wait_gives_back_its_copy_and_nothing_leaks():
+    sched = make_cached(num_blocks=6, max_running=4, prefill_chunk=64, segment=SEGMENT)  # 5 usable blocks
+    first = submit_ids(sched, list(range(10, 24)))  # 4 blocks, still running
+    run_prefill(sched, first)
+    waiting = submit_ids(sched, list(range(10, 20)) + [7, 7, 7])  # 2 shared blocks, a copy, and a 4th block
+    out = sched.schedule()
+    assert [s.request_id for s in out.sequences] == [first.request_id] and not out.block_copies
+    assert waiting in sched.waiting and sched.kv.block_ids(waiting.session.sequence_id) == []
+    assert sched.kv.num_free == 1 and waiting.session.num_computed == 0
+    finish(sched, first)
+    assert sched.kv.num_free == sched.kv.num_usable
+    out = sched.schedule()
+    assert out.sequences[0].start == 10 and len(out.block_copies) == 1
+    finish(sched, waiting)
+    assert sched.kv.num_free == sched.kv.num_usable  # cached blocks count as free: nothing leaked
+
+
+def test_a_copy_source_handed_out_again_is_never_a_stale_hit():
+    sched = make_cached(num_blocks=5, max_running=4, prefill_chunk=64, segment=SEGMENT)  # 4 usable blocks
+    first = submit_ids(sched, list(range(10, 24)))  # 4 blocks
+    finish(sched, (lambda r: (run_prefill(sched, r), r)[1])(first))
+    filler = submit_ids(sched, list(range(100, 115)))  # needs every block: the cache is emptied
+    run_prefill(sched, filler)
+    finish(sched, filler)
+    late = submit_ids(sched, list(range(10, 20)) + [7, 7, 7])
+    out = sched.schedule()
+    assert (out.sequences[0].start, out.block_copies) == (0, [])

@@ -5,13 +5,16 @@ per layer. This module only hands out block ids: a ``BlockPool`` of reference-co
 ``KVCacheManager`` that keeps one block list per owner (a sequence: its session key) and grows it
 as the sequence grows, a block at a time, never for tokens it may never produce.
 
-Prefix caching: a full block whose K/V are computed can be registered under its content hash
-(``engine/prefix_cache.py`` chains it from the parent block's hash, the block's token ids and the
-image features at its placeholder positions). A registered block keeps its hash after its owners
-release it: it sits in the free queue, still holding its K/V, until it is handed out again (least
-recently freed first); a new sequence whose leading blocks hash the same takes those blocks
-instead of computing them (``take_cached``). Cached blocks are only ever read: a sequence writes
-only past its cached prefix, into blocks of its own.
+Prefix caching: a block is registered segment by segment (``segment_size`` tokens; the whole
+block on Spyre), each under its content hash once its K/V are computed (``engine/prefix_cache.py``
+chains it from the parent segment's hash, the segment's token ids and the image features at its
+placeholder positions). A registered block keeps its hashes after its owners release it: it sits in
+the free queue, still holding its K/V, until it is handed out again (least recently freed first).
+A new sequence whose leading segments hash the same takes the full blocks among them (shared, by
+reference count) instead of computing them, and gets the leading segments of the block after them
+as a copy: a fresh block of its own into which the model runner copies the cached one before the
+step runs (``take_cached``). Cached blocks are only ever read: a sequence writes only past its
+cached prefix, into blocks of its own.
 
 Block 0 (``NULL_BLOCK``) is never handed out: padded positions of static-shape steps write there.
 """
@@ -42,8 +45,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
         self._refs = [0] * num_blocks
-        self._cached: dict[bytes, int] = {}  # content hash -> block
-        self._hash_of: dict[int, bytes] = {}  # block -> content hash
+        self._cached: dict[bytes, int] = {}  # segment content hash -> a block holding that prefix
+        self._hashes_of: dict[int, list[bytes]] = {}  # block -> the hashes registered on it
 
     @property
     def num_free(self) -> int:
@@ -57,7 +60,7 @@ class BlockPool:
     @property
     def num_cached(self) -> int:
         """Blocks registered in the prefix cache, held or free."""
-        return len(self._hash_of)
+        return len(self._hashes_of)
 
     def refs(self, block: int) -> int:
         return self._refs[block]
@@ -68,8 +71,7 @@ class BlockPool:
         blocks = [self._free.popitem(last=False)[0] for _ in range(n)]
         for b in blocks:
             self._refs[b] = 1
-            digest = self._hash_of.pop(b, None)
-            if digest is not None:  # its K/V are about to be overwritten
+            for digest in self._hashes_of.pop(b, ()):  # its K/V are about to be overwritten
                 del self._cached[digest]
         return blocks
 
@@ -83,23 +85,17 @@ class BlockPool:
 
     # -- prefix cache ------------------------------------------------------------------------
     def register(self, block: int, digest: bytes) -> None:
-        """``block`` (held, full, computed) holds the content ``digest`` names. A block already
-        registered, or content already cached in another block, is left as it is."""
+        """``block`` (held, its K/V computed up to the segment ``digest`` names) holds that content.
+        Content already cached in some block is left where it is."""
         if self._refs[block] <= 0:
             raise ValueError(f"block {block} is not allocated")
-        if block not in self._hash_of and digest not in self._cached:
+        if digest not in self._cached:
             self._cached[digest] = block
-            self._hash_of[block] = digest
+            self._hashes_of.setdefault(block, []).append(digest)
 
-    def cached_prefix(self, digests: list[bytes]) -> list[int]:
-        """The blocks of the longest leading run of ``digests`` that is cached."""
-        blocks = []
-        for digest in digests:
-            block = self._cached.get(digest)
-            if block is None:
-                break
-            blocks.append(block)
-        return blocks
+    def lookup(self, digest: bytes) -> int | None:
+        """A block (held or free) whose leading segments hold the content ``digest`` names."""
+        return self._cached.get(digest)
 
     def take(self, blocks: list[int]) -> None:
         """Take a reference to blocks, held or free (a free one must still be cached: it leaves
@@ -111,11 +107,15 @@ class BlockPool:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, segment_size: int = 0):
+        """``segment_size``: the prefix cache's unit, dividing ``block_size`` (0: the block)."""
         self.block_size = block_size
+        self.segment_size = segment_size or block_size
+        if block_size % self.segment_size:
+            raise ValueError(f"segment_size {segment_size} must divide block_size {block_size}")
         self.pool = BlockPool(num_blocks)
         self._tables: dict[Hashable, list[int]] = {}
-        self._registered: dict[Hashable, int] = {}  # leading blocks of each owner registered already
+        self._registered: dict[Hashable, int] = {}  # leading segments of each owner registered already
 
     @property
     def num_blocks(self) -> int:
@@ -166,7 +166,7 @@ class KVCacheManager:
         self.pool.release(table[keep:][::-1])
         del table[keep:]
         if owner in self._registered:
-            self._registered[owner] = min(self._registered[owner], keep)
+            self._registered[owner] = min(self._registered[owner], keep * (self.block_size // self.segment_size))
         return keep * self.block_size
 
     # -- prefix cache ------------------------------------------------------------------------
@@ -174,23 +174,47 @@ class KVCacheManager:
     def num_cached(self) -> int:
         return self.pool.num_cached
 
-    def take_cached(self, owner: Hashable, digests: list[bytes]) -> int:
-        """Give ``owner`` (holding no blocks yet) the cached blocks of the longest leading run of
-        ``digests``; returns how many."""
+    def take_cached(self, owner: Hashable, digests: list[bytes]) -> tuple[int, tuple[int, int] | None]:
+        """Give ``owner`` (holding no blocks yet) the longest cached prefix of its segment hashes
+        ``digests``: the full blocks in it, shared, and the segments past them as a copy into a new
+        block. Returns the tokens taken and that copy, (source block, new block), or None; the copy
+        must run before the owner's next step, and before anything is written into the source."""
         if self._tables.get(owner):
             raise ValueError(f"{owner!r} holds blocks already")
-        blocks = self.pool.cached_prefix(digests)
+        per_block = self.block_size // self.segment_size
+        blocks: list[int] = []
+        for last in range(per_block - 1, len(digests), per_block):
+            block = self.pool.lookup(digests[last])
+            if block is None:
+                break
+            blocks.append(block)
+        self.pool.take(blocks)
+        base, copy, segments = len(blocks) * per_block, None, 0
+        for segments in range(min(per_block - 1, len(digests) - base), 0, -1):
+            source = self.pool.lookup(digests[base + segments - 1])
+            if source is None:
+                continue
+            self.pool.take([source])  # held, so that the new block is not the source itself
+            if self.pool.num_free:
+                copy = (source, self.pool.allocate(1)[0])
+                blocks.append(copy[1])
+            self.pool.release([source])  # back to the free queue's tail if nobody else holds it
+            if copy:
+                break
+        else:
+            segments = 0
         if blocks:
-            self.pool.take(blocks)
             self._tables[owner] = blocks
-            self._registered[owner] = len(blocks)
-        return len(blocks)
+            self._registered[owner] = base + segments
+        return base * self.segment_size + segments * self.segment_size, copy
 
-    def register_full_blocks(self, owner: Hashable, digests: list[bytes]) -> None:
-        """``digests`` name ``owner``'s leading blocks, all full and computed: register those not
-        registered yet."""
+    def register_segments(self, owner: Hashable, digests: list[bytes]) -> None:
+        """``digests`` name ``owner``'s leading segments, all full and computed: register those not
+        registered yet, each on the block it lies in."""
         table = self._tables.get(owner, [])
+        per_block = self.block_size // self.segment_size
         done = self._registered.get(owner, 0)
-        for i in range(done, min(len(digests), len(table))):
-            self.pool.register(table[i], digests[i])
-        self._registered[owner] = max(done, min(len(digests), len(table)))
+        end = min(len(digests), len(table) * per_block)
+        for i in range(done, end):
+            self.pool.register(table[i // per_block], digests[i])
+        self._registered[owner] = max(done, end)

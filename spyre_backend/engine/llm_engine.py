@@ -27,7 +27,7 @@ from spyre_backend.config import EngineLimits, SchedulerConfig
 from spyre_backend.engine.kv_cache_manager import KVCacheManager
 from spyre_backend.engine.model_runner import ModelRunner, SequenceInput
 from spyre_backend.engine.output_processor import Finished, OutputProcessor
-from spyre_backend.engine.prefix_cache import BlockHasher
+from spyre_backend.engine.prefix_cache import SegmentHasher
 from spyre_backend.engine.request import FinishReason, Request
 from spyre_backend.engine.sampler import SampleRow, make_generator, sample
 from spyre_backend.engine.sampling_params import InvalidRequest
@@ -68,9 +68,10 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.limits = limits or EngineLimits()
         self.image_token_id = runner.image_token_id
-        self.kv = KVCacheManager(runner.kv_pool.num_blocks, runner.block_size)
+        # the prefix cache's unit is the prefill's padding unit: a hit saves what a prefill would pad to
+        self.kv = KVCacheManager(runner.kv_pool.num_blocks, runner.block_size, runner.prefill_align)
         self.sessions = SessionTable(self.kv, ttl_s=self.limits.session_ttl_s)
-        hasher = BlockHasher(runner.block_size, runner.image_token_id) if enable_prefix_caching else None
+        hasher = SegmentHasher(runner.prefill_align, runner.image_token_id) if enable_prefix_caching else None
         self.scheduler = Scheduler(self.kv, self.sessions, scheduler or SchedulerConfig(), hasher)
         self.output = OutputProcessor(tokenizer, eos_token_ids)
         self.on_step = on_step
@@ -257,7 +258,7 @@ class LLMEngine:
             # blocks past the kept history may be cached or shared now: drop them, never write them
             session.num_computed = self.kv.truncate(session.sequence_id,
                                                     min(session.num_computed, len(session.token_ids)))
-            del session.block_hashes[len(session.token_ids) // self.kv.block_size:]
+            del session.segment_hashes[len(session.token_ids) // self.kv.segment_size:]
         if request.sequence_end:
             self.sessions.close(session)
         queue_ = self._queued.get(session.sequence_id)
@@ -306,6 +307,7 @@ class LLMEngine:
             except Exception as exc:
                 log.exception("request %s: building its step inputs failed", request.request_id)
                 self._finish(request, Finished(FinishReason.ERROR), error=f"invalid request: {exc}")
+        self.runner.copy_blocks(out.block_copies)  # before the step writes anything
         logits = self.runner.execute(inputs)
         self.scheduler.step_done(out)
         sampling = [(request, row) for (request, seq), row in zip(scheduled, logits) if seq.samples]

@@ -3,7 +3,8 @@
 The shapes the runner can be asked to run form a finite set, fixed at load and all compiled at
 warmup (what a Spyre card needs; inductor on the CPU or GPU compiles one graph per kind of shape,
 symbolic in the bucketed dims, and never recompiles while serving):
-- prefill: ``q_len`` a multiple of the block size, up to ``prefill_chunk``;
+- prefill: ``q_len`` a multiple of ``prefill_align`` (the block size on Spyre, 16 tokens elsewhere:
+  ``DevicePlan.prefill_align``), up to ``prefill_chunk``;
 - decode: ``batch`` one of ``decode_batch_sizes``, one token per row;
 - both: the context read through block tables is one of ``context_buckets`` (blocks), capped at
   ``max_context``;
@@ -73,9 +74,10 @@ def next_power_of_two(n: int) -> int:
 class ModelRunner:
     def __init__(self, checkpoint: str, *, plan: DevicePlan, spec: MultimodalSpec,
                  num_kv_blocks: int | Callable[[int, int], int], block_size: int, max_context: int,
-                 prefill_chunk: int, decode_batch_sizes: list[int]):
+                 prefill_chunk: int, decode_batch_sizes: list[int], prefill_align: int = 0):
         """``num_kv_blocks`` may be a function of the KV bytes per token and of the memory available
-        once the weights are loaded (sizing from a memory budget).
+        once the weights are loaded (sizing from a memory budget). ``prefill_align``: 0 for the
+        device's (``DevicePlan.prefill_align``); it must divide ``block_size``.
 
         Raises memory.InsufficientMemory, before loading anything, where the weights and one full
         context cannot fit in the memory available."""
@@ -84,6 +86,10 @@ class ModelRunner:
         self.dtype = plan.dtype
         self.spec = spec
         self.block_size = block_size
+        self.prefill_align = prefill_align or plan.prefill_align(block_size)
+        if block_size % self.prefill_align or prefill_chunk % self.prefill_align:
+            raise ValueError(f"prefill_align {self.prefill_align} must divide block_size {block_size} "
+                             f"and prefill_chunk {prefill_chunk}")
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
         self.decode_batch_sizes = sorted(decode_batch_sizes)
@@ -136,11 +142,37 @@ class ModelRunner:
 
     def shape_set(self) -> list[tuple[int, int, int]]:
         """Every (batch, q_len, ctx_blocks) this runner can run."""
+        return self._shapes(range(self.prefill_align, self.prefill_chunk + 1, self.prefill_align))
+
+    def warmup_shapes(self) -> list[tuple[int, int, int]]:
+        """The shapes warmup runs. A static compiler (sendnn) builds a program per shape: all of
+        them. Inductor's graphs are symbolic in the bucketed dims, so one run per kind of shape
+        would do; warmup runs each context bucket with the smallest prefill and with every
+        block-multiple one, about a quarter of the prefill shapes once they are padded to 16."""
+        if self.plan.compile_backend == "sendnn":
+            return self.shape_set()
+        q_lens = sorted({self.prefill_align, *range(self.block_size, self.prefill_chunk + 1, self.block_size)})
+        return self._shapes(q for q in q_lens if q <= self.prefill_chunk)
+
+    def _shapes(self, q_lens) -> list[tuple[int, int, int]]:
         shapes = []
-        for q_len in range(self.block_size, self.prefill_chunk + 1, self.block_size):
+        for q_len in q_lens:
             shapes += [(1, q_len, ctx) for ctx in self.context_buckets if ctx * self.block_size >= q_len]
         shapes += [(batch, 1, ctx) for batch in self.decode_batch_sizes for ctx in self.context_buckets]
         return shapes
+
+    # -- prefix-cache copies ------------------------------------------------------------------
+    @torch.no_grad()
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy KV blocks (source, destination) in every layer: the cached segments a sequence
+        takes into a block of its own (``KVCacheManager.take_cached``)."""
+        if not copies:
+            return
+        source = torch.tensor([s for s, _ in copies], device=self.device)
+        destination = torch.tensor([d for _, d in copies], device=self.device)
+        for keys, values in self.kv_pool.layers:
+            keys.index_copy_(0, destination, keys.index_select(0, source))
+            values.index_copy_(0, destination, values.index_select(0, source))
 
     # -- one engine step ----------------------------------------------------------------------
     @torch.no_grad()
@@ -203,7 +235,7 @@ class ModelRunner:
         n = embeds.shape[0]
         if n > self.prefill_chunk:
             raise ValueError(f"prefill of {n} tokens exceeds prefill_chunk {self.prefill_chunk}")
-        q_len = -(-n // self.block_size) * self.block_size
+        q_len = -(-n // self.prefill_align) * self.prefill_align
         padded = torch.zeros(1, q_len, self.hidden_size, dtype=self.dtype, device=self.device)
         padded[0, :n] = embeds
         positions = torch.arange(start, start + q_len, device=self.device).unsqueeze(0)

@@ -1,14 +1,20 @@
-"""Content hashes of full KV blocks, for automatic prefix caching (``KVCacheManager``).
+"""Content hashes of KV segments, for automatic prefix caching (``KVCacheManager``).
 
-A block's hash is chained: it digests the parent block's hash, the block's token ids and, for the
-block's image placeholder positions, the image features written there. The placeholder id alone
-says nothing about the image; the features say everything the K/V depend on, so two requests share
-a block exactly when its K/V would be computed from the same inputs: the same text with the same
+A segment is ``segment_size`` consecutive tokens inside one KV block: the whole 64-token block on
+Spyre (its prefill programs start on block boundaries), a quarter of it on the CPU and GPU, whose
+prefills are padded to 16 tokens only (``ModelRunner.prefill_align``). A cached prefix is found to
+the segment, not to the block: a second question about an image recomputes at most 15 tokens of
+the block it diverges in, not 63.
+
+A segment's hash is chained: it digests the parent segment's hash, the segment's token ids and, for
+its image placeholder positions, the image features written there. The placeholder id alone says
+nothing about the image; the features say everything the K/V depend on, so two requests share a
+segment exactly when its K/V would be computed from the same inputs: the same text with the same
 image shares, the same text with another image does not (the features differ from the first
 placeholder on). Hashing features rather than the image's bytes costs a pass over them once per
 request (a few ms for the mid-size model's 1,300 x 1,024 rows) and needs nothing from the preprocessor.
 
-Each session keeps the hashes of its full blocks, extended as its history grows.
+Each session keeps the hashes of its full segments, extended as its history grows.
 """
 
 from __future__ import annotations
@@ -20,10 +26,10 @@ import torch
 
 from spyre_backend.engine.sessions import Session
 
-ROOT = b"spyre-prefix-cache-v1"
+ROOT = b"spyre-prefix-cache-v2"
 
 
-def block_hash(parent: bytes, token_ids: list[int], features: torch.Tensor | None) -> bytes:
+def segment_hash(parent: bytes, token_ids: list[int], features: torch.Tensor | None) -> bytes:
     digest = hashlib.sha256(parent)
     digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
     if features is not None and features.shape[0]:
@@ -33,22 +39,22 @@ def block_hash(parent: bytes, token_ids: list[int], features: torch.Tensor | Non
     return digest.digest()
 
 
-class BlockHasher:
-    def __init__(self, block_size: int, image_token_id: int):
-        self.block_size = block_size
+class SegmentHasher:
+    def __init__(self, segment_size: int, image_token_id: int):
+        self.segment_size = segment_size
         self.image_token_id = image_token_id
 
-    def hashes(self, session: Session, num_blocks: int) -> list[bytes]:
-        """The hashes of the session's first ``num_blocks`` blocks (all full in its history)."""
-        bs = self.block_size
-        hashes = session.block_hashes
-        if len(hashes) < num_blocks:
+    def hashes(self, session: Session, num_segments: int) -> list[bytes]:
+        """The hashes of the session's first ``num_segments`` segments (all full in its history)."""
+        size = self.segment_size
+        hashes = session.segment_hashes
+        if len(hashes) < num_segments:
             features = session.features()
-            placeholders = session.token_ids[: len(hashes) * bs].count(self.image_token_id)
-            for i in range(len(hashes), num_blocks):
-                tokens = session.token_ids[i * bs: (i + 1) * bs]
+            placeholders = session.token_ids[: len(hashes) * size].count(self.image_token_id)
+            for i in range(len(hashes), num_segments):
+                tokens = session.token_ids[i * size: (i + 1) * size]
                 count = tokens.count(self.image_token_id)
                 rows = None if not count else features[placeholders: placeholders + count]
-                hashes.append(block_hash(hashes[-1] if hashes else ROOT, tokens, rows))
+                hashes.append(segment_hash(hashes[-1] if hashes else ROOT, tokens, rows))
                 placeholders += count
-        return hashes[:num_blocks]
+        return hashes[:num_segments]

@@ -14,10 +14,11 @@ are freed, it goes back to the front of the queue, and when admitted again it re
 sequence (prompt, images' features and the tokens it already produced) and goes on where it
 stopped. A waiting request never preempts a running one; it waits.
 
-With prefix caching (a ``BlockHasher``), a request admitted with nothing computed (a new sequence,
-or a preempted one coming back) first takes the cached blocks of its longest cached prefix of full
-blocks and computes only the rest: at least its last token, whose logits it needs. After each step
-the full blocks a step completed are registered under their hashes (``KVCacheManager``).
+With prefix caching (a ``SegmentHasher``), a request admitted with nothing computed (a new sequence,
+or a preempted one coming back) first takes its longest cached prefix of full segments (the full
+blocks in it shared, the segments past them copied into a block of its own: the step's
+``block_copies``) and computes only the rest: at least its last token, whose logits it needs.
+After each step the segments a step completed are registered under their hashes (``KVCacheManager``).
 
 ``schedule()`` returns a ``SchedulerOutput``: plain data (request ids, token ranges, block ids) that
 the engine turns into the model runner's inputs. ``step_done()`` then records what was computed.
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 
 from spyre_backend.config import SchedulerConfig
 from spyre_backend.engine.kv_cache_manager import KVCacheManager
-from spyre_backend.engine.prefix_cache import BlockHasher
+from spyre_backend.engine.prefix_cache import SegmentHasher
 from spyre_backend.engine.request import Request
 from spyre_backend.engine.sessions import SessionTable
 
@@ -54,6 +55,8 @@ class ScheduledSequence:
 class SchedulerOutput:
     sequences: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[int] = field(default_factory=list)  # request ids sent back to the queue
+    # (source, destination) KV blocks to copy before the step runs: cached segments a sequence took
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
     evicted_sessions: int = 0
 
     @property
@@ -71,7 +74,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, sessions: SessionTable, config: SchedulerConfig,
-                 hasher: BlockHasher | None = None):
+                 hasher: SegmentHasher | None = None):
         self.kv = kv
         self.sessions = sessions
         self.config = config
@@ -118,7 +121,7 @@ class Scheduler:
         while (self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_running):
             request = self.waiting[0]
             session = request.session
-            cached = self._take_cached_prefix(request)  # None: not looked up
+            cached, copy = self._take_cached_prefix(request)  # None: not looked up
             n = self._tokens_for(request, budget, prefills)
             if n == 0 or not (self._evict_idle(self.kv.num_missing(session.sequence_id, session.num_computed + n), out)
                               and self.kv.allocate(session.sequence_id, session.num_computed + n)):
@@ -131,6 +134,8 @@ class Scheduler:
                 self.prefix_hits += cached
                 if not request.sampled_any:
                     request.num_cached_tokens = cached
+            if copy is not None:
+                out.block_copies.append(copy)
             self.waiting.popleft()
             self.running.append(request)
             out.sequences.append(self._scheduled(request, n))
@@ -148,21 +153,23 @@ class Scheduler:
                 session.num_computed = seq.start + seq.num_tokens
                 if not request.sampled_any:
                     request.num_prefill_tokens += seq.num_tokens
-                full = session.num_computed // self.kv.block_size
-                if self.hasher is not None and full * self.kv.block_size > seq.start:  # it filled a block
-                    self.kv.register_full_blocks(session.sequence_id, self.hasher.hashes(session, full))
+                size = self.kv.segment_size
+                full = session.num_computed // size
+                if self.hasher is not None and full * size > seq.start:  # it filled a segment
+                    self.kv.register_segments(session.sequence_id, self.hasher.hashes(session, full))
 
     # -- helpers -----------------------------------------------------------------------------
-    def _take_cached_prefix(self, request: Request) -> int | None:
-        """A request with nothing computed takes its cached leading blocks; returns their tokens
-        (None where it has computed tokens already, or without prefix caching)."""
+    def _take_cached_prefix(self, request: Request) -> tuple[int | None, tuple[int, int] | None]:
+        """A request with nothing computed takes its cached leading segments; returns their tokens
+        (None where it has computed tokens already, or without prefix caching) and the block copy
+        that gives it the last of them."""
         session = request.session
         if self.hasher is None or session.num_computed or self.kv.block_ids(session.sequence_id):
-            return None
-        usable = (len(session.token_ids) - 1) // self.kv.block_size  # the last token is always computed
-        blocks = self.kv.take_cached(session.sequence_id, self.hasher.hashes(session, usable)) if usable else 0
-        session.num_computed = blocks * self.kv.block_size
-        return session.num_computed
+            return None, None
+        usable = (len(session.token_ids) - 1) // self.kv.segment_size  # the last token is always computed
+        cached, copy = self.kv.take_cached(session.sequence_id, self.hasher.hashes(session, usable)) if usable else (0, None)
+        session.num_computed = cached
+        return cached, copy
 
     def _tokens_for(self, request: Request, budget: int, prefills: int) -> int:
         need = request.session.num_uncomputed

@@ -34,7 +34,7 @@ class Session:
     # image features of the history's placeholders, in order, kept on the host for as long as the
     # session lives: a preempted turn recomputes its whole history (images are never re-encoded)
     image_features: list[torch.Tensor] = field(default_factory=list)
-    block_hashes: list[bytes] = field(default_factory=list)  # of the history's full blocks (prefix_cache.py)
+    segment_hashes: list[bytes] = field(default_factory=list)  # of the history's full segments (prefix_cache.py)
     last_active: float = field(default_factory=time.monotonic)
     active: "Request | None" = None  # the turn now running (turns of one session never overlap)
 

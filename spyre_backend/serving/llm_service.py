@@ -59,7 +59,7 @@ class LLMService:
             checkpoint, plan=config.device.plan(checkpoint), spec=self.spec,
             num_kv_blocks=lambda per_token, available: cache.kv_blocks(per_token, scheduler.max_running, available),
             block_size=cache.block_size, max_context=cache.max_context, prefill_chunk=scheduler.prefill_chunk,
-            decode_batch_sizes=cache.decode_batch_sizes,
+            decode_batch_sizes=cache.decode_batch_sizes, prefill_align=cache.prefill_align,
         )
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids=eos, scheduler=scheduler, limits=config.engine,

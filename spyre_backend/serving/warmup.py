@@ -48,7 +48,7 @@ def warmup_llm(service, checkpoint: str) -> float:
     started = time.monotonic()
     runner = service.engine.runner
     if runner.plan.compile_backend != "eager":
-        for batch, q_len, ctx in runner.shape_set():
+        for batch, q_len, ctx in runner.warmup_shapes():
             runner.forward(runner.dummy_inputs(batch, q_len, ctx))
         if runner.mixes_steps:  # one graph for every mixed step (ModelRunner's module doc)
             runner.forward(runner.mixed_example())

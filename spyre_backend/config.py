@@ -201,10 +201,12 @@ class InputLimits:
 @dataclass
 class VisionConfig:
     encoder_cache_mb: int = 256  # features of recent images kept (MiB); 0: no cache
+    processed_image_cache_mb: int = 128  # preprocess: recent images' crops, keyed by their bytes (MiB); 0: none
     max_crop_batch: int = 0  # most crops per tower run (rounded down to a power of two); 0: auto
 
     def validate(self) -> None:
         _check(self, self.encoder_cache_mb >= 0, "encoder_cache_mb", "must be >= 0")
+        _check(self, self.processed_image_cache_mb >= 0, "processed_image_cache_mb", "must be >= 0")
         _check(self, self.max_crop_batch >= 0, "max_crop_batch", "must be >= 0")
 
 

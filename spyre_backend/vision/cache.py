@@ -24,15 +24,14 @@ def image_key(crops: torch.Tensor, image_size) -> bytes:
     return h.digest()
 
 
-class EncoderCache:
-    """Features per image key, least recently used evicted first, within ``max_bytes``.
-
-    Not thread-safe: the vision_encoder instance that owns it runs one request at a time.
-    """
+class LRUCache:
+    """Values per key, least recently used evicted first, within ``max_bytes`` (each value's size
+    given when it is put). Not thread-safe: each model instance that owns one runs one request at
+    a time."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[object, int]] = OrderedDict()
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -40,22 +39,28 @@ class EncoderCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: bytes) -> torch.Tensor | None:
-        features = self._entries.get(key)
-        if features is None:
+    def get(self, key: bytes):
+        entry = self._entries.get(key)
+        if entry is None:
             self.misses += 1
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        return features
+        return entry[0]
 
-    def put(self, key: bytes, features: torch.Tensor) -> None:
-        size = features.numel() * features.element_size()
+    def put(self, key: bytes, value, size: int) -> None:
         if size > self.max_bytes or key in self._entries:
             return  # would evict everything else, or is already there
         while self.bytes + size > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
-        # a copy of its own: a view would keep the whole batch's output alive
-        self._entries[key] = features.detach().clone()
+            _, (_, old) = self._entries.popitem(last=False)
+            self.bytes -= old
+        self._entries[key] = (value, size)
         self.bytes += size
+
+
+class EncoderCache(LRUCache):
+    """Features per image key (``image_key``); the budget counts the bytes of the stored features."""
+
+    def put(self, key: bytes, features: torch.Tensor) -> None:
+        # a copy of its own: a view would keep the whole batch's output alive
+        super().put(key, features.detach().clone(), features.numel() * features.element_size())

@@ -13,7 +13,8 @@ class TritonPythonModel:
     def initialize(self, args):
         exit_with_parent()  # no orphan stub if tritonserver crashes
         config = ServingConfig.from_model_config(args["model_config"])
-        self.preprocessor = Preprocessor(config.checkpoint_dir, config.input_limits())
+        self.preprocessor = Preprocessor(config.checkpoint_dir, config.input_limits(),
+                                         image_cache_mb=config.vision.processed_image_cache_mb)
 
     def execute(self, requests):
         responses = []

@@ -9,7 +9,11 @@ leading segments are copied) and with Spyre's (whole blocks).
 from __future__ import annotations
 
 import pytest
+import torch
 
+from spyre_backend.engine.request import Request
+from spyre_backend.engine.sampling_params import SamplingParams
+from tests.engine_harness import Handle
 from tests.images import shape_png
 from tests.test_engine import make_stack
 
@@ -96,3 +100,21 @@ def test_a_session_turn_leaves_its_blocks_for_others(stacks):
     turn = on.submit("What is in the image?", [BLUE], sequence_id=71, sequence_start=True, sequence_end=True).wait()
     again = on.submit("What is in the image?", [BLUE]).wait()
     assert again.text == turn.text and again.final.num_cached_tokens > 0
+
+
+def test_a_resent_conversation_takes_everything_its_first_turn_computed(stacks):
+    """Off Spyre a hit may end at any token: the first turn's tail past its last full segment is
+    registered at its end. Spyre's unit stays the whole block."""
+    on, off = stacks
+    ids, features = on.prompt("What is in the image?", [SQUARE])
+    handle = Handle()
+    first = Request(ids, features, SamplingParams(max_tokens=MAX_TOKENS), handle.on_output)
+    on.engine.add_request(first)
+    handle.wait()
+    follow = on.engine.tokenizer("And its color?", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    resent_ids = torch.cat([ids, torch.tensor(first.output_ids), follow])
+    resent = on.submit("", ids=resent_ids, features=features).wait()
+    computed = len(ids) + len(first.output_ids) - 1  # the last sampled token was never computed
+    unit = on.engine.kv.segment_size
+    assert resent.final.num_cached_tokens == (computed if unit < 64 else computed // 64 * 64)
+    assert resent.text == off.submit("", ids=resent_ids, features=features).wait().text

@@ -402,3 +402,21 @@ def test_a_copy_source_handed_out_again_is_never_a_stale_hit():
     late = submit_ids(sched, list(range(10, 20)) + [7, 7, 7])
     out = sched.schedule()
     assert (out.sequences[0].start, out.block_copies) == (0, [])
+
+
+def test_a_conversation_resent_whole_takes_even_what_lies_past_the_last_full_segment():
+    sched = make_cached(max_running=4, prefill_chunk=64, segment=SEGMENT)
+    first = submit_ids(sched, list(range(10, 23)))  # 13 tokens: 6 segments and one token
+    run_prefill(sched, first)
+    sched.register_tail(first.session)  # the engine does this at the end of every turn
+    finish(sched, first)
+    computed = first.session.token_ids[:13]
+    other = submit_ids(sched, computed[:12] + [98, 7, 7])  # differs in that last token
+    out = sched.schedule()
+    assert (out.sequences[0].start, out.block_copies) == (12, [])
+    finish(sched, other)
+    again = submit_ids(sched, computed + [7, 7])
+    out = sched.schedule()
+    assert out.sequences[0].start == 13 and len(out.block_copies) == 1  # 3 blocks shared, 1 token copied
+    finish(sched, again)
+    assert sched.kv.num_free == sched.kv.num_usable

@@ -174,14 +174,16 @@ class KVCacheManager:
     def num_cached(self) -> int:
         return self.pool.num_cached
 
-    def take_cached(self, owner: Hashable, digests: list[bytes]) -> tuple[int, tuple[int, int] | None]:
+    def take_cached(self, owner: Hashable, digests: list[bytes], tail=None) -> tuple[int, tuple[int, int] | None]:
         """Give ``owner`` (holding no blocks yet) the longest cached prefix of its segment hashes
-        ``digests``: the full blocks in it, shared, and the segments past them as a copy into a new
-        block. Returns the tokens taken and that copy, (source block, new block), or None; the copy
-        must run before the owner's next step, and before anything is written into the source."""
+        ``digests``: the full blocks in it, shared, and what lies past them (whole segments, then
+        with ``tail`` some tokens of the next segment) as a copy into a new block. ``tail(n)``: the
+        (tokens, hash) candidates of a part of segment ``n``, longest first (``register_tail``).
+        Returns the tokens taken and that copy, (source block, new block), or None; the copy must
+        run before the owner's next step, and before anything is written into the source."""
         if self._tables.get(owner):
             raise ValueError(f"{owner!r} holds blocks already")
-        per_block = self.block_size // self.segment_size
+        per_block, size = self.block_size // self.segment_size, self.segment_size
         blocks: list[int] = []
         for last in range(per_block - 1, len(digests), per_block):
             block = self.pool.lookup(digests[last])
@@ -189,24 +191,42 @@ class KVCacheManager:
                 break
             blocks.append(block)
         self.pool.take(blocks)
-        base, copy, segments = len(blocks) * per_block, None, 0
+        base = len(blocks) * per_block
+        found = None  # (the block to copy, the tokens it holds past the shared blocks)
         for segments in range(min(per_block - 1, len(digests) - base), 0, -1):
             source = self.pool.lookup(digests[base + segments - 1])
-            if source is None:
-                continue
+            if source is not None:
+                found = (source, segments * size)
+                break
+        if tail is not None:
+            # a cached part of the next segment lies in a block holding every segment before it
+            after = base + (found[1] // size if found else 0)
+            for tokens, digest in tail(after):
+                source = self.pool.lookup(digest)
+                if source is not None:
+                    found = (source, (after - base) * size + tokens)
+                    break
+        copy, extra = None, 0
+        if found is not None:
+            source = found[0]
             self.pool.take([source])  # held, so that the new block is not the source itself
             if self.pool.num_free:
-                copy = (source, self.pool.allocate(1)[0])
+                copy, extra = (source, self.pool.allocate(1)[0]), found[1]
                 blocks.append(copy[1])
             self.pool.release([source])  # back to the free queue's tail if nobody else holds it
-            if copy:
-                break
-        else:
-            segments = 0
         if blocks:
             self._tables[owner] = blocks
-            self._registered[owner] = base + segments
-        return base * self.segment_size + segments * self.segment_size, copy
+            self._registered[owner] = base + extra // size
+        return base * size + extra, copy
+
+    def register_tail(self, owner: Hashable, segment: int, digest: bytes) -> None:
+        """``digest`` names the computed first tokens of ``owner``'s segment ``segment``, the last
+        it has begun: a later sequence can take them (``take_cached``'s ``tail``). They never
+        change: a sequence writes only past what it computed."""
+        table = self._tables.get(owner, [])
+        block = segment // (self.block_size // self.segment_size)
+        if block < len(table):
+            self.pool.register(table[block], digest)
 
     def register_segments(self, owner: Hashable, digests: list[bytes]) -> None:
         """``digests`` name ``owner``'s leading segments, all full and computed: register those not

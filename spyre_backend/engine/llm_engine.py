@@ -259,6 +259,7 @@ class LLMEngine:
             session.num_computed = self.kv.truncate(session.sequence_id,
                                                     min(session.num_computed, len(session.token_ids)))
             del session.segment_hashes[len(session.token_ids) // self.kv.segment_size:]
+        self.scheduler.register_tail(session)  # before its blocks are freed: they stay cached
         if request.sequence_end:
             self.sessions.close(session)
         queue_ = self._queued.get(session.sequence_id)

@@ -14,7 +14,9 @@ image shares, the same text with another image does not (the features differ fro
 placeholder on). Hashing features rather than the image's bytes costs a pass over them once per
 request (a few ms for the mid-size model's 1,300 x 1,024 rows) and needs nothing from the preprocessor.
 
-Each session keeps the hashes of its full segments, extended as its history grows.
+Each session keeps the hashes of its full segments, extended as its history grows. At the end of a
+turn the tokens it computed past its last full segment are registered too (``tail_hash``), so a
+conversation resent whole finds everything the previous turn computed, not just its full segments.
 """
 
 from __future__ import annotations
@@ -58,3 +60,20 @@ class SegmentHasher:
                 hashes.append(segment_hash(hashes[-1] if hashes else ROOT, tokens, rows))
                 placeholders += count
         return hashes[:num_segments]
+
+    def tail_hash(self, session: Session, segment: int, length: int) -> bytes:
+        """The hash of the first ``length`` (< segment_size) tokens of segment ``segment``."""
+        size = self.segment_size
+        parent = self.hashes(session, segment)[-1] if segment else ROOT
+        start = segment * size
+        tokens = session.token_ids[start: start + length]
+        count = tokens.count(self.image_token_id)
+        rows = None
+        if count:
+            before = session.token_ids[:start].count(self.image_token_id)
+            rows = session.features()[before: before + count]
+        return segment_hash(parent + b"tail:%d" % length, tokens, rows)  # never equal to a full segment's
+
+    def tail_candidates(self, session: Session, segment: int, max_length: int) -> list[tuple[int, bytes]]:
+        """(length, tail_hash) for the parts of segment ``segment`` up to ``max_length`` tokens, longest first."""
+        return [(n, self.tail_hash(session, segment, n)) for n in range(min(max_length, self.segment_size - 1), 0, -1)]

@@ -79,6 +79,9 @@ class Scheduler:
         self.sessions = sessions
         self.config = config
         self.hasher = hasher  # None: no prefix caching
+        # hits that end at any token, where a prefill may start anywhere: not on Spyre, whose
+        # prefix unit is the whole block its prefill programs start on
+        self._tails = kv.segment_size < kv.block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
@@ -166,10 +169,20 @@ class Scheduler:
         session = request.session
         if self.hasher is None or session.num_computed or self.kv.block_ids(session.sequence_id):
             return None, None
-        usable = (len(session.token_ids) - 1) // self.kv.segment_size  # the last token is always computed
-        cached, copy = self.kv.take_cached(session.sequence_id, self.hasher.hashes(session, usable)) if usable else (0, None)
+        size = self.kv.segment_size
+        usable = len(session.token_ids) - 1  # the last token is always computed
+        tail = (lambda segment: self.hasher.tail_candidates(session, segment, usable - segment * size)) \
+            if self._tails else None
+        cached, copy = self.kv.take_cached(session.sequence_id, self.hasher.hashes(session, usable // size), tail)
         session.num_computed = cached
         return cached, copy
+
+    def register_tail(self, session) -> None:
+        """At the end of a turn: register what the session computed past its last full segment."""
+        size = self.kv.segment_size
+        segment, length = divmod(session.num_computed, size)
+        if self.hasher is not None and self._tails and length:
+            self.kv.register_tail(session.sequence_id, segment, self.hasher.tail_hash(session, segment, length))
 
     def _tokens_for(self, request: Request, budget: int, prefills: int) -> int:
         need = request.session.num_uncomputed

@@ -79,8 +79,8 @@ class Scheduler:
         self.sessions = sessions
         self.config = config
         self.hasher = hasher  # None: no prefix caching
-        # hits that end at any token, where a prefill may start anywhere: not on Spyre, whose
-        # prefix unit is the whole block its prefill programs start on
+        # hits that end where an earlier turn ended (its tail), where a prefill may start anywhere:
+        # not on Spyre, whose prefix unit is the whole block its prefill programs start on
         self._tails = kv.segment_size < kv.block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is preempted first

@@ -13,8 +13,10 @@ the free queue, still holding its K/V, until it is handed out again (least recen
 A new sequence whose leading segments hash the same takes the full blocks among them (shared, by
 reference count) instead of computing them, and gets the leading segments of the block after them
 as a copy: a fresh block of its own into which the model runner copies the cached one before the
-step runs (``take_cached``). Cached blocks are only ever read: a sequence writes only past its
-cached prefix, into blocks of its own.
+step runs (``take_cached``). Off Spyre the tokens a turn computed past its last full segment are
+registered too at its end (``register_tail``). Cached tokens are never written: a sequence writes
+only past what it computed (its own block may hold registered segments before that), and a new
+one only past its cached prefix, into blocks of its own.
 
 Block 0 (``NULL_BLOCK``) is never handed out: padded positions of static-shape steps write there.
 """

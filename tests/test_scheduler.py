@@ -234,6 +234,13 @@ def run_prefill(sched: Scheduler, request: Request):
     return first
 
 
+def run_to_end(sched: Scheduler, request: Request) -> Request:
+    """Prefill ``request`` until its first token, then end it (its blocks stay cached)."""
+    run_prefill(sched, request)
+    finish(sched, request)
+    return request
+
+
 def image_prompt(features_seed: int, question: list[int]) -> tuple[list[int], torch.Tensor]:
     ids = [1, 2, 3] + [IMAGE] * 6 + question  # the image's rows span blocks 0-2
     return ids, torch.randn(6, 8, generator=torch.Generator().manual_seed(features_seed))
@@ -254,7 +261,7 @@ def test_a_repeated_prompt_takes_the_cached_blocks_and_computes_only_the_rest():
 def test_the_last_token_is_always_computed():
     sched = make_cached(max_running=4, prefill_chunk=64)
     ids = list(range(10, 22))  # 12 tokens: exactly 3 blocks
-    finish(sched, (lambda r: (run_prefill(sched, r), r)[1])(submit_ids(sched, ids)))
+    run_to_end(sched, submit_ids(sched, ids))
     again = submit_ids(sched, ids)
     seq = run_prefill(sched, again)
     assert (seq.start, seq.num_tokens) == (8, 4)  # the third block is computed again, into a block of its own
@@ -264,7 +271,7 @@ def test_the_same_text_with_another_image_shares_only_what_comes_before_the_imag
     sched = make_cached(max_running=4, prefill_chunk=64)
     ids, red = image_prompt(0, [5, 6, 7, 8, 9])
     _, blue = image_prompt(1, [5, 6, 7, 8, 9])
-    finish(sched, (lambda r: (run_prefill(sched, r), r)[1])(submit_ids(sched, ids, red)))
+    run_to_end(sched, submit_ids(sched, ids, red))
     other = submit_ids(sched, ids, blue)
     assert run_prefill(sched, other).start == 0  # block 0 holds 1 image position already: nothing shared
     same = submit_ids(sched, ids, red.clone())  # the same image again (equal features, another tensor)
@@ -345,8 +352,8 @@ def test_a_prompt_that_diverges_inside_a_block_takes_its_leading_segments_as_a_c
 
 def test_segments_are_found_without_a_copy_when_a_whole_block_matches():
     sched = make_cached(max_running=4, prefill_chunk=64, segment=SEGMENT)
-    finish(sched, (lambda r: (run_prefill(sched, r), r)[1])(submit_ids(sched, list(range(10, 24)))))
-    again = submit_ids(sched, list(range(10, 22)) + [7])  # 12 shared tokens: 3 full blocks
+    run_to_end(sched, submit_ids(sched, list(range(10, 24))))
+    submit_ids(sched, list(range(10, 22)) + [7])  # 12 shared tokens: 3 full blocks
     out = sched.schedule()
     assert (out.sequences[0].start, out.block_copies) == (12, [])
 
@@ -354,8 +361,8 @@ def test_segments_are_found_without_a_copy_when_a_whole_block_matches():
 def test_the_last_token_is_computed_and_a_partial_hit_stops_before_it():
     sched = make_cached(max_running=4, prefill_chunk=64, segment=SEGMENT)
     ids = list(range(10, 22))  # 12 tokens: 3 blocks, 6 segments
-    finish(sched, (lambda r: (run_prefill(sched, r), r)[1])(submit_ids(sched, ids)))
-    again = submit_ids(sched, ids)
+    run_to_end(sched, submit_ids(sched, ids))
+    submit_ids(sched, ids)
     out = sched.schedule()
     assert (out.sequences[0].start, out.sequences[0].num_tokens) == (10, 2)  # 5 segments: 2 blocks and a copy
     assert len(out.block_copies) == 1
@@ -365,12 +372,12 @@ def test_a_segment_is_shared_only_with_the_same_image():
     sched = make_cached(max_running=4, prefill_chunk=64, segment=SEGMENT)
     ids, red = image_prompt(0, [5, 6, 7, 8, 9])  # [1, 2, 3, img x 6, 5 ...]: segment 1 holds the first image row
     _, blue = image_prompt(1, [5, 6, 7, 8, 9])
-    finish(sched, (lambda r: (run_prefill(sched, r), r)[1])(submit_ids(sched, ids, red)))
+    run_to_end(sched, submit_ids(sched, ids, red))
     other = submit_ids(sched, ids, blue)
     out = sched.schedule()
     assert out.sequences[0].start == 2 and len(out.block_copies) == 1  # only segment 0: [1, 2]
     finish(sched, other)
-    same = submit_ids(sched, ids, red.clone())
+    submit_ids(sched, ids, red.clone())
     out = sched.schedule()
     assert out.sequences[0].start == 12 and out.block_copies == []
 
@@ -395,11 +402,11 @@ def test_a_request_that_must_wait_gives_back_its_copy_and_nothing_leaks():
 def test_a_copy_source_handed_out_again_is_never_a_stale_hit():
     sched = make_cached(num_blocks=5, max_running=4, prefill_chunk=64, segment=SEGMENT)  # 4 usable blocks
     first = submit_ids(sched, list(range(10, 24)))  # 4 blocks
-    finish(sched, (lambda r: (run_prefill(sched, r), r)[1])(first))
+    run_to_end(sched, first)
     filler = submit_ids(sched, list(range(100, 115)))  # needs every block: the cache is emptied
     run_prefill(sched, filler)
     finish(sched, filler)
-    late = submit_ids(sched, list(range(10, 20)) + [7, 7, 7])
+    submit_ids(sched, list(range(10, 20)) + [7, 7, 7])
     out = sched.schedule()
     assert (out.sequences[0].start, out.block_copies) == (0, [])
 

@@ -151,8 +151,7 @@ class ModelRunner:
         block-multiple one, about a quarter of the prefill shapes once they are padded to 16."""
         if self.plan.compile_backend == "sendnn":
             return self.shape_set()
-        q_lens = sorted({self.prefill_align, *range(self.block_size, self.prefill_chunk + 1, self.block_size)})
-        return self._shapes(q for q in q_lens if q <= self.prefill_chunk)
+        return self._shapes(sorted({self.prefill_align, *range(self.block_size, self.prefill_chunk + 1, self.block_size)}))
 
     def _shapes(self, q_lens) -> list[tuple[int, int, int]]:
         shapes = []

@@ -63,17 +63,21 @@ class SegmentHasher:
 
     def tail_hash(self, session: Session, segment: int, length: int) -> bytes:
         """The hash of the first ``length`` (< segment_size) tokens of segment ``segment``."""
-        size = self.segment_size
-        parent = self.hashes(session, segment)[-1] if segment else ROOT
-        start = segment * size
-        tokens = session.token_ids[start: start + length]
-        count = tokens.count(self.image_token_id)
-        rows = None
-        if count:
-            before = session.token_ids[:start].count(self.image_token_id)
-            rows = session.features()[before: before + count]
-        return segment_hash(parent + b"tail:%d" % length, tokens, rows)  # never equal to a full segment's
+        return self.tail_candidates(session, segment, length)[0][1]
 
     def tail_candidates(self, session: Session, segment: int, max_length: int) -> list[tuple[int, bytes]]:
-        """(length, tail_hash) for the parts of segment ``segment`` up to ``max_length`` tokens, longest first."""
-        return [(n, self.tail_hash(session, segment, n)) for n in range(min(max_length, self.segment_size - 1), 0, -1)]
+        """(length, hash) of the first tokens of segment ``segment``, for every length up to
+        ``max_length`` (and below segment_size), longest first."""
+        start = segment * self.segment_size
+        parent = self.hashes(session, segment)[-1] if segment else ROOT
+        tokens = session.token_ids[start: start + min(max_length, self.segment_size - 1)]
+        rows = None
+        if self.image_token_id in tokens:
+            before = session.token_ids[:start].count(self.image_token_id)
+            rows = session.features()[before: before + tokens.count(self.image_token_id)]
+        out = []
+        for n in range(len(tokens), 0, -1):
+            count = tokens[:n].count(self.image_token_id)
+            # the length is in the parent: a tail's hash never equals a full segment's
+            out.append((n, segment_hash(parent + b"tail:%d" % n, tokens[:n], rows[:count] if count else None)))
+        return out

@@ -103,8 +103,8 @@ class Preprocessor:
 
     def image(self, payload: bytes, index: int) -> ProcessedImage:
         """One image through the HF image processor, or from the cache of processed images."""
-        key = hashlib.blake2b(payload, digest_size=20).digest()
-        cached = None if self.image_cache is None else self.image_cache.get(key)
+        key = None if self.image_cache is None else hashlib.blake2b(payload, digest_size=20).digest()
+        cached = None if key is None else self.image_cache.get(key)
         if cached is not None:
             return cached
         limits = self.limits
@@ -113,6 +113,6 @@ class Preprocessor:
         tokens = self.processor.replace_image_token(out, 0).count(self.image_token)
         crops = np.ascontiguousarray(out["pixel_values"][0], dtype=np.float32)
         image = ProcessedImage(crops, tuple(int(x) for x in out["image_sizes"][0]), tokens)
-        if self.image_cache is not None:
+        if key is not None:
             self.image_cache.put(key, image, crops.nbytes)
         return image

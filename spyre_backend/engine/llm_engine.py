@@ -30,9 +30,9 @@ from spyre_backend.engine.output_processor import Finished, OutputProcessor
 from spyre_backend.engine.prefix_cache import SegmentHasher
 from spyre_backend.engine.request import FinishReason, Request
 from spyre_backend.engine.sampler import SampleRow, make_generator, sample
-from spyre_backend.engine.sampling_params import InvalidRequest
 from spyre_backend.engine.scheduler import Scheduler
 from spyre_backend.engine.sessions import SessionTable
+from spyre_backend.errors import SESSION_LOST, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,7 @@ class LLMEngine:
             if session is None:
                 why = ("was evicted or expired" if sid in self.sessions.evicted
                        else "is not open on this server (it ended, or was lost in a restart)")
-                # "session lost:" is what the fronts look for (serving/routing.py; the OpenAI front's 409)
-                self._reject(request, f"session lost: sequence {sid} {why}; resend the whole conversation "
+                self._reject(request, f"{SESSION_LOST} sequence {sid} {why}; resend the whole conversation "
                                       "with START (sequence_start)")
                 return False
         history = len(session.token_ids)

@@ -6,9 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field, fields
 
-
-class InvalidRequest(ValueError):
-    """A client error: reported back as an error response, never raised past the model."""
+from spyre_backend.errors import InvalidRequest
 
 
 # TRT-LLM backend input names -> our field names (the same meaning, separate optional tensors).

@@ -11,7 +11,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from spyre_backend.engine.sampling_params import MAX_LOGPROBS, InvalidRequest, SamplingParams, check_json_depth
+from spyre_backend.engine.sampling_params import MAX_LOGPROBS, SamplingParams, check_json_depth
+from spyre_backend.errors import InvalidRequest
 from spyre_backend.openai_api.chat_template import ChatTemplate
 
 MAX_N = 16  # choices per request: each one is a sequence of its own in the engine

@@ -9,7 +9,7 @@ import warnings
 
 from PIL import Image, ImageOps
 
-from spyre_backend.engine.sampling_params import InvalidRequest
+from spyre_backend.errors import InvalidRequest
 
 _MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 

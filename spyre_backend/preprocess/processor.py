@@ -19,7 +19,7 @@ import numpy as np
 from transformers import AutoProcessor
 
 from spyre_backend.config import InputLimits, ServingConfig, VisionConfig
-from spyre_backend.engine.sampling_params import InvalidRequest
+from spyre_backend.errors import InvalidRequest
 from spyre_backend.preprocess.images import decode_image
 from spyre_backend.vision.cache import LRUCache
 

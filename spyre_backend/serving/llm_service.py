@@ -21,7 +21,8 @@ from spyre_backend.device import memory
 from spyre_backend.engine.llm_engine import EngineStats, LLMEngine
 from spyre_backend.engine.model_runner import ModelRunner
 from spyre_backend.engine.request import Request, RequestOutput
-from spyre_backend.engine.sampling_params import InvalidRequest, SamplingParams
+from spyre_backend.engine.sampling_params import SamplingParams
+from spyre_backend.errors import InvalidRequest
 from spyre_backend.multimodal import get_spec
 from spyre_backend.multimodal.registry import read_config
 from spyre_backend.serving.control import polled_every

@@ -16,6 +16,8 @@ import json
 import os
 import socket
 
+from spyre_backend.errors import SESSION_LOST
+
 SESSION_HEADER = "x-session-id"
 REPLICA_ENV = "SPYRE_REPLICA_ID"
 # Triton's own refusal of a turn without START for a sequence its sequence batcher does not know
@@ -65,9 +67,9 @@ def explain_lost_session(message: str, sequence_id) -> str:
 
 
 def lost_session_message(sequence_id, why: str) -> str:
-    return (f"session lost: sequence {sequence_id} is not open on replica {replica_id()!r} ({why}); "
+    return (f"{SESSION_LOST} sequence {sequence_id} is not open on replica {replica_id()!r} ({why}); "
             f"restart it: resend the whole conversation with START (sequence_start)")
 
 
 def is_lost_session(message: str) -> bool:
-    return "session lost:" in message  # also behind a prefix such as "granite_vision: "
+    return SESSION_LOST in message  # also behind a prefix such as "granite_vision: "

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 
-from spyre_backend.engine.sampling_params import InvalidRequest
+from spyre_backend.errors import InvalidRequest
 
 
 def tensor(pb_utils, request, name: str) -> np.ndarray | None:

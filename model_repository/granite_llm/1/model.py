@@ -3,7 +3,7 @@
 import triton_python_backend_utils as pb_utils
 
 from spyre_backend.config import ServingConfig
-from spyre_backend.engine.sampling_params import InvalidRequest
+from spyre_backend.errors import InvalidRequest
 from spyre_backend.serving import triton_io as io
 from spyre_backend.serving.control import StopListener
 from spyre_backend.serving.llm_service import GenerateInputs, LLMService

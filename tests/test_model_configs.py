@@ -1,4 +1,5 @@
-"""Every config.pbtxt place that repeats the generation schema matches spyre_backend/serving/schema.py."""
+"""Every config.pbtxt place that repeats the generation schema matches spyre_backend/protocol, which
+generates them (python -m spyre_backend.protocol.pbtxt --write)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import re
 import pytest
 
 from spyre_backend import MODEL_REPOSITORY
-from spyre_backend.engine.sampling_params import TRTLLM_INPUTS
-from spyre_backend.serving.schema import GENERATION_INPUTS, GENERATION_OUTPUTS, SAMPLING_INPUT_NAMES, pbtxt_lines
+from spyre_backend.protocol import GENERATION_INPUTS, GENERATION_OUTPUTS, MODELS, SAMPLING_INPUT_NAMES, TRTLLM_INPUTS
+from spyre_backend.protocol import pbtxt
 
 ENTRY = re.compile(r'\{\s*name:\s*"(\w+)"\s*data_type:\s*(\w+)\s*dims:\s*\[([^\]]*)\]\s*(optional:\s*true)?\s*\}')
 
@@ -18,15 +19,19 @@ def entries(text: str, section: str) -> dict[str, tuple[str, list[int], bool]]:
     return {m[1]: (m[2], [int(x) for x in m[3].replace(",", " ").split()], bool(m[4])) for m in ENTRY.finditer(block)}
 
 
+def pbtxt_type(data_type: str) -> str:
+    return "TYPE_STRING" if data_type == "BYTES" else f"TYPE_{data_type}"
+
+
 @pytest.mark.parametrize("model", ["granite_llm", "granite_vision", "granite_vision_ensemble"])
 def test_generation_inputs_and_outputs_match_the_schema(model):
     text = (MODEL_REPOSITORY / model / "config.pbtxt").read_text()
     inputs, outputs = entries(text, "input"), entries(text, "output")
-    for name, dtype, dims in GENERATION_INPUTS:
-        assert inputs.get(name) == (dtype, dims, True), f"{model}: input {name}"
-    for name, dtype, dims in GENERATION_OUTPUTS:
-        assert outputs.get(name) == (dtype, dims, False), f"{model}: output {name}"
-    assert set(outputs) == {n for n, _, _ in GENERATION_OUTPUTS}
+    for t in GENERATION_INPUTS:
+        assert inputs.get(t.name) == (pbtxt_type(t.data_type), list(t.dims), True), f"{model}: input {t.name}"
+    for t in GENERATION_OUTPUTS:
+        assert outputs.get(t.name) == (pbtxt_type(t.data_type), list(t.dims), False), f"{model}: output {t.name}"
+    assert set(outputs) == {t.name for t in GENERATION_OUTPUTS}
 
 
 def test_the_ensemble_passes_every_generation_input_and_output_to_and_from_the_llm():
@@ -34,11 +39,58 @@ def test_the_ensemble_passes_every_generation_input_and_output_to_and_from_the_l
     step = text[text.index('model_name: "granite_llm"'):]
     inputs = dict(re.findall(r'input_map\s*\{\s*key:\s*"(\w+)"\s*value:\s*"(\w+)"', step))
     outputs = dict(re.findall(r'output_map\s*\{\s*key:\s*"(\w+)"\s*value:\s*"(\w+)"', step))
-    assert all(inputs.get(n) == n for n, _, _ in GENERATION_INPUTS)
-    assert all(outputs.get(n) == n for n, _, _ in GENERATION_OUTPUTS)
+    assert all(inputs.get(t.name) == t.name for t in GENERATION_INPUTS)
+    assert all(outputs.get(t.name) == t.name for t in GENERATION_OUTPUTS)
 
 
 def test_every_declared_sampling_input_is_read():
     assert set(SAMPLING_INPUT_NAMES) <= set(TRTLLM_INPUTS)
     assert len(SAMPLING_INPUT_NAMES) == 10
-    assert pbtxt_lines(GENERATION_INPUTS[:1], True) == ['{ name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true }']
+    assert pbtxt.entry(GENERATION_INPUTS[0]) == '{ name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true }'
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_every_config_pbtxt_is_what_the_schema_generates(model):
+    """Fails when a config.pbtxt and spyre_backend/protocol differ: run
+    python -m spyre_backend.protocol.pbtxt --write (after changing the schema, never the pbtxt)."""
+    text = pbtxt.config_path(model).read_text()
+    assert text == pbtxt.rewritten(text, model), f"{model}/config.pbtxt differs from the schema"
+    inputs, outputs = entries(text, "input"), entries(text, "output")
+    assert inputs == {t.name: (pbtxt_type(t.data_type), list(t.dims), t.optional) for t in MODELS[model].inputs}
+    assert outputs == {t.name: (pbtxt_type(t.data_type), list(t.dims), t.optional) for t in MODELS[model].outputs}
+
+
+def test_the_check_finds_a_hand_edited_config(tmp_path):
+    for model in MODELS:
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "config.pbtxt").write_text(pbtxt.config_path(model).read_text())
+    assert pbtxt.stale(tmp_path) == []
+    edited = tmp_path / "granite_llm" / "config.pbtxt"
+    edited.write_text(edited.read_text().replace('"top_k" data_type: TYPE_INT32', '"top_k" data_type: TYPE_INT64'))
+    assert pbtxt.stale(tmp_path) == ["granite_llm"]
+
+
+def test_the_ensemble_steps_feed_each_model_from_the_ones_before():
+    text = (MODEL_REPOSITORY / "granite_vision_ensemble" / "config.pbtxt").read_text()
+    steps = re.findall(r'model_name:\s*"(\w+)"(.*?)\n    \}', text, re.S)
+    assert [name for name, _ in steps] == ["preprocess", "vision_encoder", "granite_llm"]
+    maps = {name: dict(re.findall(r'input_map\s*\{\s*key:\s*"(\w+)"\s*value:\s*"(\w+)"', body)) for name, body in steps}
+    assert maps["vision_encoder"] == {"pixel_values": "_pixel_values", "image_sizes": "_image_sizes"}
+    assert maps["granite_llm"]["input_ids"] == "_input_ids" and maps["granite_llm"]["image_features"] == "_image_features"
+    assert maps["preprocess"] == {n: n for n in ("text_input", "image", "apply_chat_template", "stop")}
+
+
+def test_a_text_response_holds_the_generation_outputs_in_their_declared_types():
+    from spyre_backend.serving import triton_io
+
+    class FakePbUtils:  # the stub's module: tensors and responses as plain values
+        Tensor = staticmethod(lambda name, array: (name, array))
+        InferenceResponse = staticmethod(lambda output_tensors: output_tensors)
+
+    tensors = dict(triton_io.text_response(FakePbUtils, "hé", "stop", 3, 2, logprobs=[{"t": 1}], num_cached=1))
+    assert list(tensors) == [t.name for t in GENERATION_OUTPUTS]
+    assert {n: a.dtype.name for n, a in tensors.items()} == {
+        "text_output": "object", "finish_reason": "object", "num_input_tokens": "int32", "num_output_tokens": "int32",
+        "num_cached_tokens": "int32", "logprobs": "object"}
+    assert tensors["text_output"][0] == "hé".encode() and tensors["logprobs"][0] == b'[{"t": 1}]'
+    assert list(dict(triton_io.text_response(FakePbUtils, "", "", 0, 0, names=["finish_reason"]))) == ["finish_reason"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -11,20 +10,13 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from spyre_backend.engine.sampling_params import SamplingParams
+from spyre_backend.protocol import FinishReason
 
 if TYPE_CHECKING:
     from spyre_backend.engine.detokenizer import IncrementalDetokenizer
     from spyre_backend.engine.sessions import Session
 
 _ids = itertools.count(1)
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # eos, stop string or stop token
-    LENGTH = "length"  # max_tokens
-    CANCELLED = "cancelled"  # client cancel, disconnect or a stop request
-    TIMEOUT = "timeout"  # the per-request wall-clock limit
-    ERROR = "error"
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,8 @@ import re
 from dataclasses import dataclass, field, fields
 
 from spyre_backend.errors import InvalidRequest
+from spyre_backend.protocol import TRTLLM_INPUTS
 
-
-# TRT-LLM backend input names -> our field names (the same meaning, separate optional tensors).
-TRTLLM_INPUTS = {
-    "temperature": "temperature", "top_k": "top_k", "runtime_top_k": "top_k", "top_p": "top_p",
-    "runtime_top_p": "top_p", "min_p": "min_p", "random_seed": "seed", "min_length": "min_tokens",
-    "min_tokens": "min_tokens", "stop_words": "stop", "repetition_penalty": "repetition_penalty",
-    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-}
 MAX_LOGPROBS = 20
 MAX_JSON_DEPTH = 16  # sampling_parameters nest 2 deep; Python's parser recurses once per level
 _JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')

@@ -11,6 +11,7 @@ import json
 import numpy as np
 
 from spyre_backend.errors import InvalidRequest
+from spyre_backend.protocol import GENERATION_OUTPUTS, NUMPY_DTYPES, TRTLLM_INPUTS, FinishReason
 
 
 def tensor(pb_utils, request, name: str) -> np.ndarray | None:
@@ -57,8 +58,6 @@ def image_list(pb_utils, request, name: str = "image") -> list[bytes]:
 
 def sampling_overrides(pb_utils, request) -> dict:
     """TRT-LLM-style separate sampling inputs that the request carries, as Python values."""
-    from spyre_backend.engine.sampling_params import TRTLLM_INPUTS
-
     values = {}
     for name in TRTLLM_INPUTS:
         array = tensor(pb_utils, request, name)
@@ -82,7 +81,7 @@ def sequence_flags(pb_utils, request) -> tuple[bool, bool]:
 # as its text: Triton 2.51 loses an error response that follows other responses on its way from
 # the ensemble to the granite_vision front (BLS), which then waited forever. The front turns it
 # back into an error response for its client.
-MIDSTREAM_ERROR = "error"
+MIDSTREAM_ERROR = FinishReason.ERROR.value
 
 
 def error_response(pb_utils, message: str):
@@ -94,13 +93,13 @@ def text_response(pb_utils, text: str, finish_reason: str, num_input: int, num_o
     """A response with the standard outputs, or only ``names`` (the outputs the requester asked for:
     Triton 2.51's stub drops the others without holding the GIL, which can crash it)."""
     values = {
-        "text_output": lambda: np.array([text.encode("utf-8")], dtype=np.object_),
-        "finish_reason": lambda: np.array([finish_reason.encode()], dtype=np.object_),
-        "num_input_tokens": lambda: np.array([num_input], dtype=np.int32),
-        "num_output_tokens": lambda: np.array([num_output], dtype=np.int32),
-        "num_cached_tokens": lambda: np.array([num_cached], dtype=np.int32),
-        "logprobs": lambda: np.array([json.dumps(logprobs).encode() if logprobs is not None else b""],
-                                     dtype=np.object_),
+        "text_output": text.encode("utf-8"),
+        "finish_reason": finish_reason.encode(),
+        "num_input_tokens": num_input,
+        "num_output_tokens": num_output,
+        "num_cached_tokens": num_cached,
+        "logprobs": json.dumps(logprobs).encode() if logprobs is not None else b"",
     }
-    wanted = [name for name in values if not names or name in names]
-    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, values[name]()) for name in wanted])
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor(t.name, np.array([values[t.name]], dtype=NUMPY_DTYPES[t.data_type]))
+        for t in GENERATION_OUTPUTS if not names or t.name in names])

@@ -26,7 +26,7 @@ import tritonclient.grpc as grpcclient
 
 from bench.stats import RequestRecord
 from bench.workload import Workload
-from tests.streaming import to_grpc_inputs
+from testkit.streaming import to_grpc_inputs
 
 
 def closed_loop(send, n_requests: int, concurrency: int) -> list[RequestRecord]:

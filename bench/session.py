@@ -14,7 +14,7 @@ import time
 import tritonclient.grpc as grpcclient
 
 from bench.workload import Workload
-from tests.streaming import to_grpc_inputs
+from testkit.streaming import to_grpc_inputs
 
 TURN_1 = "<|user|>\n<image>\n{question}\n<|assistant|>\n"
 TURN_2 = "\n<|user|>\nWhat color is the background?\n<|assistant|>\n"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from spyre_backend.tiny import synthetic
-from tests.images import shape_png
+from testkit.images import shape_png
 
 QUESTIONS = ["What is in the image?", "What shape is it?", "What color is the background?",
              "What color is the shape?"]
@@ -46,7 +46,7 @@ class Workload:
         return json.dumps({"max_tokens": self.max_tokens, "min_tokens": self.max_tokens, "temperature": 0})
 
     def triton_inputs(self, i: int) -> dict:
-        """Inputs of request ``i`` for granite_vision / granite_vision_ensemble (tests.streaming format)."""
+        """Inputs of request ``i`` for granite_vision / granite_vision_ensemble (testkit.streaming format)."""
         return {"text_input": self.question(i), "image": [self.image(i)], "apply_chat_template": True,
                 "max_tokens": self.max_tokens, "stream": True, "sampling_parameters": self.sampling_parameters}
 

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
-from tests.images import shape_png  # noqa: E402
-from tests.metrics import read_metrics  # noqa: E402
-from tests.streaming import to_grpc_inputs  # noqa: E402
+from testkit.images import shape_png  # noqa: E402
+from testkit.metrics import read_metrics  # noqa: E402
+from testkit.streaming import to_grpc_inputs  # noqa: E402
 
 ENCODER_US = 'nv_inference_compute_infer_duration_us{model="vision_encoder",version="1"}'
 SHAPES = ["circle", "square", "triangle"]

@@ -54,9 +54,9 @@ def main(argv: list[str]) -> int:
 def performance(checkpoint: Path, gpu: str) -> dict:
     from spyre_backend.device import memory
     from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
-    from tests.images import shape_png
-    from tests.metrics import read_metrics
-    from tests.streaming import grpc_stream
+    from testkit.images import shape_png
+    from testkit.metrics import read_metrics
+    from testkit.streaming import grpc_stream
 
     options = ServerOptions(checkpoint=checkpoint, http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port(), extra_env={"SPYRE_DEVICE": "cuda"})

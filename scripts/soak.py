@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
-from tests.images import shape_png as png  # noqa: E402
-from tests.streaming import to_grpc_inputs as tensors  # noqa: E402
+from testkit.images import shape_png as png  # noqa: E402
+from testkit.streaming import to_grpc_inputs as tensors  # noqa: E402
 
 MODEL = "granite_vision"
 

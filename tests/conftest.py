@@ -50,7 +50,7 @@ def server_returns_to_idle(request):
     if "server" not in request.fixturenames:
         yield
         return
-    from tests.metrics import kv_state, wait_for
+    from testkit.metrics import kv_state, wait_for
 
     url = request.getfixturevalue("server").metrics_url
     start = wait_for(lambda: (s := kv_state(url)) and s[1] == 0 and s)

@@ -15,7 +15,7 @@ import grpc
 from tritonclient.grpc import InferResult, service_pb2_grpc
 from tritonclient.grpc._utils import _get_inference_request
 
-from tests.streaming import to_grpc_inputs
+from testkit.streaming import to_grpc_inputs
 
 HELLO = {"text_input": "Say hello.", "max_tokens": 6}
 

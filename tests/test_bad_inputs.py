@@ -15,8 +15,8 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.images import shape_png
-from tests.streaming import grpc_stream
+from testkit.images import shape_png
+from testkit.streaming import grpc_stream
 
 GOOD_IMAGE = shape_png("circle", "red", "blue", (80, 60))
 Q = "What is in the image?"

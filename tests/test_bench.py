@@ -156,8 +156,8 @@ def test_head_padded_copy_for_the_peer_is_exact(checkpoint, tmp_path):
     from transformers import LlavaNextForConditionalGeneration
 
     from bench.vllm_peer import pad_head_dim
+    from testkit.images import shape_png
     from tests.conftest import Reference
-    from tests.images import shape_png
 
     pad_head_dim(checkpoint, tmp_path / "padded", 32)
     assert json.loads((tmp_path / "padded" / "config.json").read_text())["text_config"]["head_dim"] == 32

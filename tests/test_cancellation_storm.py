@@ -21,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import tritonclient.grpc as grpcclient
 
-from tests.images import shape_png
-from tests.metrics import finished, wait_for
-from tests.streaming import grpc_stream, to_grpc_inputs
+from testkit.images import shape_png
+from testkit.metrics import finished, wait_for
+from testkit.streaming import grpc_stream, to_grpc_inputs
 
 PROMPTS = [
     ("What is in the image?", [shape_png("triangle", "green", "white", (200, 150))]),

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from spyre_backend.server.triton_install import perf_analyzer_env
-from tests.images import shape_png
-from tests.streaming import grpc_stream
+from testkit.images import shape_png
+from testkit.streaming import grpc_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 

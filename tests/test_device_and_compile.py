@@ -9,7 +9,7 @@ from spyre_backend.config import TORCH_DEFAULT_THREADS, ConfigError, ServingConf
 from spyre_backend.device import DeviceError, resolve
 from spyre_backend.device import spyre as spyre_device
 from spyre_backend.engine import attention
-from tests.images import shape_png
+from testkit.images import shape_png
 from tests.test_engine import make_stack
 
 

@@ -9,7 +9,7 @@ import torch
 from spyre_backend.preprocess.processor import Preprocessor
 from spyre_backend.vision.cache import EncoderCache, image_key
 from spyre_backend.vision.encoder import VisionEncoder
-from tests.images import shape_png
+from testkit.images import shape_png
 
 TRIANGLE = shape_png("triangle", "green", "white", (200, 150))
 CIRCLE = shape_png("circle", "red", "blue", (80, 80))

@@ -7,8 +7,8 @@ import queue
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.images import shape_png
-from tests.streaming import grpc_stream, http_generate_stream, to_grpc_inputs
+from testkit.images import shape_png
+from testkit.streaming import grpc_stream, http_generate_stream, to_grpc_inputs
 
 MAX_TOKENS = 24
 

@@ -14,7 +14,7 @@ from spyre_backend.preprocess.processor import Preprocessor
 from spyre_backend.serving.llm_service import LLMService
 from spyre_backend.vision.encoder import VisionEncoder
 from tests.engine_harness import Stack
-from tests.images import shape_png
+from testkit.images import shape_png
 
 TRIANGLE = shape_png("triangle", "green", "white", (200, 150))
 

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
-from tests.streaming import grpc_stream
+from testkit.streaming import grpc_stream
 
 HELLO = {"text_input": "Say hello.", "apply_chat_template": True, "max_tokens": 24, "stream": True}
 ADMIN_KEY = "test-admin-key"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from fms.models import get_model
 
-from tests.images import shape_png
+from testkit.images import shape_png
 
 
 @torch.no_grad()

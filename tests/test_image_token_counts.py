@@ -10,7 +10,7 @@ from PIL import Image
 
 from spyre_backend.preprocess.processor import Preprocessor
 from spyre_backend.vision.encoder import VisionEncoder
-from tests.images import shape_png
+from testkit.images import shape_png
 
 SIZES = [(1, 1), (56, 56), (57, 55), (200, 150), (150, 200), (400, 20), (20, 400), (300, 300), (1000, 3), (113, 57)]
 

@@ -69,7 +69,7 @@ def test_a_launcher_killed_with_sigkill_takes_tritonserver_and_the_front_with_it
     import signal
     import urllib.request
 
-    from tests.metrics import wait_for
+    from testkit.metrics import wait_for
 
     ports = [free_port() for _ in range(4)]
     log = open(tmp_path / "launcher.log", "w")

@@ -3,9 +3,9 @@ encoder's cache, for one image sent twice."""
 
 from __future__ import annotations
 
-from tests.images import shape_png
-from tests.metrics import read_metrics, wait_for
-from tests.streaming import grpc_stream
+from testkit.images import shape_png
+from testkit.metrics import read_metrics, wait_for
+from testkit.streaming import grpc_stream
 
 # an image no other test sends, so that its first request is a cache miss
 IMAGE = shape_png("triangle", "orange", "black", (123, 77))

@@ -16,9 +16,9 @@ import httpx
 import openai
 import pytest
 
-from tests.images import shape_png
-from tests.metrics import finished, kv_state, wait_for
-from tests.streaming import grpc_stream
+from testkit.images import shape_png
+from testkit.metrics import finished, kv_state, wait_for
+from testkit.streaming import grpc_stream
 
 MODEL = "tiny-granite-vision"
 TRIANGLE = shape_png("triangle", "green", "white", (200, 150))

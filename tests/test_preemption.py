@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
-from tests.images import shape_png
-from tests.metrics import kv_state, read_metrics, wait_for
-from tests.streaming import grpc_stream
+from testkit.images import shape_png
+from testkit.metrics import kv_state, read_metrics, wait_for
+from testkit.streaming import grpc_stream
 
 NEW_TOKENS = 1000
 # 192 prompt tokens with its 200x150 image: 3 full blocks of 64, so the first new token needs a 4th

@@ -14,7 +14,7 @@ import torch
 from spyre_backend.engine.request import Request
 from spyre_backend.engine.sampling_params import SamplingParams
 from tests.engine_harness import Handle
-from tests.images import shape_png
+from testkit.images import shape_png
 from tests.test_engine import make_stack
 
 MAX_TOKENS = 20

@@ -17,9 +17,9 @@ import tritonclient.grpc as grpcclient
 from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
 from spyre_backend.server.proxy import Listen, haproxy_binary
 from spyre_backend.server.replicas import ReplicaSet
+from testkit.streaming import to_grpc_inputs
 from tests.conftest import CHECKPOINT
 from tests.proxied import HELLO, grpc_turn, http_generate
-from tests.streaming import to_grpc_inputs
 
 NEXT_TURN = {"text_input": "\n<|user|>\nAnd again.\n<|assistant|>\n", "apply_chat_template": False, "max_tokens": 4}
 # Debian's packaged haproxy.cfg cuts idle connections after 50 s (timeout client/server 50000)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.images import shape_png
-from tests.metrics import finished, kv_state, wait_for
-from tests.streaming import grpc_stream, to_grpc_inputs
+from testkit.images import shape_png
+from testkit.metrics import finished, kv_state, wait_for
+from testkit.streaming import grpc_stream, to_grpc_inputs
 
 STREAMS = [("What is in the image?", [shape_png("triangle", "green", "white", (200, 150))]),
            ("Say hello.", []),

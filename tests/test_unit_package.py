@@ -14,7 +14,7 @@ from spyre_backend.engine.kv_cache_manager import BlockPool, KVCacheManager, Out
 from spyre_backend.engine.sampling_params import InvalidRequest, SamplingParams
 from spyre_backend.multimodal import ImageFeatureMismatch, merge_image_features
 from spyre_backend.preprocess.images import decode_image, image_bytes
-from tests.images import shape_png
+from testkit.images import shape_png
 
 
 class ByteTokenizer:

@@ -7,7 +7,7 @@ import torch
 
 from spyre_backend.preprocess.processor import Preprocessor
 from spyre_backend.vision.encoder import VisionEncoder, auto_crop_batch, crop_batches
-from tests.images import shape_png
+from testkit.images import shape_png
 
 
 @pytest.mark.parametrize("n, max_batch, expected", [

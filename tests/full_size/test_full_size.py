@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
-from tests.images import shape_png
-from tests.metrics import read_metrics
-from tests.streaming import grpc_stream
+from testkit.images import shape_png
+from testkit.metrics import read_metrics
+from testkit.streaming import grpc_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT = Path(os.environ.get("FULL_SIZE_CHECKPOINT", ROOT / "results/checkpoints/granite-vision-3.2-2b"))

@@ -1,4 +1,4 @@
-"""Minimal streaming clients used by the tests: gRPC (tritonclient) and HTTP generate_stream (SSE)."""
+"""Minimal streaming clients (tests, bench, scripts): gRPC (tritonclient) and HTTP generate_stream (SSE)."""
 
 from __future__ import annotations
 

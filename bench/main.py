@@ -133,7 +133,7 @@ def run_transformers(prof: Profile, workload: Workload) -> dict:
     import torch
 
     from bench.baselines import TransformersBaseline
-    from spyre_backend.config import TORCH_DEFAULT_THREADS
+    from spyre_backend.device.process import TORCH_DEFAULT_THREADS
 
     torch.set_num_threads(TORCH_DEFAULT_THREADS)  # every core, whatever an earlier phase set
     baseline = TransformersBaseline(str(prof.checkpoint))
@@ -146,6 +146,7 @@ def run_engine(prof: Profile, workload: Workload, levels: list[int], machine: di
                with_load: bool) -> tuple[dict, dict | None]:
     import torch
 
+    from spyre_backend.device import plan_for
     from spyre_backend.preprocess.processor import Preprocessor
     from spyre_backend.serving.llm_service import LLMService
     from spyre_backend.vision.encoder import VisionEncoder
@@ -154,7 +155,7 @@ def run_engine(prof: Profile, workload: Workload, levels: list[int], machine: di
     try:
         pre = Preprocessor(str(prof.checkpoint))
         # no encoder cache here (the Triton model attaches one, where it has one; it is off there too)
-        encoder = VisionEncoder(str(prof.checkpoint), serving_config("vision_encoder", prof.checkpoint).device.plan(str(prof.checkpoint)))
+        encoder = VisionEncoder(str(prof.checkpoint), plan_for(serving_config("vision_encoder", prof.checkpoint).device, str(prof.checkpoint)))
         roof = None
         if with_roofline:
             log("roofline: machine limits again, then vision, prefill and decode on the idle engine")
@@ -360,7 +361,7 @@ def main(argv=None) -> int:
     # read by serving_config() in-process and inherited by every tritonserver the run starts
     os.environ["SPYRE_COMPILE_BACKEND"] = args.compile
     os.environ["SPYRE_CPU_GEMM"] = args.cpu_gemm
-    # as every serving process sets it (ServingConfig.apply_process_settings): every in-process path here,
+    # as every serving process sets it (spyre_backend/device/process.py): every in-process path here,
     # the transformers baseline included, runs with the same allocator settings
     keep_freed = keep_freed_memory()
     result: dict = {"started": stamp, "levels": args.levels, "args": {k: (sorted(v) if isinstance(v, set) else v)

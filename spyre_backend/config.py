@@ -3,30 +3,30 @@
 One typed section per concern, each default written once, here: where the models run
 (``DeviceConfig``), the KV cache and the static shapes (``CacheConfig``), the scheduler
 (``SchedulerConfig``), the engine's request and session limits (``EngineLimits``), the preprocessor's
-input limits (``InputLimits``) and the vision encoder (``VisionConfig``). ``ServingConfig`` holds
-them all; parameters keep flat names (``max_running``, not ``scheduler.max_running``), each the name
-of one section's field.
+input limits (``InputLimits``), the vision encoder (``VisionConfig``) and the granite_vision front
+(``FrontConfig``). ``ServingConfig`` holds them all; parameters keep flat names (``max_running``, not
+``scheduler.max_running``), each the name of one section's field. A config.pbtxt names only the
+parameters its model sets differently from these defaults.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from dataclasses import dataclass, field, fields, replace
 
-import torch
-
 from spyre_backend import DEFAULT_CHECKPOINT
-from spyre_backend.device import COMPILE_BACKENDS, CPU_GEMMS, DEVICES, DeviceError, DevicePlan, memory, resolve
-from spyre_backend.device.host_memory import keep_freed_memory
 
+_PBTXT_PARAMETER = re.compile(r'key:\s*"(\w+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"')
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-NARROW_MODEL_WIDTH = 256  # hidden size under which num_threads=0 means one thread
-TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before any model changed it (one per core, or OMP_NUM_THREADS)
+# the values of the device parameters (spyre_backend/device resolves them into a DevicePlan)
+DEVICES = ("auto", "spyre", "cpu", "cuda")
+COMPILE_BACKENDS = ("eager", "inductor", "sendnn")
+CPU_GEMMS = ("onednn", "mkl")
+DTYPES = ("float32", "bfloat16", "float16")  # torch's names
 
 
 class ConfigError(ValueError):
@@ -42,9 +42,14 @@ def checkpoint_dtype(checkpoint: str) -> str:
         return "float32"
     for section in (config, config.get("text_config") or {}):
         for key in ("dtype", "torch_dtype"):
-            if section.get(key) in _DTYPES:
+            if section.get(key) in DTYPES:
                 return section[key]
     return "float32"
+
+
+def pbtxt_parameters(path: str | Path) -> dict[str, str]:
+    """The ``parameters`` of the config.pbtxt at ``path``, as written there."""
+    return dict(_PBTXT_PARAMETER.findall(Path(path).read_text()))
 
 
 def _check(section, ok: bool, name: str, message: str) -> None:
@@ -58,41 +63,19 @@ class DeviceConfig:
     compile_backend: str = ""  # eager | inductor | sendnn; empty: sendnn on spyre, else device.default_compile_backend
     dtype: str = "auto"  # auto: the checkpoint's (config.json "dtype"/"torch_dtype"; float32 where it says none)
     cpu_gemm: str = "onednn"  # onednn | mkl: the CPU's large fp32 linears (spyre_backend/device/cpu_linear.py)
-    num_threads: int = 0  # torch intra-op threads; 0: one for narrow models, else torch's default
+    num_threads: int = 0  # torch intra-op threads; 0: one for narrow models, else torch's default (device/process.py)
 
     def validate(self) -> None:
         _check(self, self.device in DEVICES, "device", f"must be one of {list(DEVICES)}")
         _check(self, self.compile_backend in ("", *COMPILE_BACKENDS), "compile_backend",
                f"must be one of {list(COMPILE_BACKENDS)} (or empty for the device's default)")
-        _check(self, self.dtype in ("auto", *_DTYPES), "dtype", f"must be auto or one of {sorted(_DTYPES)}")
+        _check(self, self.dtype in ("auto", *DTYPES), "dtype", f"must be auto or one of {sorted(DTYPES)}")
         _check(self, self.cpu_gemm in CPU_GEMMS, "cpu_gemm", f"must be one of {list(CPU_GEMMS)}")
         _check(self, self.num_threads >= 0, "num_threads", "must be >= 0")
 
-    def torch_dtype(self, checkpoint: str = "") -> torch.dtype:
+    def dtype_name(self, checkpoint: str = "") -> str:
         """The dtype to serve in: ``dtype``, or for auto the one ``checkpoint`` was saved in."""
-        return _DTYPES[checkpoint_dtype(checkpoint) if self.dtype == "auto" else self.dtype]
-
-    def plan(self, checkpoint: str = "") -> DevicePlan:
-        """Resolve device, compile backend and dtype (auto: ``checkpoint``'s); a device that cannot
-        be used fails here, at load."""
-        try:
-            params = sum(memory.tensor_counts(checkpoint).values()) if checkpoint else 0
-            return resolve(self.device, self.compile_backend or None, self.torch_dtype(checkpoint), self.cpu_gemm,
-                           model_params=params)
-        except (DeviceError, RuntimeError) as exc:
-            raise ConfigError(f"parameter 'device' ({self.device!r}): {exc}") from None
-
-    def apply_threads(self, model_width: int) -> int:
-        """Sets torch's intra-op threads for a model ``model_width`` wide; returns the count.
-
-        0 (auto): a model narrower than NARROW_MODEL_WIDTH gets one thread. Its ops are too small to
-        split (each parallel region costs more than it saves), and every Triton stub is a process
-        of its own on the same cores: two threads each made the tiny checkpoint 1.6x slower at 16
-        streams (README, Benchmarks). Wider models keep torch's default, one thread per core.
-        """
-        threads = self.num_threads or (1 if model_width < NARROW_MODEL_WIDTH else TORCH_DEFAULT_THREADS)
-        torch.set_num_threads(threads)  # also undoes an earlier model's setting in the same process
-        return threads
+        return checkpoint_dtype(checkpoint) if self.dtype == "auto" else self.dtype
 
 
 @dataclass
@@ -200,9 +183,12 @@ class InputLimits:
 
 @dataclass
 class VisionConfig:
-    encoder_cache_mb: int = 256  # features of recent images kept (MiB); 0: no cache
+    # features of recently seen images (keyed by their preprocessed pixels), LRU within this budget (MiB); 0: off
+    encoder_cache_mb: int = 256
     processed_image_cache_mb: int = 128  # preprocess: recent images' crops, keyed by their bytes (MiB); 0: none
-    max_crop_batch: int = 0  # most crops per tower run (rounded down to a power of two); 0: auto
+    # most crops per tower run (rounded down to a power of two; an image's crops may take several runs);
+    # 0: auto, enough crops for ~2048 patch rows per matmul (1-2 for 384 px SigLIP crops, 128 for the tiny one)
+    max_crop_batch: int = 0
 
     def validate(self) -> None:
         _check(self, self.encoder_cache_mb >= 0, "encoder_cache_mb", "must be >= 0")
@@ -210,20 +196,38 @@ class VisionConfig:
         _check(self, self.max_crop_batch >= 0, "max_crop_batch", "must be >= 0")
 
 
+@dataclass
+class FrontConfig:
+    """The granite_vision front (serving/front.py)."""
+
+    # Requests the front may have waiting for the pipeline's first response. Each one holds a thread
+    # of the Python backend's pool (thread-pool-size, 32 by default) until that response comes; the
+    # pool also delivers every streamed response, so keep this below it or streams stall behind
+    # queued requests. Requests over the limit wait in the front.
+    max_pipeline_starts: int = 24
+
+    def validate(self) -> None:
+        _check(self, self.max_pipeline_starts >= 1, "max_pipeline_starts", "must be an integer >= 1")
+
+
 _SECTIONS = {"device": DeviceConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "engine": EngineLimits,
-             "inputs": InputLimits, "vision": VisionConfig}
+             "inputs": InputLimits, "vision": VisionConfig, "front": FrontConfig}
 
 
 @dataclass
 class ServingConfig:
     checkpoint: str = ""  # empty: SPYRE_CHECKPOINT, else the shipped tiny checkpoint
-    stream_interval_ms: int = 100  # granite_llm: least time between two responses of one stream (0: per token)
+    # granite_llm: least time between two streamed responses of one request (0: one per token, as soon
+    # as made); 100 ms (ten updates a second) merges the tokens of fast streams: every response crosses
+    # five processes, and at 16 tiny streams 25 ms gave 853-906 tokens/s, 100 ms 1,073-1,176 (docs/configuration.md, Streaming)
+    stream_interval_ms: int = 100
     device: DeviceConfig = field(default_factory=DeviceConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     engine: EngineLimits = field(default_factory=EngineLimits)
     inputs: InputLimits = field(default_factory=InputLimits)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    front: FrontConfig = field(default_factory=FrontConfig)
 
     @staticmethod
     def parameters() -> dict[str, str]:
@@ -245,6 +249,14 @@ class ServingConfig:
             if env is not None:
                 raw[name] = env
         return cls.from_strings(raw)
+
+    @classmethod
+    def from_pbtxt(cls, path: str | Path, **parameters: str) -> "ServingConfig":
+        """What the Triton model of the config.pbtxt at ``path`` runs with: its parameters, then
+        ``parameters`` (e.g. ``checkpoint=...``), then SPYRE_* environment variables, as the server
+        applies them (for running a model's engine in-process with the server's settings)."""
+        found = {**pbtxt_parameters(path), **parameters}
+        return cls.from_model_config({"parameters": {k: {"string_value": v} for k, v in found.items()}})
 
     @classmethod
     def from_strings(cls, raw: dict[str, str]) -> "ServingConfig":
@@ -290,14 +302,3 @@ class ServingConfig:
     def input_limits(self) -> InputLimits:
         """The preprocessor's limits, with the prompt limit resolved (0: max_context)."""
         return replace(self.inputs, max_prompt_tokens=self.inputs.max_prompt_tokens or self.cache.max_context)
-
-    def apply_process_settings(self, model_width: int) -> int:
-        """What a process serving a model sets before loading it: torch's threads (apply_threads,
-        returned). The allocator's (``keep_freed_memory``) come after the load: set before, the
-        heap would keep what loading drops (granite_llm reads the vision tower and lets it go)."""
-        return self.device.apply_threads(model_width)
-
-    @staticmethod
-    def apply_serving_allocator() -> None:
-        """After the load, before warmup: step temporaries reuse heap pages (device/host_memory.py)."""
-        keep_freed_memory()

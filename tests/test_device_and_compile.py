@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spyre_backend.config import TORCH_DEFAULT_THREADS, ConfigError, ServingConfig
-from spyre_backend.device import DeviceError, resolve
+from spyre_backend.config import ConfigError, ServingConfig
+from spyre_backend.device import DeviceError, plan_for, resolve
+from spyre_backend.device.process import TORCH_DEFAULT_THREADS, apply_threads
 from spyre_backend.device import spyre as spyre_device
 from spyre_backend.engine import attention
 from testkit.images import shape_png
@@ -18,7 +19,7 @@ def test_spyre_without_ibm_stack_fails_clearly():
     with pytest.raises(RuntimeError, match="torch_sendnn"):
         resolve("spyre", None, torch.float16)
     with pytest.raises(ConfigError, match="'device'.*torch_sendnn"):
-        ServingConfig.from_strings({"device": "spyre"}).device.plan()
+        plan_for(ServingConfig.from_strings({"device": "spyre"}).device)
 
 
 def test_device_choices():
@@ -100,9 +101,9 @@ def test_auto_threads_one_for_narrow_models():
     before = torch.get_num_threads()
     try:
         auto = ServingConfig.from_strings({})
-        assert auto.device.apply_threads(64) == 1  # the tiny checkpoint: ops too small to split
-        assert auto.device.apply_threads(1024) == TORCH_DEFAULT_THREADS == torch.get_num_threads()  # torch's default again
-        assert ServingConfig.from_strings({"num_threads": "3"}).device.apply_threads(64) == 3  # explicit wins
+        assert apply_threads(auto.device, 64) == 1  # the tiny checkpoint: ops too small to split
+        assert apply_threads(auto.device, 1024) == TORCH_DEFAULT_THREADS == torch.get_num_threads()  # torch's default again
+        assert apply_threads(ServingConfig.from_strings({"num_threads": "3"}).device, 64) == 3  # explicit wins
     finally:
         torch.set_num_threads(before)
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from spyre_backend import DEFAULT_CHECKPOINT
 from spyre_backend.config import CacheConfig, ConfigError, DeviceConfig, ServingConfig, checkpoint_dtype
-from spyre_backend.device import CPU_COMPILE_MAX_PARAMS, cpu_linear, default_compile_backend, memory
+from spyre_backend.device import CPU_COMPILE_MAX_PARAMS, cpu_linear, default_compile_backend, memory, plan_for, torch_dtype
 from spyre_backend.engine import model_runner
 from spyre_backend.server.launcher import StubWatch
 from spyre_backend.tiny import build_checkpoint, random_checkpoint
@@ -39,9 +39,9 @@ def test_auto_dtype_follows_the_checkpoint_and_an_explicit_one_wins(bf16_checkpo
     assert checkpoint_dtype(str(DEFAULT_CHECKPOINT)) == "float32"  # says none: float32
     assert checkpoint_dtype(str(bf16_checkpoint)) == "bfloat16"
     assert DeviceConfig().dtype == "auto"
-    assert DeviceConfig().torch_dtype(str(bf16_checkpoint)) == torch.bfloat16
-    assert DeviceConfig(dtype="float32").torch_dtype(str(bf16_checkpoint)) == torch.float32
-    assert ServingConfig.from_strings({"device": "cpu"}).device.plan(str(bf16_checkpoint)).dtype == torch.bfloat16
+    assert torch_dtype(DeviceConfig(), str(bf16_checkpoint)) == torch.bfloat16
+    assert torch_dtype(DeviceConfig(dtype="float32"), str(bf16_checkpoint)) == torch.float32
+    assert plan_for(ServingConfig.from_strings({"device": "cpu"}).device, str(bf16_checkpoint)).dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="dtype"):
         ServingConfig.from_strings({"dtype": "float8"})
 

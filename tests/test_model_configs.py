@@ -94,3 +94,54 @@ def test_a_text_response_holds_the_generation_outputs_in_their_declared_types():
         "num_cached_tokens": "int32", "logprobs": "object"}
     assert tensors["text_output"][0] == "hé".encode() and tensors["logprobs"][0] == b'[{"t": 1}]'
     assert list(dict(triton_io.text_response(FakePbUtils, "", "", 0, 0, names=["finish_reason"]))) == ["finish_reason"]
+
+
+def test_config_and_protocol_import_neither_torch_nor_tritonclient():
+    """Pure data: the light processes (the granite_vision front, the OpenAI front, clients) read
+    them without loading torch; only protocol.triton_inputs needs tritonclient, when called."""
+    import subprocess
+    import sys
+
+    code = ("import sys, spyre_backend.config, spyre_backend.protocol, spyre_backend.protocol.pbtxt, "
+            "spyre_backend.protocol.triton_inputs; "
+            "print(sorted(m for m in ('torch', 'tritonclient', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['numpy']"  # triton_inputs builds numpy arrays
+
+
+def test_a_model_config_names_only_the_parameters_it_changes(monkeypatch):
+    """Parameters absent from a config.pbtxt take config.py's defaults; one equal to its default is
+    a second home of the same fact."""
+    from spyre_backend.config import ServingConfig, pbtxt_parameters
+
+    known = ServingConfig.parameters()
+    for name in known:
+        monkeypatch.delenv(f"SPYRE_{name.upper()}", raising=False)
+
+    def value(config, name):
+        return getattr(getattr(config, known[name]) if known[name] else config, name)
+
+    defaults = ServingConfig()
+    for model in MODELS:
+        path = pbtxt.config_path(model)
+        config = ServingConfig.from_pbtxt(path)
+        for name in pbtxt_parameters(path):
+            assert name in known, f"{model}: unknown parameter {name}"
+            assert value(config, name) != value(defaults, name), f"{model}: {name} repeats its default"
+    served = ServingConfig.from_pbtxt(pbtxt.config_path("granite_llm"), checkpoint="/some/checkpoint")
+    assert served.checkpoint == "/some/checkpoint" and served.cache == defaults.cache
+
+
+def test_client_inputs_are_typed_by_the_schema():
+    import numpy as np
+
+    from spyre_backend.protocol.triton_inputs import infer_inputs
+
+    sent = infer_inputs({"text_input": "hi", "image": [b"a", b"b"], "max_tokens": 8, "stream": True, "temperature": 0.5,
+                         "random_seed": 7, "stop_words": ["x", "y"], "top_k": np.array([1.5], dtype=np.float32),
+                         "bogus": 3})
+    assert {t.name(): (t.datatype(), t.shape()) for t in sent} == {
+        "text_input": ("BYTES", [1]), "image": ("BYTES", [2]), "max_tokens": ("INT32", [1]), "stream": ("BOOL", [1]),
+        "temperature": ("FP32", [1]), "random_seed": ("UINT64", [1]), "stop_words": ("BYTES", [2]),
+        "top_k": ("FP32", [1]),  # an array goes as it is: a wrong type on purpose
+        "bogus": ("INT32", [1])}  # no model declares it: typed from the value

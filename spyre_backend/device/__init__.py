@@ -14,11 +14,9 @@ from typing import Callable
 
 import torch
 
-from spyre_backend.device import cpu_linear, spyre
+from spyre_backend.config import COMPILE_BACKENDS, CPU_GEMMS, DEVICES, ConfigError, DeviceConfig
+from spyre_backend.device import cpu_linear, memory, spyre
 
-DEVICES = ("auto", "spyre", "cpu", "cuda")
-COMPILE_BACKENDS = ("eager", "inductor", "sendnn")
-CPU_GEMMS = ("onednn", "mkl")
 PREFILL_ALIGN = 16  # tokens, off Spyre (DevicePlan.prefill_align)
 
 
@@ -169,3 +167,19 @@ def resolve(device: str, compile_backend: str | None, dtype: torch.dtype, cpu_ge
         if device == "cuda" and not torch.cuda.is_available():
             raise DeviceError("device cuda was asked for but torch sees no CUDA device")
     return DevicePlan(device, compile_backend, dtype, cpu_gemm)
+
+
+def torch_dtype(config: DeviceConfig, checkpoint: str = "") -> torch.dtype:
+    """The dtype to serve in: ``config.dtype``, or for auto the one ``checkpoint`` was saved in."""
+    return getattr(torch, config.dtype_name(checkpoint))
+
+
+def plan_for(config: DeviceConfig, checkpoint: str = "") -> DevicePlan:
+    """Resolve device, compile backend and dtype (auto: ``checkpoint``'s); a device that cannot
+    be used fails here, at load."""
+    try:
+        params = sum(memory.tensor_counts(checkpoint).values()) if checkpoint else 0
+        return resolve(config.device, config.compile_backend or None, torch_dtype(config, checkpoint), config.cpu_gemm,
+                       model_params=params)
+    except (DeviceError, RuntimeError) as exc:
+        raise ConfigError(f"parameter 'device' ({config.device!r}): {exc}") from None

@@ -16,6 +16,8 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import quote, urljoin, urlsplit
 
+from spyre_backend.config import InputLimits
+
 REDIRECTS = (301, 302, 303, 307, 308)
 MAX_HEADERS = 100
 
@@ -28,7 +30,7 @@ class MediaError(ValueError):
 class MediaPolicy:
     allowed_domains: tuple[str, ...] = ()  # empty: every http(s) URL is refused
     allow_private_addresses: bool = False  # private, loopback, link-local, reserved, multicast, unspecified IPs
-    max_bytes: int = 20 * 2**20  # body size limit
+    max_bytes: int = InputLimits.max_image_bytes  # body size limit: what preprocess takes
     timeout_s: float = 10.0  # total time for one fetch (connect + all reads)
     max_redirects: int = 3
 

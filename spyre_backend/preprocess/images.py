@@ -9,6 +9,7 @@ import warnings
 
 from PIL import Image, ImageOps
 
+from spyre_backend.config import InputLimits
 from spyre_backend.errors import InvalidRequest
 
 _MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
@@ -33,8 +34,8 @@ def image_bytes(payload: bytes, index: int) -> bytes:
         raise InvalidRequest(f"image {index} is neither a known image format nor valid base64") from None
 
 
-def decode_image(payload: bytes, index: int = 0, *, max_bytes: int = 20 * 2**20,
-                 max_pixels: int = 4096 * 4096) -> Image.Image:
+def decode_image(payload: bytes, index: int = 0, *, max_bytes: int = InputLimits.max_image_bytes,
+                 max_pixels: int = InputLimits.max_image_pixels) -> Image.Image:
     """Decodes one image to RGB. Animated images give their first frame."""
     if len(payload) > max_bytes * 4 // 3 + 64:  # base64 is 4/3 larger: refuse before decoding it
         raise InvalidRequest(f"image {index} is {len(payload)} bytes, over the limit max_image_bytes={max_bytes}")

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from spyre_backend.config import ServingConfig
-from spyre_backend.device import memory
+from spyre_backend.device import memory, plan_for, process
 from spyre_backend.engine.llm_engine import EngineStats, LLMEngine
 from spyre_backend.engine.model_runner import ModelRunner
 from spyre_backend.engine.request import Request, RequestOutput
@@ -52,12 +52,12 @@ class LLMService:
         started = time.monotonic()
         self.config = config
         checkpoint = config.checkpoint_dir
-        threads = config.apply_process_settings(read_config(checkpoint)["text_config"]["hidden_size"])
+        threads = process.apply_threads(config.device, read_config(checkpoint)["text_config"]["hidden_size"])
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.spec = get_spec(checkpoint)
         cache, scheduler = config.cache, config.scheduler
         runner = ModelRunner(
-            checkpoint, plan=config.device.plan(checkpoint), spec=self.spec,
+            checkpoint, plan=plan_for(config.device, checkpoint), spec=self.spec,
             num_kv_blocks=lambda per_token, available: cache.kv_blocks(per_token, scheduler.max_running, available),
             block_size=cache.block_size, max_context=cache.max_context, prefill_chunk=scheduler.prefill_chunk,
             decode_batch_sizes=cache.decode_batch_sizes, prefill_align=cache.prefill_align,
@@ -66,7 +66,7 @@ class LLMService:
         self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids=eos, scheduler=scheduler, limits=config.engine,
                                 enable_prefix_caching=cache.enable_prefix_caching, on_step=on_stats)
         loaded = time.monotonic() - started
-        config.apply_serving_allocator()
+        process.apply_serving_allocator()
         self.engine.start()
         warmed = warmup_llm(self, checkpoint) if warmup else 0.0
         plan, pool = runner.plan, runner.kv_pool

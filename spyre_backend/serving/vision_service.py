@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from spyre_backend.config import ServingConfig
-from spyre_backend.device import memory
+from spyre_backend.device import memory, plan_for, process
 from spyre_backend.multimodal import get_spec
 from spyre_backend.multimodal.registry import read_config
 from spyre_backend.serving.warmup import warmup_vision
@@ -26,11 +26,11 @@ class VisionService:
     def __init__(self, config: ServingConfig):
         started = time.monotonic()
         checkpoint = config.checkpoint_dir
-        threads = config.apply_process_settings(read_config(checkpoint)["vision_config"]["hidden_size"])
-        plan = config.device.plan(checkpoint)
+        threads = process.apply_threads(config.device, read_config(checkpoint)["vision_config"]["hidden_size"])
+        plan = plan_for(config.device, checkpoint)
         self.encoder = VisionEncoder(checkpoint, plan, max_crop_batch=config.vision.max_crop_batch)
         loaded = time.monotonic() - started
-        config.apply_serving_allocator()
+        process.apply_serving_allocator()
         warmed = warmup_vision(self.encoder, checkpoint, get_spec(checkpoint))
         plan.seal_compiled()  # every crop batch ran; this process serves this model only
         # attached after warmup, so that the warmup image neither counts nor takes room

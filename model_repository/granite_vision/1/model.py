@@ -2,12 +2,13 @@
 (sequence ids for clients that send none, the relay of the ensemble's stream, stops and
 cancellation)."""
 
+import functools
 import json
 import threading
 
 import triton_python_backend_utils as pb_utils
 
-from spyre_backend.serving import triton_io as io
+from spyre_backend.serving import replies, triton_io as io
 from spyre_backend.serving.deferred_release import DeferredRelease
 from spyre_backend.serving.front import FrontService, ResponseKind
 from spyre_backend.serving.orphan_watch import exit_with_parent
@@ -30,11 +31,6 @@ def _kind(response):
     return ResponseKind(last=bool(reason))
 
 
-def _is_stop(request):
-    stop = pb_utils.get_input_tensor_by_name(request, "stop")
-    return stop is not None and bool(stop.as_numpy().reshape(-1)[:1].any())
-
-
 class TritonPythonModel:
     def initialize(self, args):
         exit_with_parent()  # no orphan stub if tritonserver crashes
@@ -52,21 +48,15 @@ class TritonPythonModel:
 
     def _relay(self, request):
         sender = request.get_response_sender()
-
-        def send_error(message):
-            sender.send(io.error_response(pb_utils, message), flags=FINAL)
-
+        send_error = functools.partial(replies.send_error, pb_utils, sender)
         try:
             mismatch = header_mismatch(request.correlation_id(), session_header(request.parameters()))
             if mismatch:
                 return send_error(mismatch)
-            if _is_stop(request):
-                end = bool(request.flags() & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END)
+            if io.optional_bool(pb_utils, request, "stop", False):
+                _, end = io.sequence_flags(pb_utils, request)
                 error = self.front.stop(request.correlation_id(), end)
-                if error:
-                    return send_error(error)
-                names = request.requested_output_names()
-                return sender.send(io.text_response(pb_utils, "", "stopped", 0, 0, names=names), flags=FINAL)
+                return replies.reply_to_stop(pb_utils, sender, request.requested_output_names(), error)
             sequence_id, flags = self.front.sequence_for(request.correlation_id(), request.flags(), START_END)
             inputs = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in self.inputs) if t is not None]
             missing = sorted(set(self.required) - {t.name() for t in inputs})

@@ -7,6 +7,7 @@ from spyre_backend.errors import InvalidRequest
 from spyre_backend.preprocess.processor import Preprocessor
 from spyre_backend.serving import triton_io as io
 from spyre_backend.serving.orphan_watch import exit_with_parent
+from spyre_backend.serving.replies import answer_each
 
 
 class TritonPythonModel:
@@ -17,24 +18,19 @@ class TritonPythonModel:
                                          image_cache_mb=config.vision.processed_image_cache_mb)
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                if io.optional_bool(pb_utils, request, "stop", False):
-                    # a stop request only travels through to granite_llm: nothing to preprocess
-                    responses.append(self._outputs(self.preprocessor.empty()))
-                    continue
-                text = io.optional_text(pb_utils, request, "text_input")
-                if text is None:
-                    raise InvalidRequest("input 'text_input' is required")
-                out = self.preprocessor(
-                    text, io.image_list(pb_utils, request),
-                    apply_chat_template=io.optional_bool(pb_utils, request, "apply_chat_template", False),
-                )
-                responses.append(self._outputs(out))
-            except InvalidRequest as exc:
-                responses.append(io.error_response(pb_utils, str(exc)))
-        return responses
+        return answer_each(pb_utils, requests, self._preprocess)
+
+    def _preprocess(self, request):
+        if io.optional_bool(pb_utils, request, "stop", False):
+            # a stop request only travels through to granite_llm: nothing to preprocess
+            return self._outputs(self.preprocessor.empty())
+        text = io.optional_text(pb_utils, request, "text_input")
+        if text is None:
+            raise InvalidRequest("input 'text_input' is required")
+        return self._outputs(self.preprocessor(
+            text, io.image_list(pb_utils, request),
+            apply_chat_template=io.optional_bool(pb_utils, request, "apply_chat_template", False),
+        ))
 
     @staticmethod
     def _outputs(out):

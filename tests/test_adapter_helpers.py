@@ -7,8 +7,9 @@ import types
 
 import pytest
 
-from spyre_backend.engine.request import FinishReason, RequestOutput, RequestTiming
+from spyre_backend.engine.request import RequestOutput, RequestTiming
 from spyre_backend.errors import InvalidRequest
+from spyre_backend.protocol import FinishReason
 from spyre_backend.serving import replies
 from spyre_backend.serving.metrics import EncoderCacheMetrics, LLMMetrics
 

@@ -9,7 +9,7 @@ finishes, never per token.
 
 from __future__ import annotations
 
-from spyre_backend.engine.request import FinishReason
+from spyre_backend.protocol import FinishReason
 
 # Histogram buckets (seconds) wide enough for a tiny model on an accelerator and a full-size one
 # on these CPUs (prefill of a large image ~1 min, decode ~0.5 s per token).

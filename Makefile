@@ -19,7 +19,7 @@ test: setup
 # 2b-shaped random checkpoint, then fp32 transformers against the served fp32 model.
 FULL_SIZE_CHECKPOINT ?= results/checkpoints/granite-vision-3.2-2b
 test-full-size: setup
-	$(PY) -m spyre_backend.tiny.random_checkpoint --preset granite-vision-3.2-2b --out $(FULL_SIZE_CHECKPOINT)
+	$(PY) -m tools.tiny_checkpoint.random_checkpoint --preset granite-vision-3.2-2b --out $(FULL_SIZE_CHECKPOINT)
 	FULL_SIZE_CHECKPOINT=$(FULL_SIZE_CHECKPOINT) $(PY) -m pytest -q -s tests/full_size $(ARGS)
 
 # A soak outside `make test` (MINUTES, STREAMS); the cancellation storm is part of `make test`.
@@ -36,7 +36,7 @@ bench: setup
 
 # Rebuilds (retrains) the shipped tiny checkpoint from its script, with a fixed seed.
 checkpoint: setup
-	$(PY) -m spyre_backend.tiny.build_checkpoint --out $(CHECKPOINT)
+	$(PY) -m tools.tiny_checkpoint --out $(CHECKPOINT)
 
 clean:
 	rm -rf .triton .pytest_cache

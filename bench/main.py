@@ -294,7 +294,7 @@ def targets(name: str, ck: dict, levels: list[int]) -> list[dict]:
 # -- the run --------------------------------------------------------------------------------------
 def run_checkpoint(name: str, prof: Profile, args, machine: dict, out_dir: Path) -> dict:
     if name == "mid":
-        from spyre_backend.tiny import random_checkpoint
+        from tools.tiny_checkpoint import random_checkpoint
 
         if (prof.checkpoint / "config.json").exists() and not (prof.checkpoint / random_checkpoint.STAMP).exists():
             log(f"mid: using the checkpoint in {prof.checkpoint} as it is (not built by random_checkpoint)")

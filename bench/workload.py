@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 
-from spyre_backend.tiny import synthetic
+from tools.tiny_checkpoint import synthetic
 from testkit.images import shape_png
 
 QUESTIONS = ["What is in the image?", "What shape is it?", "What color is the background?",

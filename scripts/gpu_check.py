@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     gpu = refuse_without_cuda()
     checkpoint = Path(argv[0] if argv else ROOT / "results/checkpoints/granite-vision-3.2-2b")
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "spyre_backend.tiny.random_checkpoint", "--preset",
+    subprocess.run([sys.executable, "-m", "tools.tiny_checkpoint.random_checkpoint", "--preset",
                     "granite-vision-3.2-2b", "--out", str(checkpoint)], cwd=ROOT, check=True)
     exact = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "tests/full_size"], cwd=ROOT,
                            env={**os.environ, "FULL_SIZE_CHECKPOINT": str(checkpoint)}).returncode == 0

@@ -6,7 +6,7 @@ import io
 
 from PIL import Image
 
-from spyre_backend.tiny.synthetic import draw_shape_image
+from tools.tiny_checkpoint.synthetic import draw_shape_image
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

@@ -19,7 +19,9 @@ from spyre_backend.config import CacheConfig, ConfigError, DeviceConfig, Serving
 from spyre_backend.device import CPU_COMPILE_MAX_PARAMS, cpu_linear, default_compile_backend, memory, plan_for, torch_dtype
 from spyre_backend.engine import model_runner
 from spyre_backend.server.launcher import StubWatch
-from spyre_backend.tiny import build_checkpoint, random_checkpoint
+from tools.tiny_checkpoint import random_checkpoint
+from tools.tiny_checkpoint.save import save_weights
+from tools.tiny_checkpoint.tokenizer import TOKENIZER_VOCAB, build_tokenizer
 
 GiB = 2**30
 
@@ -134,15 +136,15 @@ def test_bf16_linears_compute_many_rows_in_fp32_and_single_rows_in_bf16():
 
 
 def test_the_published_tokenizer_layout_puts_image_at_49155_and_no_text_encodes_to_the_filler():
-    tokenizer = build_checkpoint.build_tokenizer(image_token_id=49155)
+    tokenizer = build_tokenizer(image_token_id=49155)
     assert len(tokenizer) == 49156
     assert tokenizer.convert_tokens_to_ids("<image>") == 49155
     assert tokenizer.convert_tokens_to_ids("<|end_of_text|>") == 0
     ids = tokenizer("Describe <image> the picture, please: 7 + 5 = 12").input_ids
-    assert 49155 in ids and max(i for i in ids if i != 49155) < build_checkpoint.TOKENIZER_VOCAB
+    assert 49155 in ids and max(i for i in ids if i != 49155) < TOKENIZER_VOCAB
     assert tokenizer.decode(ids) == "Describe <image> the picture, please: 7 + 5 = 12"
-    tiny = build_checkpoint.build_tokenizer()  # the shipped layout is unchanged
-    assert len(tiny) == build_checkpoint.TOKENIZER_VOCAB and tiny.convert_tokens_to_ids("<image>") == 4
+    tiny = build_tokenizer()  # the shipped layout is unchanged
+    assert len(tiny) == TOKENIZER_VOCAB and tiny.convert_tokens_to_ids("<image>") == 4
 
 
 def test_the_2b_preset_has_the_published_shapes():
@@ -163,7 +165,7 @@ def test_weights_are_saved_in_shards_with_an_index_in_the_checkpoint_dtype(tmp_p
     from transformers import LlavaNextForConditionalGeneration
 
     model = LlavaNextForConditionalGeneration.from_pretrained(DEFAULT_CHECKPOINT)
-    build_checkpoint.save_weights(model, tmp_path, torch.bfloat16, shard_bytes=2**19)
+    save_weights(model, tmp_path, torch.bfloat16, shard_bytes=2**19)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 1 and set(index["weight_map"].values()) == {s.name for s in shards}

@@ -1,7 +1,7 @@
 """Build an untrained Granite Vision checkpoint of a chosen size, for benchmarks.
 
-    python -m spyre_backend.tiny.random_checkpoint --out checkpoints/random-mid [--vision-hidden 384] ...
-    python -m spyre_backend.tiny.random_checkpoint --preset granite-vision-3.2-2b --out DIR
+    python -m tools.tiny_checkpoint.random_checkpoint --out checkpoints/random-mid [--vision-hidden 384] ...
+    python -m tools.tiny_checkpoint.random_checkpoint --preset granite-vision-3.2-2b --out DIR
 
 The defaults give the "mid-size" model of the benchmark: the real architecture (SigLIP with 27
 layers and features of layers [-24,-20,-12,-1], 384 px crops of 14 px patches, gelu projector,
@@ -10,7 +10,7 @@ and an 8-layer, 1024-wide Granite. Weights are transformers' random init (seeded
 its answers are noise, so benchmarks fix the output length with ``min_tokens``.
 
 Tokenizer, processor, config and the published key layout come from the tiny builder
-(``build_checkpoint``), and the saved folder is checked the same way: it reloads in transformers
+(this package), and the saved folder is checked the same way: it reloads in transformers
 with clean loading info and the same logits, and in FMS with every key placed and matching
 prefill logits. A folder built with the same arguments is reused, not rebuilt.
 
@@ -35,8 +35,11 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 
-from . import build_checkpoint as tiny
 from . import synthetic
+from .model import build_config, build_processor
+from .save import save_checkpoint
+from .tokenizer import build_tokenizer
+from .verify import check_fms, check_transformers_load
 
 STAMP = "random_checkpoint.json"  # the arguments a folder was built with
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -92,9 +95,9 @@ def build(args: argparse.Namespace, log=print) -> Path:
     shape = dict(wanted)
     dtype = DTYPES[shape.get("dtype", "float32")]
     vocab = shape.get("vocab")
-    tokenizer = tiny.build_tokenizer(image_token_id=vocab - 1 if vocab else None)
-    processor = tiny.build_processor(tokenizer, crop=shape["crop"], pinpoints=shape.get("pinpoints"))
-    config = tiny.build_config(
+    tokenizer = build_tokenizer(image_token_id=vocab - 1 if vocab else None)
+    processor = build_processor(tokenizer, crop=shape["crop"], pinpoints=shape.get("pinpoints"))
+    config = build_config(
         tokenizer, shape["init_std"], shape["vision_hidden"], shape["vision_heads"], crop=shape["crop"],
         text_hidden=shape["text_hidden"], text_layers=shape["text_layers"], text_heads=shape["text_heads"],
         text_kv_heads=shape["text_kv_heads"], attention_multiplier=shape["text_heads"] / shape["text_hidden"],
@@ -117,13 +120,13 @@ def build(args: argparse.Namespace, log=print) -> Path:
 
     staging = out_dir.with_name(out_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    tiny.save_checkpoint(model, processor, staging, dtype=dtype)
+    save_checkpoint(model, processor, staging, dtype=dtype)
     if args.verify and not args.preset:
         # one image prompt: enough to show both loaders place every weight
         spec = synthetic.ShapeSpec("triangle", "green", "white", (200, 150))
         sample = synthetic.image_sample(spec, 0, synthetic.draw_shape_image("triangle", "green", "white", (200, 150)))
-        reloaded = tiny.check_transformers_load(staging, model, [sample], log)
-        tiny.check_fms(staging, reloaded, LlavaNextProcessor.from_pretrained(staging), [sample], log)
+        reloaded = check_transformers_load(staging, model, [sample], log)
+        check_fms(staging, reloaded, LlavaNextProcessor.from_pretrained(staging), [sample], log)
     (staging / STAMP).write_text(json.dumps(wanted, indent=2) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)

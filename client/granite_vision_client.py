@@ -19,36 +19,28 @@ import queue
 import sys
 from pathlib import Path
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
+
+from spyre_backend.protocol.client import finish_and_counts, infer_inputs
+from spyre_backend.serving.routing import SESSION_HEADER  # the proxy's routing key
 
 
 def build_inputs(prompt: str, images: list[bytes], *, max_tokens: int, chat_template: bool,
                  sampling: dict | None = None) -> list[grpcclient.InferInput]:
-    def tensor(name, array, dtype):
-        t = grpcclient.InferInput(name, list(array.shape), dtype)
-        t.set_data_from_numpy(array)
-        return t
-
-    inputs = [
-        tensor("text_input", np.array([prompt.encode()], dtype=np.object_), "BYTES"),
-        tensor("max_tokens", np.array([max_tokens], dtype=np.int32), "INT32"),
-        tensor("stream", np.array([True]), "BOOL"),
-        tensor("apply_chat_template", np.array([chat_template]), "BOOL"),
-    ]
+    values = {"text_input": prompt, "max_tokens": max_tokens, "stream": True, "apply_chat_template": chat_template}
     if images:
-        inputs.append(tensor("image", np.array(images, dtype=np.object_), "BYTES"))
+        values["image"] = images
     if sampling:
-        inputs.append(tensor("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_), "BYTES"))
-    return inputs
+        values["sampling_parameters"] = json.dumps(sampling)
+    return infer_inputs(values)
 
 
-SESSION_HEADER = "x-session-id"  # the proxy's routing key (spyre_backend/serving/routing.py)
+MAX_TOKENS = 64  # this client's default (the server's own is default_max_tokens)
 
 
 def stream_answer(url: str, prompt: str, images: list[bytes], *, model: str = "granite_vision",
-                  max_tokens: int = 64, chat_template: bool = True, sampling: dict | None = None,
+                  max_tokens: int = MAX_TOKENS, chat_template: bool = True, sampling: dict | None = None,
                   session: int = 0, start: bool = False, end: bool = False,
                   on_text=lambda text: None) -> dict:
     """Streams one answer; calls ``on_text`` per delta; returns text, finish reason and counts.
@@ -70,12 +62,9 @@ def stream_answer(url: str, prompt: str, images: list[bytes], *, model: str = "g
             text = result.as_numpy("text_output")[0].decode("utf-8")
             pieces.append(text)
             on_text(text)
-            reason = result.as_numpy("finish_reason")[0].decode()
-            if reason:
-                return {"text": "".join(pieces), "finish_reason": reason,
-                        "num_input_tokens": int(result.as_numpy("num_input_tokens")[0]),
-                        "num_output_tokens": int(result.as_numpy("num_output_tokens")[0]),
-                        "num_cached_tokens": int(result.as_numpy("num_cached_tokens")[0])}
+            final = finish_and_counts(result)
+            if final["finish_reason"]:
+                return {"text": "".join(pieces), **final}
     finally:
         client.stop_stream()
         client.close()
@@ -87,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", action="append", default=[], type=Path, help="image file (repeatable)")
     p.add_argument("--url", default="localhost:8001", help="Triton gRPC endpoint")
     p.add_argument("--model", default="granite_vision")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--raw", action="store_true", help="send the prompt as is (no chat template)")
     p.add_argument("--session", type=int, default=0, help="sequence id of a session (kept between turns)")

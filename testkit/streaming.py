@@ -7,8 +7,9 @@ import json
 import queue
 import urllib.request
 
-import numpy as np
 import tritonclient.grpc as grpcclient
+
+from spyre_backend.protocol.client import finish_and_counts, infer_inputs
 
 
 def grpc_stream(url: str, inputs: dict, model: str = "granite_vision", sequence_id=0,
@@ -33,36 +34,17 @@ def grpc_stream(url: str, inputs: dict, model: str = "granite_vision", sequence_
             raw = result.as_numpy("logprobs")
             if raw is not None and raw[0]:
                 logprobs.append(json.loads(raw[0]))  # this response's tokens, when asked for
-            reason = result.as_numpy("finish_reason")[0].decode()
-            if reason:
-                return {"pieces": pieces, "text": "".join(pieces), "finish_reason": reason, "logprobs": logprobs,
-                        "num_input_tokens": int(result.as_numpy("num_input_tokens")[0]),
-                        "num_output_tokens": int(result.as_numpy("num_output_tokens")[0]),
-                        "num_cached_tokens": int(result.as_numpy("num_cached_tokens")[0])}
+            final = finish_and_counts(result)
+            if final["finish_reason"]:
+                return {"pieces": pieces, "text": "".join(pieces), "logprobs": logprobs, **final}
     finally:
         client.stop_stream()
         client.close()
 
 
 def to_grpc_inputs(inputs: dict) -> list:
-    out = []
-    for name, value in inputs.items():
-        if isinstance(value, np.ndarray):
-            array = value
-        elif name == "image":
-            array = np.array(value, dtype=np.object_)
-        elif isinstance(value, bool):
-            array = np.array([value])
-        elif isinstance(value, int):
-            array = np.array([value], dtype=np.int32)
-        else:
-            array = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
-        dtype = {np.object_: "BYTES", np.bool_: "BOOL", np.int32: "INT32", np.int64: "INT64",
-                 np.float32: "FP32", np.uint64: "UINT64"}[array.dtype.type]
-        t = grpcclient.InferInput(name, list(array.shape), dtype)
-        t.set_data_from_numpy(array)
-        out.append(t)
-    return out
+    """``inputs`` (name -> value) as gRPC InferInputs typed by the schema (numpy arrays go as they are)."""
+    return infer_inputs(inputs, grpcclient)
 
 
 def http_generate_stream(http_url: str, body: dict, model: str = "granite_vision", timeout=300) -> dict:

@@ -15,6 +15,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from spyre_backend.protocol.client import infer_inputs
 from testkit.images import shape_png
 from testkit.streaming import grpc_stream
 
@@ -122,21 +123,15 @@ def raw_request(url: str, inputs: list, model="granite_vision", **kwargs) -> str
         client.close()
 
 
-def tensor(name, array, dtype):
-    t = grpcclient.InferInput(name, list(array.shape), dtype)
-    t.set_data_from_numpy(array)
-    return t
-
-
-TEXT = tensor("text_input", np.array([b"hi"], dtype=np.object_), "BYTES")
+# hand-built inputs: numpy arrays go as they are, with their own (wrong) types and shapes
 RAW = {
-    "missing_text_input": ([tensor("max_tokens", np.array([4], dtype=np.int32), "INT32")], "text_input"),
-    "wrong_dtype_max_tokens": ([TEXT, tensor("max_tokens", np.array([4.0], dtype=np.float32), "FP32")],
+    "missing_text_input": (infer_inputs({"max_tokens": 4}), "text_input"),
+    "wrong_dtype_max_tokens": (infer_inputs({"text_input": "hi", "max_tokens": np.array([4.0], dtype=np.float32)}),
                                "max_tokens"),
-    "wrong_dtype_stream": ([TEXT, tensor("stream", np.array([1], dtype=np.int32), "INT32")], "stream"),
-    "wrong_dtype_image": ([TEXT, tensor("image", np.array([1.0], dtype=np.float32), "FP32")], "image"),
-    "unknown_input": ([TEXT, tensor("bogus", np.array([1], dtype=np.int32), "INT32")], "bogus"),
-    "two_prompts": ([tensor("text_input", np.array([b"a", b"b"], dtype=np.object_), "BYTES")], "text_input"),
+    "wrong_dtype_stream": (infer_inputs({"text_input": "hi", "stream": np.array([1], dtype=np.int32)}), "stream"),
+    "wrong_dtype_image": (infer_inputs({"text_input": "hi", "image": np.array([1.0], dtype=np.float32)}), "image"),
+    "unknown_input": (infer_inputs({"text_input": "hi", "bogus": np.array([1], dtype=np.int32)}), "bogus"),
+    "two_prompts": (infer_inputs({"text_input": ["a", "b"]}), "text_input"),
 }
 
 

@@ -98,15 +98,15 @@ def test_a_text_response_holds_the_generation_outputs_in_their_declared_types():
 
 def test_config_and_protocol_import_neither_torch_nor_tritonclient():
     """Pure data: the light processes (the granite_vision front, the OpenAI front, clients) read
-    them without loading torch; only protocol.triton_inputs needs tritonclient, when called."""
+    them without loading torch; only protocol.client needs tritonclient, when called."""
     import subprocess
     import sys
 
     code = ("import sys, spyre_backend.config, spyre_backend.protocol, spyre_backend.protocol.pbtxt, "
-            "spyre_backend.protocol.triton_inputs; "
+            "spyre_backend.protocol.client; "
             "print(sorted(m for m in ('torch', 'tritonclient', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['numpy']"  # triton_inputs builds numpy arrays
+    assert out.strip() == "['numpy']"  # protocol.client builds numpy arrays
 
 
 def test_a_model_config_names_only_the_parameters_it_changes(monkeypatch):
@@ -135,7 +135,7 @@ def test_a_model_config_names_only_the_parameters_it_changes(monkeypatch):
 def test_client_inputs_are_typed_by_the_schema():
     import numpy as np
 
-    from spyre_backend.protocol.triton_inputs import infer_inputs
+    from spyre_backend.protocol.client import infer_inputs
 
     sent = infer_inputs({"text_input": "hi", "image": [b"a", b"b"], "max_tokens": 8, "stream": True, "temperature": 0.5,
                          "random_seed": 7, "stop_words": ["x", "y"], "top_k": np.array([1.5], dtype=np.float32),
@@ -145,3 +145,19 @@ def test_client_inputs_are_typed_by_the_schema():
         "temperature": ("FP32", [1]), "random_seed": ("UINT64", [1]), "stop_words": ("BYTES", [2]),
         "top_k": ("FP32", [1]),  # an array goes as it is: a wrong type on purpose
         "bogus": ("INT32", [1])}  # no model declares it: typed from the value
+
+
+def test_clients_read_the_finish_reason_and_counts_by_the_schema():
+    import numpy as np
+
+    from spyre_backend.protocol.client import finish_and_counts
+
+    class Result:  # tritonclient's InferResult, as far as it is read
+        outputs = {"finish_reason": np.array([b"length"], dtype=object), "num_input_tokens": np.array([5], np.int32),
+                   "num_output_tokens": np.array([3], np.int32), "num_cached_tokens": np.array([2], np.int32)}
+
+        def as_numpy(self, name):
+            return self.outputs[name]
+
+    assert finish_and_counts(Result()) == {"finish_reason": "length", "num_input_tokens": 5, "num_output_tokens": 3,
+                                           "num_cached_tokens": 2}

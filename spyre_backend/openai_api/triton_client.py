@@ -12,18 +12,18 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import grpc
-import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from spyre_backend.openai_api.protocol import ApiError
+from spyre_backend.protocol import GENERATION_OUTPUTS
+from spyre_backend.protocol.client import finish_and_counts, infer_inputs
 from spyre_backend.serving.routing import SESSION_HEADER, is_lost_session
 
 MODEL = "granite_vision"
 # only what is read: each output is a tensor in every response, through every process it crosses
-WITHOUT_LOGPROBS = [InferRequestedOutput(name) for name in
-                    ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "num_cached_tokens")]
+WITHOUT_LOGPROBS = [InferRequestedOutput(t.name) for t in GENERATION_OUTPUTS if t.name != "logprobs"]
 WITH_LOGPROBS = [*WITHOUT_LOGPROBS, InferRequestedOutput("logprobs")]
 
 # Triton's own failures and the pipeline's internal ones; every other error is the request's fault
@@ -52,22 +52,12 @@ class Delta:
     logprobs: list[dict] = field(default_factory=list)
 
 
-def _tensor(name: str, array: np.ndarray, dtype: str) -> InferInput:
-    t = InferInput(name, list(array.shape), dtype)
-    t.set_data_from_numpy(array)
-    return t
-
-
 def request_inputs(prompt: str, images: list[bytes], sampling: dict) -> list[InferInput]:
-    inputs = [
-        _tensor("text_input", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES"),
-        _tensor("stream", np.array([True]), "BOOL"),
-        _tensor("exclude_input_in_output", np.array([True]), "BOOL"),
-        _tensor("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_), "BYTES"),
-    ]
+    values = {"text_input": prompt, "stream": True, "exclude_input_in_output": True,
+              "sampling_parameters": json.dumps(sampling)}
     if images:
-        inputs.append(_tensor("image", np.array(images, dtype=np.object_), "BYTES"))
-    return inputs
+        values["image"] = images
+    return infer_inputs(values)
 
 
 class TritonGenerator:
@@ -109,13 +99,7 @@ class TritonGenerator:
             async for result, error in responses:
                 if error is not None:
                     raise error_for(error.message())
-                delta = Delta(
-                    text=result.as_numpy("text_output")[0].decode("utf-8"),
-                    finish_reason=result.as_numpy("finish_reason")[0].decode(),
-                    num_input_tokens=int(result.as_numpy("num_input_tokens")[0]),
-                    num_output_tokens=int(result.as_numpy("num_output_tokens")[0]),
-                    num_cached_tokens=int(result.as_numpy("num_cached_tokens")[0]),
-                )
+                delta = Delta(text=result.as_numpy("text_output")[0].decode("utf-8"), **finish_and_counts(result))
                 raw = result.as_numpy("logprobs")
                 if raw is not None and raw[0]:
                     delta.logprobs = json.loads(raw[0])

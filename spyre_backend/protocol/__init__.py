@@ -4,7 +4,7 @@
 the ensemble's steps, the finish reasons and the TRT-LLM-style sampling input names. Everything
 else is derived from it: the ``input``/``output`` blocks and the ensemble's maps of every
 ``config.pbtxt`` (``pbtxt``: ``python -m spyre_backend.protocol.pbtxt --write``), and the
-tritonclient inputs every client sends (``triton_inputs``, the only module that needs tritonclient).
+tritonclient inputs every client sends (``client``, the only module that needs tritonclient).
 """
 
 from spyre_backend.protocol.schema import (  # noqa: F401

@@ -1,4 +1,5 @@
-"""A request as tritonclient ``InferInput``s, each typed by the schema: what every client sends.
+"""What every client sends and reads: a request as tritonclient ``InferInput``s, each typed by the
+schema, and the last response's finish reason and token counts.
 
 Only clients import this module, and tritonclient is imported when it is called, so the package
 stays importable without tritonclient.
@@ -8,11 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from spyre_backend.protocol.schema import MODELS, NUMPY_DTYPES
+from spyre_backend.protocol.schema import GENERATION_OUTPUTS, MODELS, NUMPY_DTYPES
 
 # every input any model declares (a name means the same tensor in every model that has it)
 _DECLARED = {t.name: t for model in MODELS.values() for t in model.inputs}
 _UNDECLARED = {bool: np.bool_, int: np.int32, float: np.float32, bytes: np.object_}  # by the value's type
+_COUNTS = [t.name for t in GENERATION_OUTPUTS if t.data_type == "INT32"]  # num_input_tokens, ...
 
 
 def as_array(name: str, value) -> np.ndarray:
@@ -42,3 +44,10 @@ def infer_inputs(values: dict, client=None) -> list:
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
+
+
+def finish_and_counts(result) -> dict:
+    """A response's (tritonclient's InferResult) finish reason ("" until the last response) and its
+    token counts, by their output names."""
+    return {"finish_reason": result.as_numpy("finish_reason")[0].decode(),
+            **{name: int(result.as_numpy(name)[0]) for name in _COUNTS}}

@@ -1,5 +1,5 @@
 """Faults, on servers of their own (the session server is shared): a model's stub process dies,
-the server restarts; and the API restriction flags the README documents.
+the server restarts; and the API restriction flags docs/operations.md documents.
 
 Triton 2.51's Python backend does not restart a dead stub: that model answers "not healthy"
 until the server restarts, while every other model keeps serving.

@@ -4,7 +4,7 @@ PyTorch's fp32 ``nn.Linear`` on the CPU calls MKL's sgemm on the weight as store
 machines that is slow exactly where serving spends its time: the mid-size decoder's matmuls for a
 decode step (M = the batch, 1 to 16 rows) ran at 6-15 GB/s, and batch 4 took twice as long as
 batch 1. oneDNN, with the weight reordered into its blocked layout once, ran the same matmuls 2-4x
-faster and prefill-size ones (M = 512) ~1.5x faster (README, CPU matmuls).
+faster and prefill-size ones (M = 512) ~1.5x faster (docs/configuration.md, CPU matmuls).
 
 The reordered weight replaces the original, so memory does not grow (a tied LM head gets its own
 copy; the embedding keeps the original). Inductor's own route to prepacked weights (freezing) puts
@@ -16,7 +16,7 @@ oneDNN computes a whole 16-row tile and a mid-size decode step at batch 1 is com
 kernel at memory speed (1.5-1.7 ms), and the same layout is 1.3-3x slower at 2 to 16 rows. So where
 memory allows (``pack_linears(single_row=True)``: the decoder, when the copies take at most a
 quarter of the memory available), a layer keeps both layouts and a single row uses the second:
-the mid-size decode step at batch 1 went 50-56 -> 39-44 ms (README, CPU matmuls).
+the mid-size decode step at batch 1 went 50-56 -> 39-44 ms (docs/configuration.md, CPU matmuls).
 
 bf16 weights on a CPU without bf16 arithmetic (AVX-512 BF16 or AMX; these AMD cores have
 neither): torch's bf16 matmul runs at ~20 GFLOPS here, fp32 at 90-120, so a 512-token prefill

@@ -10,7 +10,7 @@ Where inductor compiles the model for the CPU, decode steps use a second form of
 (``register(fused_decode=True)``), written for inductor to fuse: the block-table lookup sits inside
 the dot products and the weighted sum, so each cached key and value is read once, in place, instead
 of being copied out of the pool into a padded context that SDPA then reads again. A mid-size decode
-step at batch 16: 100 -> 58 ms (README, Benchmarks). Eager would materialise the broadcast products,
+step at batch 16: 100 -> 58 ms (docs/benchmarks.md). Eager would materialise the broadcast products,
 and Spyre's compiler gets the program as written, so both keep the gather.
 
 A mixed step (cpu and cuda: ``DevicePlan.mixes_steps``) is one row of tokens: a prefill chunk,

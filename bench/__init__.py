@@ -9,7 +9,9 @@ generator on ``granite_vision`` and ``granite_vision_ensemble``, and perf_analyz
 also measures this machine's matmul and memory-bandwidth limits and how close the mid-size
 model's vision encoding, prefill and decode come to them. Results go to results/bench-<time>/.
 
-Modules: ``stats`` (latency arithmetic), ``workload`` (prompts, images, request inputs),
-``loadgen`` (closed-loop load on Triton and on the engine), ``perf_analyzer``, ``baselines``
-(transformers), ``roofline``, ``report`` and ``main`` (the run).
+Modules: ``main`` (the run: command line, the phases in order, the results folder), ``phases/``
+(one module per phase, see its docstring), ``profiles`` (how much each checkpoint's run does),
+``stats`` (latency arithmetic), ``workload`` (prompts, images, request inputs), ``loadgen``
+(closed-loop load on Triton and on the engine), ``baselines`` (transformers), ``roofline`` (FLOP and
+byte counts, machine limits), ``vllm_peer`` (the vLLM CPU server), ``targets`` and ``report``.
 """

@@ -74,19 +74,19 @@ def markdown(result: dict) -> str:
             for key, value in r.items():
                 lines.append(f"| {key} | {_f(value, 2) if isinstance(value, (int, float)) else value} |")
         if ck.get("peer", {}).get("comparison"):
-            from bench import peer_compare
+            from bench.phases import peer_compare
 
             lines += peer_compare.markdown(ck["peer"]["comparison"])
         if ck.get("openai", {}).get("comparison"):
-            from bench import openai_front
+            from bench.phases import openai_front
 
             lines += openai_front.markdown(ck["openai"])
         if "proxy" in ck:
-            from bench import proxy
+            from bench.phases import proxy
 
             lines += proxy.markdown(ck["proxy"])
         if ck.get("prefix"):
-            from bench import prefix
+            from bench.phases import prefix
 
             lines += prefix.markdown(ck["prefix"])
         roof = ck.get("roofline")

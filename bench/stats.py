@@ -99,3 +99,13 @@ def summarize(records: list[RequestRecord]) -> dict:
         "itl_ms": distribution(itls, 1000.0),
         "e2e_ms": distribution([r.finished - r.sent for r in good], 1000.0),
     }
+
+
+def summary_metric(summary: dict, metric: str) -> float | None:
+    """One metric of a summarize() result by its short name: tokens_per_s, ttft_p50, itl_p99..."""
+    if not summary or "tokens_per_s" not in summary:
+        return None
+    if metric == "tokens_per_s":
+        return summary["tokens_per_s"]
+    kind, q = metric.split("_")
+    return summary[f"{kind}_ms"][q]

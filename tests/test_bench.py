@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from bench import perf_analyzer, roofline
-from bench.main import ratios, targets
+from bench import roofline
+from bench.phases import perf_analyzer
 from bench.stats import RequestRecord, distribution, percentile, summarize
+from bench.targets import ratios, targets
 from spyre_backend import DEFAULT_CHECKPOINT
 
 
@@ -171,7 +172,7 @@ def test_head_padded_copy_for_the_peer_is_exact(checkpoint, tmp_path):
 
 
 def test_peer_comparison_takes_each_sides_best_round():
-    from bench.peer_compare import compare, targets as peer_targets
+    from bench.phases.peer_compare import compare, targets as peer_targets
 
     def s(tps, ttft, itl):
         return {"tokens_per_s": tps, "ttft_ms": {"p50": ttft}, "itl_ms": {"p50": itl}}
@@ -187,7 +188,7 @@ def test_peer_comparison_takes_each_sides_best_round():
 
 
 def test_prefix_phase_summary_and_targets():
-    from bench import prefix
+    from bench.phases import prefix
 
     ours = {"second_question": [[900, 1100], [40, 60]], "resent": [[1000], [70], [80]], "session": [[950], [60], [64]]}
     peer = {"second_question": [[800], [100]], "resent": [[900], [120], [100]]}
@@ -202,7 +203,7 @@ def test_prefix_phase_summary_and_targets():
 
 
 def test_openai_front_comparison_and_targets():
-    from bench import openai_front
+    from bench.phases import openai_front
 
     def s(tps, ttft):
         return {"tokens_per_s": tps, "ttft_ms": {"p50": ttft}, "itl_ms": {"p50": 5.0}}
@@ -221,7 +222,7 @@ def test_openai_front_comparison_and_targets():
 
 
 def test_proxy_comparison_takes_medians_of_rounds():
-    from bench import proxy
+    from bench.phases import proxy
 
     def s(tps, ttft, itl):
         return {"tokens_per_s": tps, "ttft_ms": {"p50": ttft}, "itl_ms": {"p50": itl}}

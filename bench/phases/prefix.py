@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench import vllm_peer
-from bench.session import FIRST_SESSION_ID, TritonStream
+from bench.phases.session import FIRST_SESSION_ID, TritonStream
 from bench.workload import Workload
 
 FOLLOW_UPS = ["What color is the background?", "Is there anything else in the picture?"]

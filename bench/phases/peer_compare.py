@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench import vllm_peer
 from bench.loadgen import OpenAITarget, TritonTarget, closed_loop
-from bench.stats import summarize
+from bench.stats import summarize, summary_metric
 from bench.workload import Workload
 
 ROUNDS = 2
@@ -77,15 +77,6 @@ def run(name: str, checkpoint: Path, workload: Workload, requests_of, out_dir: P
                 vllm.stop()
     result["comparison"] = compare(result, levels)
     return result
-
-
-def summary_metric(summary: dict, metric: str) -> float | None:
-    if not summary or "tokens_per_s" not in summary:
-        return None
-    if metric == "tokens_per_s":
-        return summary["tokens_per_s"]
-    kind, q = metric.split("_")
-    return summary[f"{kind}_ms"][q]
 
 
 def compare(result: dict, levels: list[int]) -> dict:

@@ -19,8 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.loadgen import TritonTarget, closed_loop
-from bench.peer_compare import summary_metric
-from bench.stats import summarize
+from bench.stats import summarize, summary_metric
 from bench.workload import Workload
 from spyre_backend.serving.routing import SESSION_HEADER
 

@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 from bench.loadgen import OpenAITarget, closed_loop, post_sse
-from bench.peer_compare import summary_metric
-from bench.stats import RequestRecord, summarize
+from bench.stats import RequestRecord, summarize, summary_metric
 from bench.workload import IMAGE_SIZE, Workload
+from spyre_backend import PROJECT_ROOT
 
 ROUNDS = 3
 LEVELS = (1, 16)
 AIPERF_VERSION = "0.13.0"
-AIPERF_VENV = Path(__file__).resolve().parent.parent / "results" / "peer" / "aiperf-venv"
+AIPERF_VENV = PROJECT_ROOT / "results" / "peer" / "aiperf-venv"
 # the front's cost at concurrency 16, against generate_stream in the same run
 TARGETS = [(16, "tokens_per_s", "ratio", 0.9), (16, "ttft_p50", "difference_ms", 2.0)]
 

@@ -53,7 +53,8 @@ def main(argv: list[str]) -> int:
 
 def performance(checkpoint: Path, gpu: str) -> dict:
     from spyre_backend.device import memory
-    from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
+    from spyre_backend.server.child_process import free_port
+    from spyre_backend.server.triton_process import ServerOptions, TritonServer
     from testkit.images import shape_png
     from testkit.metrics import read_metrics
     from testkit.streaming import grpc_stream

@@ -29,7 +29,8 @@ import tritonclient.grpc as grpcclient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port  # noqa: E402
+from spyre_backend.server.child_process import free_port  # noqa: E402
+from spyre_backend.server.triton_process import ServerOptions, TritonServer  # noqa: E402
 from testkit.images import shape_png as png  # noqa: E402
 from testkit.streaming import to_grpc_inputs as tensors  # noqa: E402
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from spyre_backend import DEFAULT_CHECKPOINT
-from spyre_backend.server.launcher import OpenAIFront, ServerOptions, TritonServer, free_port
+from spyre_backend.server.child_process import free_port
+from spyre_backend.server.openai_front import OpenAIFront
+from spyre_backend.server.triton_process import ServerOptions, TritonServer
 
 CHECKPOINT = Path(os.environ.get("SPYRE_TEST_CHECKPOINT", DEFAULT_CHECKPOINT))
 

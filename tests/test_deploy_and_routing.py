@@ -13,8 +13,8 @@ import yaml
 from spyre_backend import PROJECT_ROOT
 from spyre_backend.openai_api.protocol import routing_key
 from spyre_backend.openai_api.triton_client import error_for
-from spyre_backend.server.launcher import ServerOptions, server_command
 from spyre_backend.server.proxy import K8S_REPLICAS, Listen, Replica, check_config, haproxy_config, k8s_configmap
+from spyre_backend.server.triton_process import ServerOptions, server_command
 from spyre_backend.serving.routing import (explain_lost_session, header_mismatch, is_lost_session,
                                            lost_session_message, session_header)
 

@@ -16,7 +16,8 @@ import urllib.request
 
 import pytest
 
-from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
+from spyre_backend.server.child_process import free_port
+from spyre_backend.server.triton_process import ServerOptions, TritonServer
 from testkit.streaming import grpc_stream
 
 HELLO = {"text_input": "Say hello.", "apply_chat_template": True, "max_tokens": 24, "stream": True}

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from spyre_backend.server.launcher import ServerOptions, ServerStartError, TritonServer, free_port
+from spyre_backend.server.child_process import ServerStartError, free_port
+from spyre_backend.server.triton_process import ServerOptions, TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,7 +93,7 @@ def test_a_launcher_killed_with_sigkill_takes_tritonserver_and_the_front_with_it
         launcher.wait()
         assert wait_for(lambda: not any(map(_alive, children + stubs)), timeout=90, interval=0.5), \
             [p for p in children + stubs if _alive(p)]
-        from spyre_backend.server.launcher import port_is_free
+        from spyre_backend.server.child_process import port_is_free
 
         assert wait_for(lambda: all(port_is_free("127.0.0.1", p) for p in ports), timeout=30)
     finally:

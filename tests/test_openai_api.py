@@ -318,7 +318,9 @@ def test_deeply_nested_sampling_parameters_are_refused_on_the_triton_path(server
 
 def test_not_ready_is_a_503(server, tmp_path):
     """A front whose tritonserver is not up (yet): /health and requests say 503."""
-    from spyre_backend.server.launcher import OpenAIFront, ServerOptions, TritonServer, free_port
+    from spyre_backend.server.child_process import free_port
+    from spyre_backend.server.openai_front import OpenAIFront
+    from spyre_backend.server.triton_process import ServerOptions, TritonServer
 
     down = TritonServer(ServerOptions(checkpoint=server.options.checkpoint, grpc_port=free_port()))
     front = OpenAIFront(down, free_port(), log_path=tmp_path / "front.log").start()

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
+from spyre_backend.server.child_process import free_port
+from spyre_backend.server.triton_process import ServerOptions, TritonServer
 from testkit.images import shape_png
 from testkit.metrics import kv_state, read_metrics, wait_for
 from testkit.streaming import grpc_stream

@@ -14,9 +14,10 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
-from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
+from spyre_backend.server.child_process import free_port
 from spyre_backend.server.proxy import Listen, haproxy_binary
 from spyre_backend.server.replicas import ReplicaSet
+from spyre_backend.server.triton_process import ServerOptions, TritonServer
 from testkit.streaming import to_grpc_inputs
 from tests.conftest import CHECKPOINT
 from tests.proxied import HELLO, grpc_turn, http_generate

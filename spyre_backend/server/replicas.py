@@ -18,8 +18,10 @@ import threading
 from pathlib import Path
 
 from spyre_backend import DEFAULT_CHECKPOINT
-from spyre_backend.server.launcher import OpenAIFront, ServerOptions, ServerStartError, TritonServer
+from spyre_backend.server.child_process import ServerStartError
+from spyre_backend.server.openai_front import OpenAIFront
 from spyre_backend.server.proxy import HAProxy, Listen, Replica
+from spyre_backend.server.triton_process import STARTUP_TIMEOUT_S, ServerOptions, TritonServer
 
 
 def replica_options(index: int, checkpoint: Path, base_port: int, host: str = "127.0.0.1",
@@ -42,7 +44,7 @@ class ReplicaSet:
         self.fronts: list[OpenAIFront] = []
         self.proxy: HAProxy | None = None
 
-    def start(self, timeout_s: float = 900.0, on_ready=lambda server: None, should_stop=lambda: False) -> "ReplicaSet":
+    def start(self, timeout_s: float = STARTUP_TIMEOUT_S, on_ready=lambda server: None, should_stop=lambda: False) -> "ReplicaSet":
         for options, openai_port in self.replicas:
             server = TritonServer(options, log_path=self.logs / f"{options.replica_id}.log")
             self.servers.append(server)
@@ -69,17 +71,18 @@ class ReplicaSet:
 
 
 def main(argv: list[str] | None = None) -> int:
+    d = Listen()  # the proxy's default address and ports
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("replicas", type=int, help="how many replicas")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--base-port", type=int, default=18000, help="replica i listens on base + 100 i (+0..+9)")
-    p.add_argument("--host", default="127.0.0.1", help="where the proxy listens")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--openai-port", type=int, default=9000)
-    p.add_argument("--stats-port", type=int, default=8404)
+    p.add_argument("--host", default=d.host, help="where the proxy listens")
+    p.add_argument("--http-port", type=int, default=d.http_port)
+    p.add_argument("--grpc-port", type=int, default=d.grpc_port)
+    p.add_argument("--openai-port", type=int, default=d.openai_port)
+    p.add_argument("--stats-port", type=int, default=d.stats_port)
     p.add_argument("--logs", type=Path, default=None, help="log directory (default: a temporary one)")
-    p.add_argument("--startup-timeout", type=float, default=900.0)
+    p.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S)
     p.add_argument("tritonserver_args", nargs="*", help="extra tritonserver flags for every replica, after --")
     a = p.parse_args(argv)
     if a.replicas < 1:

@@ -16,7 +16,7 @@ import torch
 from bench.main import MID_CHECKPOINT
 from spyre_backend.device import resolve
 from spyre_backend.engine.model_runner import ModelRunner
-from spyre_backend.multimodal import get_spec
+from spyre_backend.models import get_spec
 
 
 def main(argv=None) -> None:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from spyre_backend.device import cpu_linear
+from spyre_backend.models import spec_from_config
 
 # -- the model's shape and its work (pure arithmetic) -----------------------------------------
 @dataclass(frozen=True)
@@ -46,15 +47,14 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelShape":
-        t, v = config["text_config"], config["vision_config"]
-        layers = config["vision_feature_layer"]
+        """The shape a checkpoint's config.json dict describes."""
+        spec = spec_from_config(config)
+        t, v = spec.text, spec.vision
         return cls(
-            hidden=t["hidden_size"], layers=t["num_hidden_layers"], heads=t["num_attention_heads"],
-            kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
-            head_dim=t["hidden_size"] // t["num_attention_heads"], intermediate=t["intermediate_size"],
-            vocab=t["vocab_size"], v_hidden=v["hidden_size"], v_intermediate=v["intermediate_size"],
-            v_layers=v["num_hidden_layers"], crop=v["image_size"], patch=v["patch_size"],
-            feature_layers=len(layers) if isinstance(layers, list) else 1,
+            hidden=t.hidden_size, layers=t.num_layers, heads=t.num_heads, kv_heads=t.kv_heads, head_dim=t.head_dim,
+            intermediate=t.intermediate_size, vocab=t.vocab_size, v_hidden=v.hidden_size,
+            v_intermediate=v.intermediate_size, v_layers=v.num_layers, crop=v.image_size, patch=v.patch_size,
+            feature_layers=len(v.feature_layers),
         )
 
     @property
@@ -157,8 +157,7 @@ def measure_machine(sizes=(1024, 2048, 3072), copy_mib: int = 512, repeats: int 
 # -- the model's phases, timed on the serving code ---------------------------------------------
 def time_vision(encoder, prompt, repeats: int = 3) -> tuple[float, int]:
     pixels, sizes = torch.from_numpy(prompt.pixel_values), torch.from_numpy(prompt.image_sizes)
-    crops = sum(encoder.model.image_size_to_num_patches(size, encoder.model.config.image_grid_pinpoints,
-                                                        encoder.crop_size) for size in sizes)
+    crops = sum(encoder.crops_per_image(size) for size in sizes)
     return _best_time(lambda: encoder.encode(pixels, sizes), repeats), int(crops)
 
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from spyre_backend import PROJECT_ROOT
+from spyre_backend.models import get_spec
 
 VLLM_VERSION = "0.32.0"
 TORCH_PIN = "torch==2.13.0+cpu"
@@ -86,9 +87,7 @@ def _mend_version_lookup(path: Path) -> None:
 # -- checkpoints -----------------------------------------------------------------------------------
 def servable_checkpoint(checkpoint: Path) -> Path:
     """``checkpoint`` if vLLM-CPU can attend with its head size, else an exact head-padded copy."""
-    config = json.loads((checkpoint / "config.json").read_text())
-    text = config["text_config"]
-    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    head_dim = get_spec(checkpoint).text.head_dim
     if head_dim in SUPPORTED_HEAD_DIMS:
         return checkpoint
     target = next(d for d in SUPPORTED_HEAD_DIMS if d > head_dim)
@@ -113,10 +112,8 @@ def pad_head_dim(src: Path, dst: Path, new_dim: int) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    config = json.loads((src / "config.json").read_text())
-    text = config["text_config"]
-    heads, kv_heads = text["num_attention_heads"], text.get("num_key_value_heads") or text["num_attention_heads"]
-    old = text.get("head_dim") or text["hidden_size"] // heads
+    spec = get_spec(src)
+    heads, kv_heads, old = spec.text.num_heads, spec.text.kv_heads, spec.text.head_dim
     if new_dim % old:
         raise ValueError(f"cannot pad head_dim {old} to {new_dim}")
     scale, half = new_dim // old, old // 2
@@ -129,24 +126,22 @@ def pad_head_dim(src: Path, dst: Path, new_dim: int) -> None:
 
     tensors = load_file(str(src / "model.safetensors"))
     for key, w in list(tensors.items()):
-        if "language_model" not in key or ".self_attn." not in key:
-            continue
-        if key.endswith("q_proj.weight"):
+        projection = spec.text_attention_weight(key)
+        if projection == "q":
             tensors[key] = rows(w, heads)
-        elif key.endswith(("k_proj.weight", "v_proj.weight")):
+        elif projection in ("k", "v"):
             tensors[key] = rows(w, kv_heads)
-        elif key.endswith("o_proj.weight"):  # [out, heads*old] -> [out, heads*new]
+        elif projection == "o":  # [out, heads*old] -> [out, heads*new]
             cols = w.new_zeros(w.shape[0], heads, new_dim)
             cols[:, :, index] = w.view(w.shape[0], heads, old)
             tensors[key] = cols.reshape(w.shape[0], heads * new_dim)
-        elif key.endswith("bias"):
+        elif projection == "bias":
             raise ValueError(f"attention biases are not padded here: {key}")
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors"))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    text["head_dim"] = new_dim
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    (dst / "config.json").write_text(json.dumps(spec.with_text_head_dim(new_dim), indent=2))
 
 
 # -- the server --------------------------------------------------------------------------------------

@@ -34,17 +34,15 @@ class ConfigError(ValueError):
 
 
 def checkpoint_dtype(checkpoint: str) -> str:
-    """The dtype a checkpoint says it was saved in (transformers writes "dtype", older versions
-    "torch_dtype", at the top or in text_config); float32 where it says none we serve."""
+    """The dtype a checkpoint says it was saved in (where its config says it is the architecture's:
+    ``ModelSpec.declared_dtypes``); float32 where it says none we serve."""
+    from spyre_backend.models import get_spec
+
     try:
-        config = json.loads((Path(checkpoint) / "config.json").read_text())
-    except (OSError, ValueError):
+        declared = get_spec(checkpoint).declared_dtypes
+    except (OSError, ValueError):  # no config.json, not JSON, or no architecture we serve
         return "float32"
-    for section in (config, config.get("text_config") or {}):
-        for key in ("dtype", "torch_dtype"):
-            if section.get(key) in DTYPES:
-                return section[key]
-    return "float32"
+    return next((dtype for dtype in declared if dtype in DTYPES), "float32")
 
 
 def pbtxt_parameters(path: str | Path) -> dict[str, str]:

@@ -18,7 +18,8 @@ from spyre_backend import DEFAULT_CHECKPOINT
 from spyre_backend.config import CacheConfig, ConfigError, DeviceConfig, ServingConfig, checkpoint_dtype
 from spyre_backend.device import CPU_COMPILE_MAX_PARAMS, cpu_linear, default_compile_backend, memory, plan_for, torch_dtype
 from spyre_backend.engine import model_runner
-from spyre_backend.server.launcher import StubWatch
+from spyre_backend.models import get_spec
+from spyre_backend.server.stub_watch import StubWatch
 from tools.tiny_checkpoint import random_checkpoint
 from tools.tiny_checkpoint.save import save_weights
 from tools.tiny_checkpoint.tokenizer import TOKENIZER_VOCAB, build_tokenizer
@@ -46,6 +47,22 @@ def test_auto_dtype_follows_the_checkpoint_and_an_explicit_one_wins(bf16_checkpo
     assert plan_for(ServingConfig.from_strings({"device": "cpu"}).device, str(bf16_checkpoint)).dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="dtype"):
         ServingConfig.from_strings({"dtype": "float8"})
+
+
+def test_the_model_spec_reads_the_checkpoint_config(bf16_checkpoint):
+    spec = get_spec(DEFAULT_CHECKPOINT)
+    text, vision = spec.text, spec.vision
+    assert (text.hidden_size, text.num_layers, text.num_heads, text.kv_heads, text.head_dim, text.vocab_size) \
+        == (64, 4, 4, 2, 16, 512)
+    assert text.kv_bytes_per_token(torch.bfloat16) == 2 * 4 * 2 * 16 * 2  # K and V, 4 layers, 2 kv heads of 16
+    assert (vision.hidden_size, vision.image_size, vision.patch_size, vision.patches_per_crop) == (32, 56, 14, 16)
+    assert vision.feature_layers == (-24, -20, -12, -1)
+    assert (spec.image_token_id, spec.max_crops_per_image) == (4, 7)  # the 112x168 grid: a base crop and 2x3 tiles
+    assert spec.declared_dtypes == () and get_spec(bf16_checkpoint).declared_dtypes == ("bfloat16",)
+    assert [spec.text_attention_weight(name) for name in (
+        "language_model.model.layers.0.self_attn.k_proj.weight", "language_model.model.layers.0.self_attn.o_proj.bias",
+        "language_model.model.layers.0.mlp.up_proj.weight", "vision_tower.encoder.layers.0.self_attn.q_proj.weight",
+    )] == ["k", "bias", None, None]
 
 
 def test_the_kv_pool_takes_a_share_of_what_is_left_and_no_more_than_max_running_contexts():
@@ -80,7 +97,6 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_loads(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: GiB)  # less than the runtime alone
     monkeypatch.setattr(model_runner, "get_model", lambda *a, **k: pytest.fail("loaded anyway"))
     from spyre_backend.device import resolve
-    from spyre_backend.multimodal import get_spec
 
     with pytest.raises(memory.InsufficientMemory) as refused:
         model_runner.ModelRunner(str(DEFAULT_CHECKPOINT), plan=resolve("cpu", "eager", torch.float32),
@@ -90,8 +106,7 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_loads(monkeypatch):
     assert "granite_llm needs" in message and "1.0 GiB is available" in message
     assert "dtype=bfloat16" in message and "max_context" in message
     # the same estimate passes where the memory is there
-    text = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())["text_config"]
-    memory.decoder_estimate(DEFAULT_CHECKPOINT, torch.float32, text, 4160).check(64 * GiB)
+    memory.decoder_estimate(DEFAULT_CHECKPOINT, torch.float32, get_spec(DEFAULT_CHECKPOINT), 4160).check(64 * GiB)
 
 
 def test_the_launcher_says_a_stub_was_killed_and_by_which_signal():

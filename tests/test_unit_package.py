@@ -12,7 +12,7 @@ from spyre_backend.config import ConfigError, ServingConfig
 from spyre_backend.engine.detokenizer import IncrementalDetokenizer
 from spyre_backend.engine.kv_cache_manager import BlockPool, KVCacheManager, OutOfBlocks
 from spyre_backend.engine.sampling_params import InvalidRequest, SamplingParams
-from spyre_backend.multimodal import ImageFeatureMismatch, merge_image_features
+from spyre_backend.models import ImageFeatureMismatch, merge_image_features
 from spyre_backend.preprocess.images import decode_image, image_bytes
 from testkit.images import shape_png
 

@@ -13,8 +13,12 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from spyre_backend.models import ModelSpec
 
 GiB = 2**30
 # Besides weights and KV: the interpreter, torch, tokenizer, compiled graphs and step temporaries
@@ -119,32 +123,21 @@ def dtype_remedy(dtype: torch.dtype) -> tuple[str, ...]:
     return ("set parameter dtype=bfloat16 (half the weights and KV)",) if dtype == torch.float32 else ()
 
 
-def kv_bytes_per_token(text_config: dict, dtype: torch.dtype) -> int:
-    """K and V of one token in every layer, from an HF text config."""
-    heads = text_config["num_attention_heads"]
-    head_dim = text_config.get("head_dim") or text_config["hidden_size"] // heads
-    return 2 * text_config["num_hidden_layers"] * (text_config.get("num_key_value_heads") or heads) * head_dim \
-        * dtype.itemsize
-
-
-VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "image_newline", "language_model.model.embed_tokens.")
-
-
-def decoder_estimate(checkpoint: str | Path, dtype: torch.dtype, text_config: dict, min_kv_tokens: int) -> LoadEstimate:
+def decoder_estimate(checkpoint: str | Path, dtype: torch.dtype, spec: ModelSpec, min_kv_tokens: int) -> LoadEstimate:
     """granite_llm: the language model (a tied LM head counted as its own copy, as the CPU's packed
     linears hold it), the vision tower read with it and dropped, KV for ``min_kv_tokens``."""
     counts = tensor_counts(checkpoint)  # the headers read once
     everything = sum(counts.values()) * dtype.itemsize
-    vision = sum(n for name, n in counts.items() if name.startswith(VISION_PREFIXES[:3])) * dtype.itemsize
+    vision = sum(n for name, n in counts.items() if name.startswith(spec.vision_weights)) * dtype.itemsize
     return LoadEstimate(
         "granite_llm", weights=everything - vision, transient=vision,
-        kv_minimum=min_kv_tokens * kv_bytes_per_token(text_config, dtype), dtype=str(dtype).removeprefix("torch."),
+        kv_minimum=min_kv_tokens * spec.text.kv_bytes_per_token(dtype), dtype=str(dtype).removeprefix("torch."),
         remedies=dtype_remedy(dtype) + ("lower max_context (KV for one full context is the least the pool takes)",),
     )
 
 
-def vision_estimate(checkpoint: str | Path, dtype: torch.dtype) -> LoadEstimate:
-    return LoadEstimate("vision_encoder", weights=weight_bytes(checkpoint, dtype, VISION_PREFIXES),
+def vision_estimate(checkpoint: str | Path, dtype: torch.dtype, spec: ModelSpec) -> LoadEstimate:
+    return LoadEstimate("vision_encoder", weights=weight_bytes(checkpoint, dtype, spec.vision_model_weights),
                         dtype=str(dtype).removeprefix("torch."), remedies=dtype_remedy(dtype))
 
 

@@ -28,8 +28,7 @@ from spyre_backend.device.host_memory import release_freed_memory
 from spyre_backend.engine import attention
 from spyre_backend.engine.kv_cache import KVPool
 from spyre_backend.engine.kv_cache_manager import NULL_BLOCK
-from spyre_backend.multimodal import MultimodalSpec
-from spyre_backend.multimodal.registry import read_config
+from spyre_backend.models import ModelSpec
 
 
 @dataclass
@@ -72,7 +71,7 @@ def next_power_of_two(n: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, checkpoint: str, *, plan: DevicePlan, spec: MultimodalSpec,
+    def __init__(self, checkpoint: str, *, plan: DevicePlan, spec: ModelSpec,
                  num_kv_blocks: int | Callable[[int, int], int], block_size: int, max_context: int,
                  prefill_chunk: int, decode_batch_sizes: list[int], prefill_align: int = 0):
         """``num_kv_blocks`` may be a function of the KV bytes per token and of the memory available
@@ -98,12 +97,12 @@ class ModelRunner:
         self.attn_name = attention.register(fused_decode=plan.attends_in_place)
         self.mixes_steps = plan.mixes_steps and self.max_blocks_per_seq >= 2  # mixed sizes are >= 2
 
-        memory.decoder_estimate(checkpoint, self.dtype, read_config(checkpoint)["text_config"],
+        memory.decoder_estimate(checkpoint, self.dtype, spec,
                                 min_kv_tokens=(self.max_blocks_per_seq + 1) * block_size
                                 ).check(memory.available_bytes(self.device))
         full = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=self.dtype,
                          device_type=self.device.type)
-        self.image_token_id = int(full.config.image_token_index)
+        self.image_token_id = spec.image_token_id
         lm = full.language_model
         del full  # the vision tower lives in the vision_encoder model, not here
         self.lm = lm.to(self.device).eval()

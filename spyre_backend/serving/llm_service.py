@@ -23,8 +23,7 @@ from spyre_backend.engine.model_runner import ModelRunner
 from spyre_backend.engine.request import Request, RequestOutput
 from spyre_backend.engine.sampling_params import SamplingParams
 from spyre_backend.errors import InvalidRequest
-from spyre_backend.multimodal import get_spec
-from spyre_backend.multimodal.registry import read_config
+from spyre_backend.models import get_spec
 from spyre_backend.serving.control import polled_every
 from spyre_backend.serving.warmup import warmup_llm
 
@@ -52,9 +51,9 @@ class LLMService:
         started = time.monotonic()
         self.config = config
         checkpoint = config.checkpoint_dir
-        threads = process.apply_threads(config.device, read_config(checkpoint)["text_config"]["hidden_size"])
-        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.spec = get_spec(checkpoint)
+        threads = process.apply_threads(config.device, self.spec.text.hidden_size)
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         cache, scheduler = config.cache, config.scheduler
         runner = ModelRunner(
             checkpoint, plan=plan_for(config.device, checkpoint), spec=self.spec,

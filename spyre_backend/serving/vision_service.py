@@ -13,8 +13,7 @@ import torch
 
 from spyre_backend.config import ServingConfig
 from spyre_backend.device import memory, plan_for, process
-from spyre_backend.multimodal import get_spec
-from spyre_backend.multimodal.registry import read_config
+from spyre_backend.models import get_spec
 from spyre_backend.serving.warmup import warmup_vision
 from spyre_backend.vision.cache import EncoderCache
 from spyre_backend.vision.encoder import VisionEncoder
@@ -26,12 +25,13 @@ class VisionService:
     def __init__(self, config: ServingConfig):
         started = time.monotonic()
         checkpoint = config.checkpoint_dir
-        threads = process.apply_threads(config.device, read_config(checkpoint)["vision_config"]["hidden_size"])
+        spec = get_spec(checkpoint)
+        threads = process.apply_threads(config.device, spec.vision.hidden_size)
         plan = plan_for(config.device, checkpoint)
         self.encoder = VisionEncoder(checkpoint, plan, max_crop_batch=config.vision.max_crop_batch)
         loaded = time.monotonic() - started
         process.apply_serving_allocator()
-        warmed = warmup_vision(self.encoder, checkpoint, get_spec(checkpoint))
+        warmed = warmup_vision(self.encoder, checkpoint, spec)
         plan.seal_compiled()  # every crop batch ran; this process serves this model only
         # attached after warmup, so that the warmup image neither counts nor takes room
         if config.vision.encoder_cache_mb:

@@ -36,9 +36,7 @@ def warmup_vision(encoder: VisionEncoder, checkpoint: str, spec) -> float:
     if encoder.plan.compile_backend != "eager":
         crops = torch.from_numpy(prompt.pixel_values[0])
         # each image runs in batches of its own crops (VisionEncoder.encode): the most crops of one image
-        max_crops = max(1 + (h // encoder.crop_size) * (w // encoder.crop_size)
-                        for w, h in spec.warmup_image_sizes(_config(checkpoint)))
-        encoder.warmup(crops, max_crops)
+        encoder.warmup(crops, spec.max_crops_per_image)
     return time.monotonic() - started
 
 
@@ -64,9 +62,3 @@ def warmup_llm(service, checkpoint: str) -> float:
         if not done.wait(600):
             raise RuntimeError("warmup request did not finish")
     return time.monotonic() - started
-
-
-def _config(checkpoint: str) -> dict:
-    from spyre_backend.multimodal.registry import read_config
-
-    return read_config(checkpoint)

@@ -1,10 +1,11 @@
 """Encodes preprocessed images into the features that replace the image placeholders.
 
-Uses FMS's LlavaNext loaded with ``vision_only=True`` (vision tower, projector, image_newline):
-the LLM's decoder layers are never loaded here. The tower and projector run on a static number
-of crops (a power of two up to ``max_crop_batch``, padded with zero crops), so a compiled
-program exists for every request; choosing the anyres grid and packing with image_newline stay
-in eager Python. Crops never interact in the tower, so an image's crops may go in several runs.
+Generic over architectures: the model's file (``spyre_backend.models``) loads the vision model
+(never the LLM's decoder layers), says how many crops an image has, runs the tower on crops and
+packs an image's crop features. Here: the tower runs on a static number of crops (a power of two
+up to ``max_crop_batch``, padded with zero crops), so a compiled program exists for every request;
+packing stays in eager Python. Crops never interact in the tower, so an image's crops may go in
+several runs.
 
 Each image is encoded in a batch of its own crops, so its features depend on that image alone:
 that is what lets an optional EncoderCache hand back a repeated image's features, bit for bit
@@ -14,9 +15,9 @@ those of a fresh encode, whatever other images came with either request.
 from __future__ import annotations
 
 import torch
-from fms.models import get_model
 
 from spyre_backend.device import DevicePlan, memory, resolve
+from spyre_backend.models import get_spec
 from spyre_backend.vision.cache import EncoderCache, image_key
 
 
@@ -56,30 +57,25 @@ class VisionEncoder:
         (CROP_BATCH_ROWS)."""
         self.plan = plan or resolve("cpu", "eager", torch.float32)
         self.device, self.dtype = self.plan.torch_device, self.plan.dtype
-        memory.vision_estimate(checkpoint, self.dtype).check(memory.available_bytes(self.device))
-        self.model = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=self.dtype,
-                               device_type=self.device.type, vision_only=True).eval()
+        self.spec = get_spec(checkpoint)
+        memory.vision_estimate(checkpoint, self.dtype, self.spec).check(memory.available_bytes(self.device))
+        self.model = self.spec.load_vision_model(checkpoint, self.dtype, self.device.type)
         self.layers_prepared = self.plan.prepare(self.model)
-        config = self.model.config
-        self.hidden_size = config.text_config.emb_dim
-        self.crop_size = config.vision_config.image_size
-        patches = (self.crop_size // config.vision_config.patch_size) ** 2
+        self.hidden_size = self.spec.text.hidden_size  # the features replace LLM token embeddings
         self.max_crop_batch = (1 << (max_crop_batch.bit_length() - 1) if max_crop_batch
-                               else auto_crop_batch(patches))
+                               else auto_crop_batch(self.spec.vision.patches_per_crop))
         self._tower = self.plan.compile(self._tower_impl, name="vision_tower")
         self.crop_batches_run: set[int] = set()
         self.cache = cache
 
     def _tower_impl(self, crops: torch.Tensor) -> torch.Tensor:
-        """[n, 3, H, W] crops -> [n, patches, hidden] projected multi-layer features."""
-        config = self.model.config
-        _, _, hidden_states = self.model.vision_tower(crops, output_hidden_states=True)
-        layers = config.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else layers
-        selected = torch.cat([hidden_states[i] for i in layers], dim=-1)
-        if config.vision_feature_select_strategy == "default":
-            selected = selected[:, 1:]  # drop CLS (SigLIP has none: Granite Vision uses "full")
-        return self.model.multi_modal_projector(selected)
+        """[n, 3, H, W] crops -> [n, patches, hidden] (what is compiled)."""
+        return self.spec.encode_crops(self.model, crops)
+
+    def crops_per_image(self, image_size: torch.Tensor) -> int:
+        """Real crops of an image of ``image_size`` (height, width): the rest of its row of
+        pixel_values is the processor's padding to the request's largest image."""
+        return self.spec.crops_per_image(self.model, image_size)
 
     def run_tower(self, crops: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] crops of one image -> [n, patches, hidden], in runs of crop_batches()."""
@@ -99,15 +95,12 @@ class VisionEncoder:
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
         """pixel_values [num_images, max_crops, 3, H, W], image_sizes [num_images, 2] ->
-        features [total_features, hidden], images in order, each packed with image_newline."""
+        features [total_features, hidden], images in order, each packed by its model (``pack_image``)."""
         if pixel_values.shape[0] == 0:
             return torch.zeros(0, self.hidden_size, dtype=self.dtype)
-        config = self.model.config
-        counts = [self.model.image_size_to_num_patches(size, config.image_grid_pinpoints, self.crop_size)
-                  for size in image_sizes]
         features = []
-        for pv, n, size in zip(pixel_values, counts, image_sizes):
-            crops = pv[:n]  # the rest is the processor's padding to the request's largest image
+        for pv, size in zip(pixel_values, image_sizes):
+            crops = pv[:self.crops_per_image(size)]
             if self.cache is None:
                 features.append(self._encode_image(crops, size))
                 continue
@@ -120,8 +113,7 @@ class VisionEncoder:
         return torch.cat(features)
 
     def _encode_image(self, crops: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
-        tower = self.run_tower(crops.to(self.device, self.dtype))
-        return self.model.pack_image_features([tower], image_size[None], image_newline=self.model.image_newline)
+        return self.spec.pack_image(self.model, self.run_tower(crops.to(self.device, self.dtype)), image_size)
 
     @torch.no_grad()
     def warmup(self, crops: torch.Tensor, max_crops: int) -> list[int]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: merging calls tensor methods
+    import torch
 
 
 class ImageFeatureMismatch(ValueError):

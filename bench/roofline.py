@@ -161,39 +161,6 @@ def time_vision(encoder, prompt, repeats: int = 3) -> tuple[float, int]:
     return _best_time(lambda: encoder.encode(pixels, sizes), repeats), int(crops)
 
 
-def time_prefill(runner, kv, n_tokens: int, repeats: int = 2) -> float:
-    """A whole prompt of ``n_tokens`` in prefill_chunk pieces, as the engine runs it (engine idle;
-    ``kv``: its KVCacheManager, for blocks)."""
-    kv.allocate("roofline", n_tokens)
-    table = list(kv.block_ids("roofline"))
-    embeds = torch.randn(n_tokens, runner.hidden_size, dtype=runner.dtype) * 0.02
-
-    def prefill():
-        for start in range(0, n_tokens, runner.prefill_chunk):
-            chunk = embeds[start: start + runner.prefill_chunk]
-            runner.forward(runner.prefill_inputs(chunk, start=start, block_table=table))
-
-    try:
-        return _best_time(prefill, repeats)
-    finally:
-        kv.free("roofline")
-
-
-def time_decode(runner, kv, batch: int, context: int, repeats: int = 3) -> float:
-    """One decode step of ``batch`` sequences at position ``context`` (engine idle)."""
-    owners = [("roofline", i) for i in range(batch)]
-    for owner in owners:
-        kv.allocate(owner, context + 1)
-    tables = [list(kv.block_ids(owner)) for owner in owners]
-    embeds = torch.randn(batch, runner.hidden_size, dtype=runner.dtype) * 0.02
-    step = runner.decode_inputs(embeds, [context] * batch, tables)
-    try:
-        return _best_time(lambda: runner.forward(step), repeats)
-    finally:
-        for owner in owners:
-            kv.free(owner)
-
-
 def analyse(shape: ModelShape, machine: dict, *, vision_s: float, crops: int, prefill_s: float, prompt_tokens: int,
             decode_s: dict[int, float], context: int) -> dict:
     peak, bandwidth = machine["matmul_gflops"] * 1e9, machine["bandwidth_gbs"] * 1e9

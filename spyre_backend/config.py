@@ -33,18 +33,6 @@ class ConfigError(ValueError):
     pass
 
 
-def checkpoint_dtype(checkpoint: str) -> str:
-    """The dtype a checkpoint says it was saved in (where its config says it is the architecture's:
-    ``ModelSpec.declared_dtypes``); float32 where it says none we serve."""
-    from spyre_backend.models import get_spec
-
-    try:
-        declared = get_spec(checkpoint).declared_dtypes
-    except (OSError, ValueError):  # no config.json, not JSON, or no architecture we serve
-        return "float32"
-    return next((dtype for dtype in declared if dtype in DTYPES), "float32")
-
-
 def pbtxt_parameters(path: str | Path) -> dict[str, str]:
     """The ``parameters`` of the config.pbtxt at ``path``, as written there."""
     return dict(_PBTXT_PARAMETER.findall(Path(path).read_text()))
@@ -70,10 +58,6 @@ class DeviceConfig:
         _check(self, self.dtype in ("auto", *DTYPES), "dtype", f"must be auto or one of {sorted(DTYPES)}")
         _check(self, self.cpu_gemm in CPU_GEMMS, "cpu_gemm", f"must be one of {list(CPU_GEMMS)}")
         _check(self, self.num_threads >= 0, "num_threads", "must be >= 0")
-
-    def dtype_name(self, checkpoint: str = "") -> str:
-        """The dtype to serve in: ``dtype``, or for auto the one ``checkpoint`` was saved in."""
-        return checkpoint_dtype(checkpoint) if self.dtype == "auto" else self.dtype
 
 
 @dataclass

@@ -106,7 +106,7 @@ def test_engine_with_every_linear_packed_matches_transformers(checkpoint, refere
     monkeypatch.setattr(cpu_linear, "MIN_PACKED_ELEMENTS", 0)
     stack = make_stack(checkpoint)
     try:
-        assert stack.engine.runner.layers_prepared > 0 and stack.enc.layers_prepared > 0
+        assert stack.engine.probe.layers_prepared > 0 and stack.enc.layers_prepared > 0
         handles = [stack.submit(q, imgs) for q, imgs in CASES]  # batched together
         for (q, imgs), handle in zip(CASES, handles):
             assert handle.wait().text == reference.generate(reference.chat_prompt(q, len(imgs)), imgs, 20)["text"]

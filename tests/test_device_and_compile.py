@@ -35,21 +35,21 @@ def test_device_choices():
 def test_shape_set_is_static_and_covers_what_runs(checkpoint):
     stack = make_stack(checkpoint)
     try:
-        runner = stack.engine.runner
-        shapes = set(runner.shape_set())
-        assert runner.prefill_align == 16  # off Spyre a prefill is padded to 16 tokens, not a block
-        assert all(q % runner.prefill_align == 0 for b, q, _ in shapes if q > 1)
-        assert {b for b, q, _ in shapes if q == 1} == set(runner.decode_batch_sizes)
+        probe = stack.engine.probe
+        shapes = set(probe.shape_set())
+        assert probe.prefill_align == 16  # off Spyre a prefill is padded to 16 tokens, not a block
+        assert all(q % probe.prefill_align == 0 for b, q, _ in shapes if q > 1)
+        assert {b for b, q, _ in shapes if q == 1} == set(probe.decode_batch_sizes)
         image = shape_png("triangle", "green", "white", (200, 150))
         handles = [stack.submit("What is in the image?", [image]), stack.submit("Say hello."),
                    stack.submit("What shape is it?", [shape_png(size=(400, 20))])]
         for h in handles:
             h.wait()
-        mixed = {shape for shape in runner.shapes_run if len(shape) == 5}
-        assert runner.shapes_run - mixed <= shapes  # nothing ran outside the warmed-up set
+        mixed = {shape for shape in probe.shapes_run if len(shape) == 5}
+        assert probe.shapes_run - mixed <= shapes  # nothing ran outside the warmed-up set
         # on the CPU a prompt chunk and the decode rows of its step ran as one pass: one row of
         # tokens, at least 2 decode rows and 2 blocks of context each (sizes 1 would be specialised)
-        assert runner.mixes_steps and mixed
+        assert probe.mixes_steps and mixed
         assert all(b == 1 and rows >= 2 and ctx >= 2 and row_ctx >= 2 for b, _, ctx, rows, row_ctx in mixed)
     finally:
         stack.service.shutdown()
@@ -66,17 +66,17 @@ def test_inductor_warmup_compiles_everything_and_matches_eager(checkpoint):
     compiled = make_stack(checkpoint, compile_backend="inductor", **small)
     eager = make_stack(checkpoint, compile_backend="eager", **small)
     try:
-        runner = compiled.engine.runner
-        assert runner.attn_name == attention.FUSED_DECODE_ATTN_NAME  # decode attends in place under inductor
-        assert eager.engine.runner.attn_name == attention.ATTN_NAME
+        probe = compiled.engine.probe
+        assert probe.attn_name == attention.FUSED_DECODE_ATTN_NAME  # decode attends in place under inductor
+        assert eager.engine.probe.attn_name == attention.ATTN_NAME
         graphs_after_warmup = counters["stats"]["unique_graphs"]
         # bucketed dims are symbolic for inductor: fewer graphs than shapes, every warmup shape ran
         # (and the shapes of warmup's real requests)
-        warmed = set(runner.shapes_run)
-        assert set(runner.warmup_shapes()) | {runner.mixed_example().shape} <= warmed
+        warmed = set(probe.shapes_run)
+        assert set(probe.warmup_shapes()) | {probe.mixed_warmup_shape} <= warmed
         assert 0 < graphs_after_warmup - graphs_before < len(warmed)
-        assert set(runner.warmup_shapes()) < set(runner.shape_set())
-        runner.plan.seal_compiled()  # as the granite_llm stub does after warmup: nothing may compile from here
+        assert set(probe.warmup_shapes()) < set(probe.shape_set())
+        compiled.engine.seal()  # as the granite_llm stub does after warmup: nothing may compile from here
         traffic = [("What is in the image?", [shape_png("triangle", "green", "white", (200, 150))]),
                    ("Say hello.", []), ("What is the capital of France?", [])]
         got = [compiled.submit(q, imgs, max_tokens=12) for q, imgs in traffic]  # batched together
@@ -86,13 +86,13 @@ def test_inductor_warmup_compiles_everything_and_matches_eager(checkpoint):
             question = " ".join(["Please"] * words) + " say hello."
             assert compiled.submit(question, [], max_tokens=4).wait().text == eager.submit(question, [], max_tokens=4).wait().text
         assert counters["stats"]["unique_graphs"] == graphs_after_warmup  # no recompilation
-        unseen = runner.shapes_run - warmed
+        unseen = probe.shapes_run - warmed
         assert len({shape for shape in unseen if len(shape) == 5}) > 0  # mixed, unseen sizes
         # prefills of lengths warmup did not run, served by the same graphs
-        assert {shape for shape in unseen if len(shape) == 3} and unseen - set(runner.shape_set()) == {
+        assert {shape for shape in unseen if len(shape) == 3} and unseen - set(probe.shape_set()) == {
             shape for shape in unseen if len(shape) == 5}
     finally:
-        compiled.engine.runner.plan.seal_compiled(False)
+        compiled.engine.seal(False)
         compiled.service.shutdown()
         eager.service.shutdown()
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from spyre_backend.config import ServingConfig
-from spyre_backend.engine.sampling_params import InvalidRequest, SamplingParams
+from spyre_backend.engine.sampling_params import SamplingParams
+from spyre_backend.errors import InvalidRequest
 from spyre_backend.preprocess.processor import Preprocessor
 from spyre_backend.serving.llm_service import LLMService
 from spyre_backend.vision.encoder import VisionEncoder
@@ -39,13 +40,13 @@ def stack(checkpoint):
 @pytest.fixture(autouse=True)
 def no_leaks(stack):
     """Every test must leave the KV cache and the session table as it found them."""
-    free, sessions = stack.engine.num_free_blocks, len(stack.engine.sessions)
+    free, sessions = stack.engine.probe.free_blocks, stack.engine.probe.num_sessions
     yield
     deadline = time.monotonic() + 10
-    while stack.engine.num_free_blocks != free and time.monotonic() < deadline:
+    while stack.engine.probe.free_blocks != free and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert stack.engine.num_free_blocks == free
-    assert len(stack.engine.sessions) == sessions
+    assert stack.engine.probe.free_blocks == free
+    assert stack.engine.probe.num_sessions == sessions
 
 
 CASES = [("What is in the image?", [TRIANGLE]),
@@ -206,14 +207,14 @@ def test_blocks_on_demand_preemption_and_session_eviction(checkpoint):
         assert preempted > 0
         # an idle session's blocks are evicted before any running request is preempted
         s.submit("Say hello.", sequence_id=5, sequence_start=True, sequence_end=False, **long).wait()
-        assert len(s.engine.sessions) == 1
+        assert s.engine.probe.num_sessions == 1
         others = [s.submit("Say hello.", **long) for _ in range(2)]
         assert [h.wait().text for h in others] == [solo] * 2
-        assert len(s.engine.sessions) == 0
+        assert s.engine.probe.num_sessions == 0
         assert s.engine.stats().preemptions == preempted
         late = s.submit("Hi", sequence_id=5, sequence_start=False, sequence_end=True).wait()
         assert "evicted" in late.final.error
-        assert s.engine.num_free_blocks == 5
+        assert s.engine.probe.free_blocks == 5
         # a request that could never fit the pool alone is refused at once
         with pytest.raises(InvalidRequest, match="KV blocks"):
             s.submit("Say hello.", max_tokens=400)
@@ -226,23 +227,22 @@ def test_a_short_answer_holds_only_the_blocks_it_uses(stack):
     deadline = time.monotonic() + 60
     while not handle.outputs and time.monotonic() < deadline:
         time.sleep(0.005)
-    held = stack.engine.kv.num_usable - stack.engine.num_free_blocks
+    held = stack.engine.probe.usable_blocks - stack.engine.probe.free_blocks
     handle.cancelled.set()
     handle.wait()
-    assert 1 <= held < stack.engine.kv.blocks_for(900)  # not the whole max_tokens at admission
+    assert 1 <= held < stack.engine.probe.blocks_for(900)  # not the whole max_tokens at admission
 
 
-def test_idle_sessions_expire(stack):
-    stack.submit("Say hello.", sequence_id=31, sequence_start=True, sequence_end=False).wait()
-    assert stack.engine.sessions.get(31) is not None
-    ttl = stack.engine.sessions.ttl_s
-    stack.engine.sessions.ttl_s = 0.01
+def test_idle_sessions_expire(checkpoint):
+    s = make_stack(checkpoint, session_ttl_s="1")
     try:
-        time.sleep(0.05)
-        stack.submit("Say hello.", max_tokens=2).wait()  # any step runs the expiry
-        assert stack.engine.sessions.get(31) is None
+        s.submit("Say hello.", sequence_id=31, sequence_start=True, sequence_end=False).wait()
+        assert s.engine.probe.has_session(31)
+        time.sleep(1.2)
+        s.submit("Say hello.", max_tokens=2).wait()  # any step runs the expiry
+        assert not s.engine.probe.has_session(31)
     finally:
-        stack.engine.sessions.ttl_s = ttl
+        s.service.shutdown()
 
 
 def test_the_image_placeholder_is_never_sampled(stack):
@@ -252,7 +252,7 @@ def test_the_image_placeholder_is_never_sampled(stack):
     handle = stack.submit("hi", chat=False, params=params).wait()
     out = handle.final
     assert out.error is None and out.num_output_tokens == 300, out
-    placeholder = stack.engine.image_token_id
+    placeholder = stack.engine.probe.image_token_id
     params = SamplingParams(max_tokens=300, temperature=100.0, seed=0, ignore_eos=True, logprobs=0)
     entries = [e for o in stack.submit("hi", chat=False, params=params).wait().outputs for e in (o.logprobs or [])]
     assert len(entries) == 300 and placeholder not in [e["token_id"] for e in entries]

@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 
 from spyre_backend import DEFAULT_CHECKPOINT
-from spyre_backend.config import CacheConfig, ConfigError, DeviceConfig, ServingConfig, checkpoint_dtype
+from spyre_backend.config import CacheConfig, ConfigError, DeviceConfig, ServingConfig
+from spyre_backend.device import checkpoint_dtype
 from spyre_backend.device import CPU_COMPILE_MAX_PARAMS, cpu_linear, default_compile_backend, memory, plan_for, torch_dtype
 from spyre_backend.engine import model_runner
 from spyre_backend.models import get_spec
@@ -95,7 +96,9 @@ def test_weight_sizes_come_from_the_safetensors_headers():
 
 def test_a_model_that_cannot_fit_is_refused_before_anything_loads(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: GiB)  # less than the runtime alone
-    monkeypatch.setattr(model_runner, "get_model", lambda *a, **k: pytest.fail("loaded anyway"))
+    from spyre_backend.models.llava_next import LlavaNext
+
+    monkeypatch.setattr(LlavaNext, "load_language_model", lambda *a, **k: pytest.fail("loaded anyway"))
     from spyre_backend.device import resolve
 
     with pytest.raises(memory.InsufficientMemory) as refused:

@@ -27,7 +27,7 @@ SQUARE = shape_png("square", "green", "white", (200, 150))
 def stacks(checkpoint, request):
     on = make_stack(checkpoint, prefill_align=str(request.param))
     off = make_stack(checkpoint, enable_prefix_caching="false", prefill_align=str(request.param))
-    assert on.engine.kv.segment_size == request.param
+    assert on.engine.probe.segment_size == request.param
     yield on, off
     on.service.shutdown()
     off.service.shutdown()
@@ -38,12 +38,12 @@ def no_leaks(stacks):
     yield
     for stack in stacks:  # free + cached blocks are the whole pool again once nothing runs
         engine = stack.engine
-        assert engine.num_free_blocks == engine.kv.num_usable and len(engine.sessions) == 0
+        assert engine.probe.free_blocks == engine.probe.usable_blocks and engine.probe.num_sessions == 0
 
 
 def cached_before(stack, position: int) -> int:
     """The tokens before ``position`` that the prefix cache can hold: its whole segments."""
-    unit = stack.engine.kv.segment_size
+    unit = stack.engine.probe.segment_size
     return position // unit * unit
 
 
@@ -57,7 +57,7 @@ def test_repeats_hit_and_answer_as_transformers_does(stacks, reference):
         n = again.final.num_input_tokens
         assert again.final.num_cached_tokens == cached_before(on, n - 1)  # every full segment, the last token computed
         assert again.final.num_prefill_tokens == n - again.final.num_cached_tokens
-    assert off.engine.stats().prefix_hits == 0 and off.engine.kv.num_cached == 0
+    assert off.engine.stats().prefix_hits == 0 and off.engine.probe.cached_blocks == 0
 
 
 def test_another_image_with_the_same_text_never_gets_the_first_images_blocks(stacks, reference):
@@ -65,7 +65,7 @@ def test_another_image_with_the_same_text_never_gets_the_first_images_blocks(sta
     question = "What color is the circle?"
     red, blue = on.submit(question, [RED]).wait(), on.submit(question, [BLUE]).wait()
     ids, _ = on.prompt(question, [BLUE])
-    first_image_position = int((ids == on.engine.image_token_id).nonzero()[0])
+    first_image_position = int((ids == on.engine.probe.image_token_id).nonzero()[0])
     assert blue.final.num_cached_tokens == cached_before(on, first_image_position)
     for image, got in ((RED, red), (BLUE, blue)):
         assert got.text == reference.generate(reference.chat_prompt(question, 1), [image], MAX_TOKENS)["text"]
@@ -76,7 +76,7 @@ def test_a_second_question_about_the_same_image_reuses_the_image_blocks(stacks, 
     on.submit("What is in the image?", [SQUARE]).wait()
     second = on.submit("What shape is it?", [SQUARE]).wait()
     ids, _ = on.prompt("What shape is it?", [SQUARE])
-    last_image_position = int((ids == on.engine.image_token_id).nonzero()[-1])
+    last_image_position = int((ids == on.engine.probe.image_token_id).nonzero()[-1])
     assert second.final.num_cached_tokens >= cached_before(on, last_image_position) > 0
     assert second.text == reference.generate(reference.chat_prompt("What shape is it?", 1), [SQUARE],
                                              MAX_TOKENS)["text"]
@@ -111,10 +111,10 @@ def test_a_resent_conversation_takes_everything_its_first_turn_computed(stacks):
     first = Request(ids, features, SamplingParams(max_tokens=MAX_TOKENS), handle.on_output)
     on.engine.add_request(first)
     handle.wait()
-    follow = on.engine.tokenizer("And its color?", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    follow = on.service.tokenizer("And its color?", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     resent_ids = torch.cat([ids, torch.tensor(first.output_ids), follow])
     resent = on.submit("", ids=resent_ids, features=features).wait()
     computed = len(ids) + len(first.output_ids) - 1  # the last sampled token was never computed
-    unit = on.engine.kv.segment_size
+    unit = on.engine.probe.segment_size
     assert resent.final.num_cached_tokens == (computed if unit < 64 else computed // 64 * 64)
     assert resent.text == off.submit("", ids=resent_ids, features=features).wait().text

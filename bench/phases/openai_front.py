@@ -54,7 +54,9 @@ class GenerateStreamTarget:
 
 def run(checkpoint: Path, workload: Workload, requests_of, out_dir: Path, log, server_env: dict | None = None,
         with_aiperf: bool = True) -> dict:
-    from spyre_backend.server.launcher import OpenAIFront, ServerOptions, TritonServer, free_port
+    from spyre_backend.server.child_process import free_port
+    from spyre_backend.server.openai_front import OpenAIFront
+    from spyre_backend.server.triton_process import ServerOptions, TritonServer
 
     options = ServerOptions(checkpoint=checkpoint, http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port(), extra_env=dict(server_env or {}))

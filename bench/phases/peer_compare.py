@@ -44,7 +44,8 @@ def _load(send, levels: list[int], requests_of, log, label: str) -> dict:
 
 def run(name: str, checkpoint: Path, workload: Workload, requests_of, out_dir: Path, log,
         server_env: dict | None = None) -> dict:
-    from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
+    from spyre_backend.server.child_process import free_port
+    from spyre_backend.server.triton_process import ServerOptions, TritonServer
 
     levels = _levels_of(name)
     exe = vllm_peer.ensure_installed(log)

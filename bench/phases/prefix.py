@@ -129,7 +129,8 @@ def _medians(raw: dict) -> dict:
 
 def run(name: str, checkpoint: Path, workload: Workload, repeats: int, out_dir: Path, log,
         server_env: dict | None = None) -> dict:
-    from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
+    from spyre_backend.server.child_process import free_port
+    from spyre_backend.server.triton_process import ServerOptions, TritonServer
 
     # a server's own defaults, the feature cache included
     env = {k: v for k, v in (server_env or {}).items() if k != "SPYRE_ENCODER_CACHE_MB"}

@@ -32,9 +32,10 @@ METRICS = ("ttft_p50", "itl_p50", "tokens_per_s")
 
 
 def run(checkpoint: Path, workload: Workload, requests_of, out_dir: Path, log, server_env: dict | None = None) -> dict:
-    from spyre_backend.server.launcher import ServerOptions, free_port
+    from spyre_backend.server.child_process import free_port
     from spyre_backend.server.proxy import Listen
     from spyre_backend.server.replicas import ReplicaSet
+    from spyre_backend.server.triton_process import ServerOptions
 
     replicas = [(ServerOptions(checkpoint=checkpoint, http_port=free_port(), grpc_port=free_port(),
                                metrics_port=free_port(), replica_id=f"replica-{i}",

@@ -20,13 +20,13 @@ def run(service, pre, encoder, prof: Profile, workload: Workload, levels: list[i
     now = roofline.measure_machine()
     machine = {**machine, "matmul_gflops": max(machine["matmul_gflops"], now["matmul_gflops"]),
                "bandwidth_gbs": max(machine["bandwidth_gbs"], now["bandwidth_gbs"])}
-    runner = service.engine.runner
+    probe = service.engine.probe  # single steps on the idle engine
     prompt = pre(workload.question(0), [workload.image(0)], apply_chat_template=True)
     n_prompt = len(prompt.input_ids)
     context = n_prompt + workload.max_tokens // 2  # the mean context of the load's decode steps
     vision_s, crops = roofline.time_vision(encoder, prompt)
-    prefill_s = roofline.time_prefill(runner, service.engine.kv, n_prompt)
-    decode_s = {b: roofline.time_decode(runner, service.engine.kv, b, context) for b in sorted({1, max(levels)})}
+    prefill_s = probe.time_prefill(n_prompt)
+    decode_s = {b: probe.time_decode(b, context) for b in sorted({1, max(levels)})}
     shape = roofline.ModelShape.from_config(json.loads((prof.checkpoint / "config.json").read_text()))
     roof = roofline.analyse(shape, machine, vision_s=vision_s, crops=crops, prefill_s=prefill_s,
                             prompt_tokens=n_prompt, decode_s=decode_s, context=context)

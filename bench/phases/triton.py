@@ -15,7 +15,8 @@ from bench.workload import Workload
 
 
 def run(prof: Profile, workload: Workload, levels: list[int], skip: set, out_dir: Path) -> dict:
-    from spyre_backend.server.launcher import ServerOptions, TritonServer, free_port
+    from spyre_backend.server.child_process import free_port
+    from spyre_backend.server.triton_process import ServerOptions, TritonServer
 
     options = ServerOptions(checkpoint=prof.checkpoint, http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port(), extra_env=dict(SERVER_ENV))

@@ -14,8 +14,9 @@ from typing import Callable
 
 import torch
 
-from spyre_backend.config import COMPILE_BACKENDS, CPU_GEMMS, DEVICES, ConfigError, DeviceConfig
+from spyre_backend.config import CPU_GEMMS, DEVICES, DTYPES, ConfigError, DeviceConfig
 from spyre_backend.device import cpu_linear, memory, spyre
+from spyre_backend.models import get_spec
 
 PREFILL_ALIGN = 16  # tokens, off Spyre (DevicePlan.prefill_align)
 
@@ -137,7 +138,7 @@ CPU_COMPILE_MAX_PARAMS = 1_000_000_000
 
 def default_compile_backend(device: str, model_params: int = 0) -> str:
     """inductor where it can build (measured faster on the CPU: the tiny checkpoint 2.5x at one
-    stream, the mid-size one 1.15x; README, Benchmarks); eager on a CPU without a C++ compiler
+    stream, the mid-size one 1.15x; docs/benchmarks.md); eager on a CPU without a C++ compiler
     and, on the CPU, for models of CPU_COMPILE_MAX_PARAMS or more."""
     if device == "cpu" and (model_params >= CPU_COMPILE_MAX_PARAMS or not (shutil.which("g++") or shutil.which("c++"))):
         return "eager"
@@ -169,9 +170,19 @@ def resolve(device: str, compile_backend: str | None, dtype: torch.dtype, cpu_ge
     return DevicePlan(device, compile_backend, dtype, cpu_gemm)
 
 
+def checkpoint_dtype(checkpoint: str) -> str:
+    """The dtype a checkpoint says it was saved in (where its config says it is the architecture's:
+    ``ModelSpec.declared_dtypes``); float32 where it says none we serve."""
+    try:
+        declared = get_spec(checkpoint).declared_dtypes
+    except (OSError, ValueError):  # no config.json, not JSON, or no architecture we serve
+        return "float32"
+    return next((dtype for dtype in declared if dtype in DTYPES), "float32")
+
+
 def torch_dtype(config: DeviceConfig, checkpoint: str = "") -> torch.dtype:
     """The dtype to serve in: ``config.dtype``, or for auto the one ``checkpoint`` was saved in."""
-    return getattr(torch, config.dtype_name(checkpoint))
+    return getattr(torch, checkpoint_dtype(checkpoint) if config.dtype == "auto" else config.dtype)
 
 
 def plan_for(config: DeviceConfig, checkpoint: str = "") -> DevicePlan:

@@ -21,7 +21,7 @@ def apply_threads(config: DeviceConfig, model_width: int) -> int:
     0 (auto): a model narrower than NARROW_MODEL_WIDTH gets one thread. Its ops are too small to
     split (each parallel region costs more than it saves), and every Triton stub is a process
     of its own on the same cores: two threads each made the tiny checkpoint 1.6x slower at 16
-    streams (README, Benchmarks). Wider models keep torch's default, one thread per core.
+    streams (docs/benchmarks.md). Wider models keep torch's default, one thread per core.
     """
     threads = config.num_threads or (1 if model_width < NARROW_MODEL_WIDTH else TORCH_DEFAULT_THREADS)
     torch.set_num_threads(threads)  # also undoes an earlier model's setting in the same process

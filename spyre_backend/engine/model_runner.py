@@ -21,25 +21,35 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from fms.models import get_model
 
 from spyre_backend.device import DevicePlan, memory
 from spyre_backend.device.host_memory import release_freed_memory
 from spyre_backend.engine import attention
 from spyre_backend.engine.kv_cache import KVPool
 from spyre_backend.engine.kv_cache_manager import NULL_BLOCK
+from spyre_backend.engine.sampler import Sample, SampleRow, sample
 from spyre_backend.models import ModelSpec
 
 
 @dataclass
 class SequenceInput:
-    """One sequence's share of a step, as the runner needs it: no sessions, no sampling, no text."""
+    """One sequence's share of a step, as the runner needs it: plain data, no sessions, no text."""
 
+    request_id: int
     token_ids: list[int]  # the tokens to compute (image placeholders included)
     start: int  # position of the first one
     block_ids: tuple[int, ...] | list[int]  # the sequence's KV blocks, covering start + len(token_ids)
     image_features: torch.Tensor | None = None  # [placeholders among token_ids, hidden] (host)
-    wants_logits: bool = True
+    sampling: SampleRow | None = None  # the step reaches the sequence's end: sample its next token
+
+    @property
+    def wants_logits(self) -> bool:
+        return self.sampling is not None
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[int, Sample]  # request id -> the token sampled for it (sequences that sample)
 
 
 @dataclass
@@ -100,25 +110,20 @@ class ModelRunner:
         memory.decoder_estimate(checkpoint, self.dtype, spec,
                                 min_kv_tokens=(self.max_blocks_per_seq + 1) * block_size
                                 ).check(memory.available_bytes(self.device))
-        full = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=self.dtype,
-                         device_type=self.device.type)
         self.image_token_id = spec.image_token_id
-        lm = full.language_model
-        del full  # the vision tower lives in the vision_encoder model, not here
-        self.lm = lm.to(self.device).eval()
+        self.lm = spec.load_language_model(checkpoint, self.dtype, self.device.type).to(self.device)
         self.layers_prepared = plan.prepare(self.lm, single_row=True)  # e.g. the CPU's linears through oneDNN
-        text = lm.config
-        self.hidden_size = text.emb_dim
-        self.logits_scaling = float(text.logits_scaling)
-        kv_heads = text.kvheads or text.nheads
-        bytes_per_token = 2 * text.nlayers * kv_heads * text.head_dim * torch.finfo(self.dtype).bits // 8
+        text = spec.text
+        self.hidden_size = text.hidden_size
+        self.logits_scaling = text.logits_scaling
+        bytes_per_token = text.kv_bytes_per_token(self.dtype)
         self.weight_bytes = memory.module_bytes(self.lm)
         release_freed_memory()  # what loading dropped, before the pool is sized from what is left
         if callable(num_kv_blocks):
             num_kv_blocks = num_kv_blocks(bytes_per_token, memory.available_bytes(self.device))
         self.kv_pool = KVPool(
-            num_layers=text.nlayers, num_blocks=num_kv_blocks, block_size=block_size,
-            kv_heads=kv_heads, head_dim=text.head_dim, dtype=self.dtype, device=self.device,
+            num_layers=text.num_layers, num_blocks=num_kv_blocks, block_size=block_size,
+            kv_heads=text.kv_heads, head_dim=text.head_dim, dtype=self.dtype, device=self.device,
         )
         self._forward = plan.compile(self._forward_impl, name="granite_decoder")
         self.shapes_run: set[tuple[int, ...]] = set()
@@ -159,6 +164,17 @@ class ModelRunner:
         shapes += [(batch, 1, ctx) for batch in self.decode_batch_sizes for ctx in self.context_buckets]
         return shapes
 
+    @torch.no_grad()
+    def warmup(self) -> None:
+        """Compile before serving: each warmup shape runs once, and the one mixed graph (eager:
+        nothing to compile, nothing to run)."""
+        if self.plan.compile_backend == "eager":
+            return
+        for batch, q_len, ctx in self.warmup_shapes():
+            self.forward(self.dummy_inputs(batch, q_len, ctx))
+        if self.mixes_steps:  # one graph for every mixed step (the module doc)
+            self.forward(self.mixed_example())
+
     # -- prefix-cache copies ------------------------------------------------------------------
     @torch.no_grad()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -174,7 +190,22 @@ class ModelRunner:
 
     # -- one engine step ----------------------------------------------------------------------
     @torch.no_grad()
-    def execute(self, sequences: list[SequenceInput]) -> list[torch.Tensor | None]:
+    def execute(self, sequences: list[SequenceInput], block_copies: list[tuple[int, int]] = ()) -> ModelRunnerOutput:
+        """One engine step: copy the prefix cache's blocks, compute every sequence's tokens into
+        the KV cache, and sample the next token of each sequence that asks for one."""
+        self.copy_blocks(block_copies)  # before the step writes anything
+        logits = self.logits(sequences)
+        rows = [i for i, seq in enumerate(sequences) if seq.sampling is not None]
+        if not rows:
+            return ModelRunnerOutput({})
+        # never the image placeholder: the engine finds images by that token id, so a sampled one
+        # would be taken for an image without features (a text token for transformers)
+        samples = sample(torch.stack([logits[i] for i in rows]), [sequences[i].sampling for i in rows],
+                         never=[self.image_token_id])
+        return ModelRunnerOutput({sequences[i].request_id: s for i, s in zip(rows, samples)})
+
+    @torch.no_grad()
+    def logits(self, sequences: list[SequenceInput]) -> list[torch.Tensor | None]:
         """Compute every sequence's tokens into the KV cache; float32 logits [vocab] of each
         sequence's last token where ``wants_logits`` (None elsewhere), in the given order.
 

@@ -26,8 +26,6 @@ import hashlib
 import numpy as np
 import torch
 
-from spyre_backend.engine.sessions import Session
-
 ROOT = b"spyre-prefix-cache-v2"
 
 
@@ -42,39 +40,38 @@ def segment_hash(parent: bytes, token_ids: list[int], features: torch.Tensor | N
 
 
 class SegmentHasher:
+    """Pure functions of a history (token ids and the features of its placeholders, in order):
+    the session keeps the hashes (``engine/turns.py``), this only computes them."""
+
     def __init__(self, segment_size: int, image_token_id: int):
         self.segment_size = segment_size
         self.image_token_id = image_token_id
 
-    def hashes(self, session: Session, num_segments: int) -> list[bytes]:
-        """The hashes of the session's first ``num_segments`` segments (all full in its history)."""
-        size = self.segment_size
-        hashes = session.segment_hashes
-        if len(hashes) < num_segments:
-            features = session.features()
-            placeholders = session.token_ids[: len(hashes) * size].count(self.image_token_id)
-            for i in range(len(hashes), num_segments):
-                tokens = session.token_ids[i * size: (i + 1) * size]
-                count = tokens.count(self.image_token_id)
-                rows = None if not count else features[placeholders: placeholders + count]
-                hashes.append(segment_hash(hashes[-1] if hashes else ROOT, tokens, rows))
-                placeholders += count
-        return hashes[:num_segments]
+    def more(self, token_ids: list[int], features: torch.Tensor | None, known: list[bytes],
+             num_segments: int) -> list[bytes]:
+        """The hashes of full segments ``len(known) .. num_segments - 1``, chained on ``known``."""
+        size, out = self.segment_size, []
+        placeholders = token_ids[: len(known) * size].count(self.image_token_id)
+        parent = known[-1] if known else ROOT
+        for i in range(len(known), num_segments):
+            tokens = token_ids[i * size: (i + 1) * size]
+            count = tokens.count(self.image_token_id)
+            rows = None if not count else features[placeholders: placeholders + count]
+            parent = segment_hash(parent, tokens, rows)
+            out.append(parent)
+            placeholders += count
+        return out
 
-    def tail_hash(self, session: Session, segment: int, length: int) -> bytes:
-        """The hash of the first ``length`` (< segment_size) tokens of segment ``segment``."""
-        return self.tail_candidates(session, segment, length)[0][1]
-
-    def tail_candidates(self, session: Session, segment: int, max_length: int) -> list[tuple[int, bytes]]:
-        """(length, hash) of the first tokens of segment ``segment``, for every length up to
-        ``max_length`` (and below segment_size), longest first."""
+    def tail_candidates(self, token_ids: list[int], features: torch.Tensor | None, parent: bytes, segment: int,
+                        max_length: int) -> list[tuple[int, bytes]]:
+        """(length, hash) of the first tokens of segment ``segment`` (whose parent segment's hash is
+        ``parent``), for every length up to ``max_length`` (and below segment_size), longest first."""
         start = segment * self.segment_size
-        parent = self.hashes(session, segment)[-1] if segment else ROOT
-        tokens = session.token_ids[start: start + min(max_length, self.segment_size - 1)]
+        tokens = token_ids[start: start + min(max_length, self.segment_size - 1)]
         rows = None
         if self.image_token_id in tokens:
-            before = session.token_ids[:start].count(self.image_token_id)
-            rows = session.features()[before: before + tokens.count(self.image_token_id)]
+            before = token_ids[:start].count(self.image_token_id)
+            rows = features[before: before + tokens.count(self.image_token_id)]
         out = []
         for n in range(len(tokens), 0, -1):
             count = tokens[:n].count(self.image_token_id)

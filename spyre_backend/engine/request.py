@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from spyre_backend.engine.sampler import make_generator
 from spyre_backend.engine.sampling_params import SamplingParams
 from spyre_backend.protocol import FinishReason
 
 if TYPE_CHECKING:
     from spyre_backend.engine.detokenizer import IncrementalDetokenizer
-    from spyre_backend.engine.sessions import Session
+    from spyre_backend.engine.turns import Session
 
 _ids = itertools.count(1)
 
@@ -63,8 +64,25 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
+@dataclass
+class StreamState:
+    """What the output processor keeps of a request's output (its only writer)."""
+
+    output_ids: list[int] = field(default_factory=list)
+    detokenizer: "IncrementalDetokenizer | None" = None
+    num_emitted_chars: int = 0
+    pending_logprobs: list[dict] = field(default_factory=list)
+    first_token_at: float | None = None  # time.monotonic() when its first / latest token was sampled
+    last_token_at: float | None = None
+
+
 @dataclass(eq=False)  # identity: requests hold tensors, and each one is unique
 class Request:
+    """One turn of a sequence. Its inputs are set when it is made (``LLMEngine.add_request`` gives
+    a one-off its sequence id and every request its deadline, before the engine thread sees it);
+    afterwards each part has one writer: ``session`` is set by ``Turns.start``, the scheduling
+    counters by the ``Scheduler``, ``stream`` by the ``OutputProcessor``."""
+
     prompt_ids: torch.Tensor  # [n] int64: this turn's new tokens
     image_features: torch.Tensor | None  # [n_features, hidden] or None
     params: SamplingParams
@@ -76,24 +94,26 @@ class Request:
     request_id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")
-    # engine state
-    session: "Session | None" = None
+    generator: torch.Generator | None = None  # made from params (seeded or not); None when greedy
+    session: "Session | None" = None  # its session, once its turn has started (Turns)
+    # scheduling counters (Scheduler)
     num_prefill_tokens: int = 0  # tokens computed before the first one was sampled (recompute included)
     num_cached_tokens: int = 0  # of the sequence's tokens at admission, those taken from the prefix cache
     num_preemptions: int = 0
-    output_ids: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
-    detokenizer: "IncrementalDetokenizer | None" = None
-    num_emitted_chars: int = 0
-    pending_logprobs: list[dict] = field(default_factory=list)
-    stop_requested: bool = False
-    first_token_at: float | None = None  # time.monotonic() when its first / latest token was sampled
-    last_token_at: float | None = None
+    stream: StreamState = field(default_factory=StreamState)  # (OutputProcessor)
+
+    def __post_init__(self):
+        if self.generator is None:
+            self.generator = make_generator(self.params)
 
     @property
     def num_prompt_tokens(self) -> int:
         return int(self.prompt_ids.shape[0])
 
     @property
+    def output_ids(self) -> list[int]:
+        return self.stream.output_ids
+
+    @property
     def sampled_any(self) -> bool:
-        return bool(self.output_ids)
+        return bool(self.stream.output_ids)

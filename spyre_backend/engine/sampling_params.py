@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field, fields
 
+from spyre_backend.config import EngineLimits
 from spyre_backend.errors import InvalidRequest
 from spyre_backend.protocol import TRTLLM_INPUTS
 
@@ -42,7 +43,8 @@ def check_json_depth(text: str, limit: int, what: str) -> None:
 
 @dataclass
 class SamplingParams:
-    max_tokens: int | None = 16  # None: what the context leaves (resolved before the engine sees it)
+    # None: what the context leaves (resolved before the engine sees it)
+    max_tokens: int | None = EngineLimits.default_max_tokens
     min_tokens: int = 0  # eos and stop tokens are suppressed until this many tokens exist
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 or -1: no limit

@@ -20,8 +20,10 @@ blocks in it shared, the segments past them copied into a block of its own: the 
 ``block_copies``) and computes only the rest: at least its last token, whose logits it needs.
 After each step the segments a step completed are registered under their hashes (``KVCacheManager``).
 
-``schedule()`` returns a ``SchedulerOutput``: plain data (request ids, token ranges, block ids) that
-the engine turns into the model runner's inputs. ``step_done()`` then records what was computed.
+The engine core drives it as vLLM v1's does: ``schedule()`` returns a ``SchedulerOutput``, plain
+data (request ids, token ranges, block ids) that the core turns into the model runner's inputs;
+``update_from_output()`` then records what the runner computed and sampled. The scheduler writes its
+queues and each request's scheduling counters; sessions are written through ``Turns``.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from dataclasses import dataclass, field
 
 from spyre_backend.config import SchedulerConfig
 from spyre_backend.engine.kv_cache_manager import KVCacheManager
-from spyre_backend.engine.prefix_cache import SegmentHasher
 from spyre_backend.engine.request import Request
-from spyre_backend.engine.sessions import SessionTable
+from spyre_backend.engine.sampler import Sample
+from spyre_backend.engine.turns import Turns
 
 
 @dataclass(frozen=True)
@@ -73,15 +75,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, sessions: SessionTable, config: SchedulerConfig,
-                 hasher: SegmentHasher | None = None):
+    def __init__(self, kv: KVCacheManager, turns: Turns, config: SchedulerConfig):
         self.kv = kv
-        self.sessions = sessions
+        self.turns = turns
         self.config = config
-        self.hasher = hasher  # None: no prefix caching
-        # hits that end where an earlier turn ended (its tail), where a prefill may start anywhere:
-        # not on Spyre, whose prefix unit is the whole block its prefill programs start on
-        self._tails = kv.segment_size < kv.block_size
+        self.caches_prefixes = turns.hasher is not None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
@@ -89,7 +87,7 @@ class Scheduler:
         self.prefix_hits = 0  # of those, tokens found cached
 
     def add(self, request: Request) -> None:
-        """Queue a request whose session holds its prompt (``session.token_ids``)."""
+        """Queue a request whose turn has started (``Turns.start``: its session holds its prompt)."""
         self.waiting.append(request)
 
     def remove(self, request: Request) -> None:
@@ -101,6 +99,10 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
+
+    def requests(self) -> list[Request]:
+        """Every request the scheduler holds, running first."""
+        return [*self.running, *self.waiting]
 
     # -- one step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -130,7 +132,7 @@ class Scheduler:
                               and self.kv.allocate(session.sequence_id, session.num_computed + n)):
                 if cached:  # give the blocks back while waiting (they stay cached): waiting holds nothing
                     self.kv.free(session.sequence_id)
-                    session.num_computed = 0
+                    self.turns.computed(session, 0)
                 break  # FCFS: later requests wait behind this one
             if cached is not None:
                 self.prefix_queries += len(session.token_ids)
@@ -146,20 +148,29 @@ class Scheduler:
             prefills += n > 1
         return out
 
-    def step_done(self, out: SchedulerOutput) -> None:
-        """The model computed ``out``: its tokens' K/V are in the cache now."""
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[int, Sample]) -> list[tuple[Request, Sample]]:
+        """The model computed ``out`` (its tokens' K/V are in the cache now) and sampled a token for
+        each request id in ``sampled``: the tokens join their sessions' histories. Returns the
+        (request, sample) pairs, in step order, for the output processor."""
         running = {r.request_id: r for r in self.running}
+        tokens = []
         for seq in out.sequences:
             request = running.get(seq.request_id)  # None: it ended while its step was being built
-            if request is not None:
-                session = request.session
-                session.num_computed = seq.start + seq.num_tokens
-                if not request.sampled_any:
-                    request.num_prefill_tokens += seq.num_tokens
-                size = self.kv.segment_size
-                full = session.num_computed // size
-                if self.hasher is not None and full * size > seq.start:  # it filled a segment
-                    self.kv.register_segments(session.sequence_id, self.hasher.hashes(session, full))
+            if request is None:
+                continue
+            session = request.session
+            self.turns.computed(session, seq.start + seq.num_tokens)
+            if not request.sampled_any:
+                request.num_prefill_tokens += seq.num_tokens
+            size = self.kv.segment_size
+            full = session.num_computed // size
+            if self.caches_prefixes and full * size > seq.start:  # it filled a segment
+                self.kv.register_segments(session.sequence_id, self.turns.segment_hashes(session, full))
+            sample = sampled.get(seq.request_id)
+            if sample is not None:
+                self.turns.append(session, sample.token)
+                tokens.append((request, sample))
+        return tokens
 
     # -- helpers -----------------------------------------------------------------------------
     def _take_cached_prefix(self, request: Request) -> tuple[int | None, tuple[int, int] | None]:
@@ -167,22 +178,16 @@ class Scheduler:
         (None where it has computed tokens already, or without prefix caching) and the block copy
         that gives it the last of them."""
         session = request.session
-        if self.hasher is None or session.num_computed or self.kv.block_ids(session.sequence_id):
+        if not self.caches_prefixes or session.num_computed or self.kv.block_ids(session.sequence_id):
             return None, None
         size = self.kv.segment_size
         usable = len(session.token_ids) - 1  # the last token is always computed
-        tail = (lambda segment: self.hasher.tail_candidates(session, segment, usable - segment * size)) \
-            if self._tails else None
-        cached, copy = self.kv.take_cached(session.sequence_id, self.hasher.hashes(session, usable // size), tail)
-        session.num_computed = cached
+        tail = (lambda segment: self.turns.tail_candidates(session, segment, usable - segment * size)) \
+            if self.turns.registers_tails else None
+        cached, copy = self.kv.take_cached(session.sequence_id, self.turns.segment_hashes(session, usable // size),
+                                           tail)
+        self.turns.computed(session, cached)
         return cached, copy
-
-    def register_tail(self, session) -> None:
-        """At the end of a turn: register what the session computed past its last full segment."""
-        size = self.kv.segment_size
-        segment, length = divmod(session.num_computed, size)
-        if self.hasher is not None and self._tails and length:
-            self.kv.register_tail(session.sequence_id, segment, self.hasher.tail_hash(session, segment, length))
 
     def _tokens_for(self, request: Request, budget: int, prefills: int) -> int:
         need = request.session.num_uncomputed
@@ -213,15 +218,15 @@ class Scheduler:
         """Evict idle sessions, oldest first, until ``blocks`` are free; True if they are."""
         if blocks <= self.kv.num_free:
             return True
-        before = len(self.sessions)
-        enough = self.sessions.evict_for(blocks)
-        out.evicted_sessions += before - len(self.sessions)
+        before = len(self.turns)
+        enough = self.turns.evict_for(blocks)
+        out.evicted_sessions += before - len(self.turns)
         return enough
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv.free(request.session.sequence_id)
-        request.session.num_computed = 0
+        self.turns.computed(request.session, 0)
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)

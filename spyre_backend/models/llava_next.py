@@ -42,6 +42,11 @@ class TextConfig(_View):
     vocab_size = _field("vocab_size")
 
     @property
+    def logits_scaling(self) -> float:
+        """Granite divides its logits by this (transformers' LlavaNext leaves it out)."""
+        return float(self._section.get("logits_scaling", 1.0))
+
+    @property
     def kv_heads(self) -> int:
         return self._section.get("num_key_value_heads") or self.num_heads
 
@@ -101,6 +106,14 @@ class LlavaNext(ModelSpec):
         # transformers writes "dtype", older versions "torch_dtype", at the top or in text_config
         sections = (self._config, self._config.get("text_config") or {})
         return tuple(s[key] for s in sections for key in ("dtype", "torch_dtype") if s.get(key) is not None)
+
+    # -- the language model ------------------------------------------------------------------------
+    def load_language_model(self, checkpoint: str, dtype: torch.dtype, device_type: str) -> torch.nn.Module:
+        from fms.models import get_model
+
+        full = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=dtype,
+                         device_type=device_type)
+        return full.language_model.eval()  # the tower is dropped: it lives in the vision_encoder model
 
     # -- the vision model ----------------------------------------------------------------------
     def load_vision_model(self, checkpoint: str, dtype: torch.dtype, device_type: str) -> torch.nn.Module:

@@ -42,6 +42,11 @@ class ModelSpec:
         """Every dtype the config says the weights were saved in, the one to believe first."""
         raise NotImplementedError
 
+    # -- the language model ------------------------------------------------------------------------
+    def load_language_model(self, checkpoint: str, dtype: torch.dtype, device_type: str) -> torch.nn.Module:
+        """The FMS decoder that takes embeddings (``base_model``, ``head``), without the vision tower."""
+        raise NotImplementedError
+
     # -- the vision model ----------------------------------------------------------------------
     def load_vision_model(self, checkpoint: str, dtype: torch.dtype, device_type: str) -> torch.nn.Module:
         """The vision tower and what packs its features, without the LLM's decoder layers."""

@@ -17,9 +17,8 @@ import torch
 from transformers import AutoTokenizer
 
 from spyre_backend.config import ServingConfig
-from spyre_backend.device import memory, plan_for, process
+from spyre_backend.device import memory, process
 from spyre_backend.engine.llm_engine import EngineStats, LLMEngine
-from spyre_backend.engine.model_runner import ModelRunner
 from spyre_backend.engine.request import Request, RequestOutput
 from spyre_backend.engine.sampling_params import SamplingParams
 from spyre_backend.errors import InvalidRequest
@@ -54,27 +53,19 @@ class LLMService:
         self.spec = get_spec(checkpoint)
         threads = process.apply_threads(config.device, self.spec.text.hidden_size)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        cache, scheduler = config.cache, config.scheduler
-        runner = ModelRunner(
-            checkpoint, plan=plan_for(config.device, checkpoint), spec=self.spec,
-            num_kv_blocks=lambda per_token, available: cache.kv_blocks(per_token, scheduler.max_running, available),
-            block_size=cache.block_size, max_context=cache.max_context, prefill_chunk=scheduler.prefill_chunk,
-            decode_batch_sizes=cache.decode_batch_sizes, prefill_align=cache.prefill_align,
-        )
-        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids=eos, scheduler=scheduler, limits=config.engine,
-                                enable_prefix_caching=cache.enable_prefix_caching, on_step=on_stats)
+        self.engine = LLMEngine.from_config(checkpoint, config, self.spec, self.tokenizer, on_step=on_stats)
         loaded = time.monotonic() - started
         process.apply_serving_allocator()
         self.engine.start()
         warmed = warmup_llm(self, checkpoint) if warmup else 0.0
-        plan, pool = runner.plan, runner.kv_pool
+        probe, block_size = self.engine.probe, config.cache.block_size
+        plan = probe.plan
         resident, peak = memory.resident_bytes()
         log.warning("granite_llm: loaded %s in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; %d static shapes); "
                     "memory: weights %s, KV pool %s (%d blocks of %d tokens, %d tokens), resident %s, peak %s",
                     checkpoint, loaded, warmed, plan.kind, plan.compile_backend, str(plan.dtype).removeprefix("torch."),
-                    threads, len(runner.shape_set()), memory.gib(runner.weight_bytes), memory.gib(pool.nbytes),
-                    pool.num_blocks, cache.block_size, (pool.num_blocks - 1) * cache.block_size,
+                    threads, len(probe.shape_set()), memory.gib(probe.weight_bytes), memory.gib(probe.kv_pool_bytes),
+                    probe.num_kv_blocks, block_size, (probe.num_kv_blocks - 1) * block_size,
                     memory.gib(resident), memory.gib(peak))
 
     def submit(self, inputs: GenerateInputs, send: Callable[[str, RequestOutput], None],
@@ -126,7 +117,7 @@ class LLMService:
 
     def seal_compiled(self, sealed: bool = True) -> None:
         """After warmup, in a process that serves only this model (DevicePlan.seal_compiled)."""
-        self.engine.runner.plan.seal_compiled(sealed)
+        self.engine.seal(sealed)
 
     def shutdown(self) -> None:
         self.engine.stop()

@@ -44,21 +44,18 @@ def warmup_llm(service, checkpoint: str) -> float:
     """Runs before the engine serves: all compiled shapes, then real requests (an image prompt
     through the vision encoder's code, greedy and random sampling) through the engine."""
     started = time.monotonic()
-    runner = service.engine.runner
-    if runner.plan.compile_backend != "eager":
-        for batch, q_len, ctx in runner.warmup_shapes():
-            runner.forward(runner.dummy_inputs(batch, q_len, ctx))
-        if runner.mixes_steps:  # one graph for every mixed step (ModelRunner's module doc)
-            runner.forward(runner.mixed_example())
+    engine = service.engine
+    engine.warmup()
     _, prompt = real_image_inputs(checkpoint, service.spec)
-    encoder = VisionEncoder(checkpoint, DevicePlan(runner.plan.kind, "eager", runner.plan.dtype))
+    plan = engine.probe.plan
+    encoder = VisionEncoder(checkpoint, DevicePlan(plan.kind, "eager", plan.dtype))
     features = encoder.encode(torch.from_numpy(prompt.pixel_values), torch.from_numpy(prompt.image_sizes))
     del encoder  # only its code path was needed
     release_freed_memory()  # its weights
     ids = torch.from_numpy(prompt.input_ids)
     for params in (SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, temperature=1.0, top_p=0.9, seed=0)):
         done = threading.Event()
-        service.engine.add_request(Request(ids, features, params, lambda out: out.finished and done.set()))
+        engine.add_request(Request(ids, features, params, lambda out: out.finished and done.set()))
         if not done.wait(600):
             raise RuntimeError("warmup request did not finish")
     return time.monotonic() - started

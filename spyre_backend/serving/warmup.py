@@ -1,8 +1,12 @@
 """Warmup before a model reports ready: every shape that will be compiled runs once, driven by a
-real synthetic image through the real preprocessing and vision code (never pre-merged inputs).
+real synthetic image through the real preprocessing (never pre-merged inputs).
 
-Eager execution has nothing to compile, so it runs only the real end-to-end warmup requests;
-compiled backends (inductor, sendnn) also run every shape of the static shape set.
+The vision encoder warms up on the image's pixels. The LLM gets the real prompt, its image
+placeholders expanded by the real processor, and one feature row per placeholder as wide as the
+vision encoder sends them: what the LLM computes depends on the features' shape, never on their
+values, so it needs no vision tower of its own (loading one cost the LLM process the tower's
+weights at start-up). Eager execution has nothing to compile, so it runs only the end-to-end
+warmup requests; compiled backends (inductor, sendnn) also run every shape of the static shape set.
 """
 
 from __future__ import annotations
@@ -13,8 +17,6 @@ import time
 
 import torch
 
-from spyre_backend.device import DevicePlan
-from spyre_backend.device.host_memory import release_freed_memory
 from spyre_backend.engine.request import Request
 from spyre_backend.engine.sampling_params import SamplingParams
 from spyre_backend.preprocess.processor import Preprocessor
@@ -41,18 +43,16 @@ def warmup_vision(encoder: VisionEncoder, checkpoint: str, spec) -> float:
 
 
 def warmup_llm(service, checkpoint: str) -> float:
-    """Runs before the engine serves: all compiled shapes, then real requests (an image prompt
-    through the vision encoder's code, greedy and random sampling) through the engine."""
+    """Runs before the engine serves: all compiled shapes, then real requests (an image prompt,
+    greedy and random sampling) through the engine."""
     started = time.monotonic()
     engine = service.engine
     engine.warmup()
     _, prompt = real_image_inputs(checkpoint, service.spec)
-    plan = engine.probe.plan
-    encoder = VisionEncoder(checkpoint, DevicePlan(plan.kind, "eager", plan.dtype))
-    features = encoder.encode(torch.from_numpy(prompt.pixel_values), torch.from_numpy(prompt.image_sizes))
-    del encoder  # only its code path was needed
-    release_freed_memory()  # its weights
     ids = torch.from_numpy(prompt.input_ids)
+    placeholders = int((ids == service.spec.image_token_id).sum())
+    # float32, as the vision_encoder model sends them; small, as projected features are
+    features = torch.randn(placeholders, service.spec.text.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
     for params in (SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, temperature=1.0, top_p=0.9, seed=0)):
         done = threading.Event()
         engine.add_request(Request(ids, features, params, lambda out: out.finished and done.set()))

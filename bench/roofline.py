@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from spyre_backend.device import cpu_linear
+from spyre_backend.engine.probe import best_time
 from spyre_backend.models import spec_from_config
 
 # -- the model's shape and its work (pure arithmetic) -----------------------------------------
@@ -122,16 +123,6 @@ def roofline_fraction(flops: float, nbytes: float, seconds: float, peak_flops: f
 
 
 # -- this machine's limits ----------------------------------------------------------------------
-def _best_time(fn, repeats: int) -> float:
-    fn()  # warm (allocation, thread pool)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def measure_machine(sizes=(1024, 2048, 3072), copy_mib: int = 512, repeats: int = 3) -> dict:
     """Best fp32 matmul rate over a few sizes and both CPU GEMM libraries the serving code may use
     (MKL through torch.mm, oneDNN with a reordered weight: cpu_linear), and memory bandwidth
@@ -139,15 +130,15 @@ def measure_machine(sizes=(1024, 2048, 3072), copy_mib: int = 512, repeats: int 
     matmul, onednn = {}, {}
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
-        matmul[n] = 2.0 * n ** 3 / _best_time(lambda: torch.mm(a, b), repeats) / 1e9
+        matmul[n] = 2.0 * n ** 3 / best_time(lambda: torch.mm(a, b), repeats) / 1e9
         if cpu_linear.available():
             packed = cpu_linear.PackedLinear(b.T.contiguous())  # a @ b as a linear layer
             with torch.no_grad():
-                onednn[n] = 2.0 * n ** 3 / _best_time(lambda: packed(a), repeats) / 1e9
+                onednn[n] = 2.0 * n ** 3 / best_time(lambda: packed(a), repeats) / 1e9
     x = torch.ones(copy_mib * 2 ** 20 // 4)
     y = torch.empty_like(x)
-    copy = 2.0 * x.numel() * 4 / _best_time(lambda: y.copy_(x), repeats + 2) / 1e9
-    read = 1.0 * x.numel() * 4 / _best_time(lambda: x.sum(), repeats + 2) / 1e9
+    copy = 2.0 * x.numel() * 4 / best_time(lambda: y.copy_(x), repeats + 2) / 1e9
+    read = 1.0 * x.numel() * 4 / best_time(lambda: x.sum(), repeats + 2) / 1e9
     return {"threads": torch.get_num_threads(), "matmul_gflops_by_size": matmul,
             "onednn_gflops_by_size": onednn, "matmul_gflops": max([*matmul.values(), *onednn.values()]),
             "copy_gbs": copy, "read_gbs": read,
@@ -158,7 +149,7 @@ def measure_machine(sizes=(1024, 2048, 3072), copy_mib: int = 512, repeats: int 
 def time_vision(encoder, prompt, repeats: int = 3) -> tuple[float, int]:
     pixels, sizes = torch.from_numpy(prompt.pixel_values), torch.from_numpy(prompt.image_sizes)
     crops = sum(encoder.crops_per_image(size) for size in sizes)
-    return _best_time(lambda: encoder.encode(pixels, sizes), repeats), int(crops)
+    return best_time(lambda: encoder.encode(pixels, sizes), repeats), int(crops)
 
 
 def analyse(shape: ModelShape, machine: dict, *, vision_s: float, crops: int, prefill_s: float, prompt_tokens: int,

@@ -12,8 +12,10 @@ import torch
 from spyre_backend.engine.core import EngineCore
 
 
-def _best_time(fn, repeats: int) -> float:
-    fn()  # the first run of a shape may compile or touch memory for the first time
+def best_time(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` runs of ``fn``, after one run that is not timed (the first run of
+    a shape may compile, or touch memory for the first time)."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
@@ -129,7 +131,7 @@ class EngineProbe:
                 runner.forward(runner.prefill_inputs(chunk, start=start, block_table=table))
 
         try:
-            return _best_time(prefill, repeats)
+            return best_time(prefill, repeats)
         finally:
             kv.free("probe")
 
@@ -143,7 +145,7 @@ class EngineProbe:
         embeds = torch.randn(batch, runner.hidden_size, dtype=runner.dtype) * 0.02
         step = runner.decode_inputs(embeds, [context] * batch, tables)
         try:
-            return _best_time(lambda: runner.forward(step), repeats)
+            return best_time(lambda: runner.forward(step), repeats)
         finally:
             for owner in owners:
                 kv.free(owner)

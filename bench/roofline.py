@@ -20,7 +20,6 @@ blocks, power-of-two contexts and crop batches) is counted as overhead, not work
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import torch

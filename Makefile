@@ -40,3 +40,9 @@ checkpoint: setup
 
 clean:
 	rm -rf .triton .pytest_cache
+
+# The GPU check (docs/full-size.md, tools/gpu_check): here, the wheels the lent GPU machine lacks into
+# .whl/, the size check and the one device call to make; there, `bash scripts/gpu_check.sh --out DIR`.
+.PHONY: gpu-check
+gpu-check: setup
+	bash scripts/gpu_check.sh prepare

@@ -27,6 +27,7 @@ DEVICES = ("auto", "spyre", "cpu", "cuda")
 COMPILE_BACKENDS = ("eager", "inductor", "sendnn")
 CPU_GEMMS = ("onednn", "mkl")
 DTYPES = ("float32", "bfloat16", "float16")  # torch's names
+QUANTIZATIONS = ("none", "int8")
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,9 @@ class DeviceConfig:
     dtype: str = "auto"  # auto: the checkpoint's (config.json "dtype"/"torch_dtype"; float32 where it says none)
     cpu_gemm: str = "onednn"  # onednn | mkl: the CPU's large fp32 linears (spyre_backend/device/cpu_linear.py)
     num_threads: int = 0  # torch intra-op threads; 0: one for narrow models, else torch's default (device/process.py)
+    # none | int8: the LLM decoder's linears with int8 weights (torchao; activations stay in dtype; not on
+    # Spyre); opt-in, none is the exact path (spyre_backend/device/quantize.py, docs/benchmarks.md int8)
+    quantization: str = "none"
 
     def validate(self) -> None:
         _check(self, self.device in DEVICES, "device", f"must be one of {list(DEVICES)}")
@@ -58,6 +62,7 @@ class DeviceConfig:
         _check(self, self.dtype in ("auto", *DTYPES), "dtype", f"must be auto or one of {sorted(DTYPES)}")
         _check(self, self.cpu_gemm in CPU_GEMMS, "cpu_gemm", f"must be one of {list(CPU_GEMMS)}")
         _check(self, self.num_threads >= 0, "num_threads", "must be >= 0")
+        _check(self, self.quantization in QUANTIZATIONS, "quantization", f"must be one of {list(QUANTIZATIONS)}")
 
 
 @dataclass

@@ -9,13 +9,13 @@ everything Spyre-specific is in ``spyre.py``.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from spyre_backend.config import CPU_GEMMS, DEVICES, DTYPES, ConfigError, DeviceConfig
-from spyre_backend.device import cpu_linear, memory, spyre
+from spyre_backend.device import cpu_linear, memory, quantize, spyre
 from spyre_backend.models import get_spec
 
 PREFILL_ALIGN = 16  # tokens, off Spyre (DevicePlan.prefill_align)
@@ -31,6 +31,7 @@ class DevicePlan:
     compile_backend: str  # eager | inductor | sendnn
     dtype: torch.dtype
     cpu_gemm: str = "onednn"  # onednn | mkl: who runs the CPU's large fp32 linears (cpu_linear)
+    quantization: str = "none"  # none | int8: the LLM decoder's linears (quantize.py)
 
     @property
     def torch_device(self) -> torch.device:
@@ -62,7 +63,10 @@ class DevicePlan:
         how many layers changed. On the CPU: large fp32 linears through oneDNN, large bf16 ones
         computed in fp32 for many rows where the CPU has no bf16 arithmetic (cpu_linear);
         ``single_row``: the model runs single rows (decode at batch 1) and memory allows, also
-        in the layout for one row."""
+        in the layout for one row. ``quantization: int8``: the decoder's linears (the module that runs
+        ``single_row``; the vision tower stays as loaded) get int8 weights instead (quantize.py)."""
+        if self.quantization == "int8" and single_row:
+            return quantize.quantize_linears(module, self.dtype)
         if self.kind != "cpu" or not cpu_linear.available():
             return 0
         if self.dtype == torch.bfloat16 and not cpu_linear.has_native_bf16():
@@ -190,7 +194,11 @@ def plan_for(config: DeviceConfig, checkpoint: str = "") -> DevicePlan:
     be used fails here, at load."""
     try:
         params = sum(memory.tensor_counts(checkpoint).values()) if checkpoint else 0
-        return resolve(config.device, config.compile_backend or None, torch_dtype(config, checkpoint), config.cpu_gemm,
+        plan = resolve(config.device, config.compile_backend or None, torch_dtype(config, checkpoint), config.cpu_gemm,
                        model_params=params)
     except (DeviceError, RuntimeError) as exc:
         raise ConfigError(f"parameter 'device' ({config.device!r}): {exc}") from None
+    if config.quantization != "none" and plan.kind == "spyre":
+        raise ConfigError(f"parameter 'quantization' ({config.quantization!r}): not on Spyre, whose compiled "
+                          "programs take the model's own dtype; use none there")
+    return replace(plan, quantization=config.quantization)

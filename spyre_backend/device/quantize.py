@@ -1,0 +1,93 @@
+"""Opt-in int8 weight-only linears (``quantization: int8``): the LLM decoder reads one byte a
+weight instead of two (bf16) or four (fp32), for a decode step bound by reading its weights.
+
+The quantizer is torchao's (``quantize_`` with ``Int8WeightOnlyConfig``: symmetric, one scale per
+output row); nothing here rounds a weight. Activations stay in the model's dtype. What runs the
+matmul with the quantized weight:
+
+- On the CPU, torch's own int8 kernel ``_weight_int8pack_mm`` for up to ``INT8_MM_MAX_ROWS`` rows
+  (decode steps), and for more rows (prefill chunks) a dense matmul on the weight converted to the
+  compute dtype for that call: the kernel is built for few rows (at 512 rows it took 15x a dense
+  matmul's time). With bf16 activations one row of 16384 x 2048 took 1.1-1.3 ms in it against
+  2.5-3.2 ms in bf16; its fp32 path is slow at every row count (18-24 ms for the same row, the fp32
+  weight 2.4-3.1 ms), so with ``dtype: float32`` it runs single rows only and int8 is slower than the
+  default: int8 is for bf16 (docs/benchmarks.md, int8). The computation is torchao's own
+  (``x @ W_int8.T * scale``, the scale in the activation dtype), in one opaque op, so eager and
+  inductor run the same kernels.
+- On CUDA, torchao's quantized tensor as ``quantize_`` leaves it (its own linear).
+
+Only the LLM decoder's ``nn.Linear`` layers are quantized, the LM head included: at the 2b shape
+(49156 x 2048) it is the largest single read of a decode step, and on the tiny checkpoint the
+first-step KL was the same with it exact (docs/benchmarks.md, int8); a tied head gets an int8 copy
+and the embedding keeps the original. The embedding and the vision tower stay as loaded. torchao
+is imported only when int8 is asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spyre_backend.device.cpu_linear import has_native_bf16
+
+# One row (a decode step at batch 1) to 16 (the largest decode batch) through the int8 kernel; the
+# 2b shape's 16384 x 2048 at 16 rows took 10 ms in it, 33 ms converted (docs/benchmarks.md, int8).
+INT8_MM_MAX_ROWS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 1}
+
+_LIBRARY = torch.library.Library("spyre_backend", "FRAGMENT")  # cpu_linear defines the namespace
+_LIBRARY.define("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor")
+
+
+def _int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= INT8_MM_MAX_ROWS.get(x.dtype, 0):
+        y = torch._weight_int8pack_mm(rows.contiguous(), weight, scale)
+    else:  # prefill: converted for this call, in fp32 where the CPU has no bf16 arithmetic
+        compute = torch.float32 if x.dtype == torch.bfloat16 and not has_native_bf16() else x.dtype
+        y = (nn.functional.linear(rows.to(compute), weight.to(compute)) * scale.to(compute)).to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_LIBRARY.impl("int8_linear", _int8_linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("spyre_backend::int8_linear")
+def _(x, weight, scale, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+class Int8Linear(nn.Module):
+    """``y = (x @ W_int8.T) * scale + b``, from a linear torchao quantized (inference only)."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = linear.weight.shape
+        self.weight = linear.weight.qdata.contiguous()  # int8 [out, in]
+        self.scale = linear.weight.scale.reshape(-1).to(dtype)  # as torchao applies it: in the activation dtype
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.spyre_backend.int8_linear.default(x, self.weight, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_linears(module: nn.Module, dtype: torch.dtype) -> int:
+    """Quantizes every ``nn.Linear`` under ``module`` to int8 weights, in place; ``dtype``: the
+    activations'. Returns how many."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_  # only where int8 is asked for
+
+    def wanted(child: nn.Module, _name: str = "") -> bool:
+        return type(child) is nn.Linear  # exact: subclasses may read .weight themselves
+
+    found = [(parent, name) for parent in module.modules() for name, child in parent.named_children() if wanted(child)]
+    # set_inductor_config=False: torchao would otherwise change inductor's settings process-wide
+    quantize_(module, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=wanted)
+    for parent, name in found:
+        linear = getattr(parent, name)
+        if linear.weight.device.type == "cpu":
+            setattr(parent, name, Int8Linear(linear, dtype))
+    return len(found)

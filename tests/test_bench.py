@@ -238,3 +238,13 @@ def test_proxy_comparison_takes_medians_of_rounds():
     assert proxy.compare(result)["c=1 tokens_per_s"]["spread_ratio"] == 185.0 / 95.0
     assert "| c=1 ttft_p50 | 40.00, 44.00, 42.00 | 43.00, 41.00, 60.00 | +1.00 | 1.024 | - | - |" in "\n".join(
         proxy.markdown({"comparison": comparison}))
+
+
+def test_step_times_reports_one_configuration(capsys):
+    from bench import step_times
+
+    step_times.main(["--checkpoint", str(DEFAULT_CHECKPOINT), "--set", "dtype=float32", "--context", "100", "--prefill", "32"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["parameters"] == {"dtype": "float32"}
+    assert out["decode_b1_ms"] > 0 and out["decode_b4_ms"] > 0 and out["prefill_32_s"] > 0
+    assert out["resident_gib"] >= out["kv_gib"] > 0

@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     for batch in (1, 4):
         out[f"decode_b{batch}_ms"] = round(probe.time_decode(batch, args.context) * 1e3, 1)
     out["decode_b1_weights_gbps"] = round(probe.weight_bytes / 1e9 / (out["decode_b1_ms"] / 1e3), 1)
-    out[f"prefill_{args.prefill}_s"] = round(probe.time_prefill(args.prefill, repeats=1), 2)
+    out[f"prefill_{args.prefill}_s"] = round(probe.time_prefill(args.prefill, repeats=1), 3)
     print(json.dumps(out), flush=True)
     service.shutdown()
 

@@ -248,3 +248,13 @@ def test_step_times_reports_one_configuration(capsys):
     assert out["parameters"] == {"dtype": "float32"}
     assert out["decode_b1_ms"] > 0 and out["decode_b4_ms"] > 0 and out["prefill_32_s"] > 0
     assert out["resident_gib"] >= out["kv_gib"] > 0
+
+
+def test_mixed_load_reports_each_stream(capsys):
+    from bench import mixed_load
+
+    mixed_load.main(["--checkpoint", str(DEFAULT_CHECKPOINT), "--requests", "3", "--prompt", "150", "--new", "5",
+                     "--set", "prefill_chunk=128", "--set", "mixed_prefill_chunk=64"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["parameters"] == {"prefill_chunk": "128", "mixed_prefill_chunk": "64"}
+    assert out["tokens_per_s"] > 0 and 0 < out["ttft_p50_s"] <= out["ttft_max_s"] <= out["wall_s"]

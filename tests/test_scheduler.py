@@ -147,3 +147,27 @@ def test_kv_manager_refuses_without_taking_anything():
     assert kv.allocate("a", 8) and not kv.allocate("b", 8)
     assert kv.block_ids("b") == [] and kv.num_free == 1
     assert kv.free("a") == 2 and kv.num_free == 3
+
+
+def test_a_step_with_decode_rows_takes_the_smaller_mixed_chunk():
+    sched = make(max_running=8, prefill_chunk=32, mixed_prefill_chunk=8)
+    long = submit(sched, 40)
+    assert tokens(step(sched)) == {long.request_id: 32}  # alone: the whole chunk
+    step(sched)  # long's last 8 tokens
+    a = submit(sched, 2)
+    assert tokens(step(sched)) == {long.request_id: 1, a.request_id: 2}  # a's prompt fits the mixed chunk
+    other = submit(sched, 40)
+    out = step(sched)  # long and a decode now: other's prompt goes in pieces of 8
+    assert tokens(out) == {long.request_id: 1, a.request_id: 1, other.request_id: 8}
+    finish(sched, long)
+    finish(sched, a)
+    assert tokens(step(sched)) == {other.request_id: 32}  # alone again: the whole chunk
+
+
+def test_the_mixed_chunk_is_validated():
+    from spyre_backend.config import ConfigError, ServingConfig
+
+    assert ServingConfig.from_strings({"mixed_prefill_chunk": "1024"}).scheduler.mixed_prefill_chunk == 1024  # at most
+    for bad in ({"mixed_prefill_chunk": "-64"}, {"mixed_prefill_chunk": "100"}):
+        with pytest.raises(ConfigError, match="mixed_prefill_chunk"):
+            ServingConfig.from_strings(bad)

@@ -4,8 +4,9 @@ Every running request is a session with ``num_uncomputed`` tokens whose K/V are 
 yet: a whole prompt (or a prompt left after a chunk), a session's new turn, or the one token
 sampled last step. Each step the scheduler gives requests tokens, at most
 ``max_num_batched_tokens`` in all: first the running requests in the order they were admitted
-(decode rows take one token; a prompt takes a chunk of at most ``prefill_chunk``, and at most
-``max_prefills`` prompts get a chunk per step), then waiting requests, first come first served.
+(decode rows take one token; a prompt takes a chunk of at most ``prefill_chunk``, or
+``mixed_prefill_chunk`` in a step that carries decode rows, and at most ``max_prefills`` prompts
+get a chunk per step), then waiting requests, first come first served.
 
 KV blocks are taken as a sequence grows (``KVCacheManager.allocate``), never for tokens it has not
 reached. When a running request needs a block and none is free, idle sessions are evicted (oldest
@@ -109,10 +110,15 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.token_budget
         prefills = 0
+        # a step with decode rows takes a smaller prompt chunk (mixed_prefill_chunk): their streams
+        # wait for this step
+        chunk = self.config.prefill_chunk
+        if self.config.mixed_prefill_chunk and any(r.session.num_uncomputed == 1 for r in self.running):
+            chunk = min(chunk, self.config.mixed_prefill_chunk)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = self._tokens_for(request, budget, prefills)
+            n = self._tokens_for(request, budget, prefills, chunk)
             if n == 0:
                 i += 1
                 continue
@@ -127,7 +133,7 @@ class Scheduler:
             request = self.waiting[0]
             session = request.session
             cached, copy = self._take_cached_prefix(request)  # None: not looked up
-            n = self._tokens_for(request, budget, prefills)
+            n = self._tokens_for(request, budget, prefills, chunk)
             if n == 0 or not (self._evict_idle(self.kv.num_missing(session.sequence_id, session.num_computed + n), out)
                               and self.kv.allocate(session.sequence_id, session.num_computed + n)):
                 if cached:  # give the blocks back while waiting (they stay cached): waiting holds nothing
@@ -189,13 +195,13 @@ class Scheduler:
         self.turns.computed(session, cached)
         return cached, copy
 
-    def _tokens_for(self, request: Request, budget: int, prefills: int) -> int:
+    def _tokens_for(self, request: Request, budget: int, prefills: int, chunk: int) -> int:
         need = request.session.num_uncomputed
         if need <= 1:
             return need
         if prefills >= self.config.max_prefills:
             return 0
-        n = min(need, self.config.prefill_chunk, budget)
+        n = min(need, chunk, budget)
         if n < need and n > self.kv.block_size:
             n -= n % self.kv.block_size  # a chunk that is not the last ends on a block boundary
         return n

@@ -15,7 +15,7 @@ if [ "${1:-}" = prepare ]; then
 fi
 # the carried wheels, where this python lacks them (the lent machine; never the project's venv)
 if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -m tools.gpu_check.wheels --missing; then
-  SITE=${GPU_CHECK_SITE:-/tmp/gpu-check-site}
+  SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/gpu-check-site}
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi

@@ -22,6 +22,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "results" / "gpu-check"),
                    help="where gpu-check.json and gpu-check.log go (default: $OUT, else results/gpu-check)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: the dry run")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/gpu-check"), help="the checkpoint and phase files")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gpu-check",
+                   help="the checkpoint and phase files (default: gpu-check in the temporary folder)")
     p.add_argument("--checkpoint", type=Path, help="default: WORKDIR/checkpoint")
     p.add_argument("--build", default=PRESET_BUILD,
                    help="tools.tiny_checkpoint.random_checkpoint's arguments for the checkpoint ('': use it as it is)")

@@ -10,7 +10,9 @@
 - ``proxy``: ``proxy``: two replicas behind HAProxy against one direct (tiny checkpoint only);
 - ``prefix``: ``prefix``: prefix caching, ours and vLLM CPU.
 
-bench/main.py runs them in that order for each checkpoint. Below: what every phase shares.
+bench/main.py runs them in that order for each checkpoint. ``full`` (``--checkpoints full``) is a
+run of its own: the 2b-shaped checkpoint, ours in each dtype against vLLM CPU and llama.cpp.
+Below: what every phase shares.
 """
 
 from __future__ import annotations

@@ -33,8 +33,12 @@ HOME = PEER_DIR / "llama-src"  # the sdist and its unpacked tree
 SOURCE = HOME / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
 BUILD = PEER_DIR / "llama-build"
 SERVER = BUILD / "bin" / "llama-server"
+# Native, but without AMX: on these machines ggml's AMX kernels (q8_0 weights) die with SIGILL on
+# their first tile instruction (`tilezero`, seen 2026-12-07); f16 never uses them.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_WEBUI=OFF",
-               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON"]
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON",
+               f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 WEIGHT_TYPES = ("f16", "q8_0")
 # what the converters import beyond the project's venv, installed beside it (never into it)
 CONVERTER_PACKAGES = ("sentencepiece==0.2.1",)
@@ -44,8 +48,8 @@ CONVERTER_SITE = PEER_DIR / "llama-py"
 # -- build -------------------------------------------------------------------------------------------
 def ensure_built(log=print) -> Path:
     """``llama-server``, built if it is not yet (about 8 minutes on 2 cores)."""
-    stamp = BUILD / ".peer-ready"
-    if SERVER.exists() and stamp.exists() and stamp.read_text().strip() == LLAMA_CPP_PYTHON:
+    stamp, want = BUILD / ".peer-ready", " ".join([LLAMA_CPP_PYTHON, *CMAKE_FLAGS])
+    if SERVER.exists() and stamp.exists() and stamp.read_text().strip() == want:
         return SERVER
     if not SOURCE.exists():
         log(f"llama.cpp: downloading the llama-cpp-python {LLAMA_CPP_PYTHON} sdist (77 MB) for its vendored tree")
@@ -54,12 +58,14 @@ def ensure_built(log=print) -> Path:
                         "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(HOME)], check=True)
         with tarfile.open(HOME / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz") as tar:
             tar.extractall(HOME, filter="data")
-    log(f"llama.cpp: building llama-server in {BUILD} (first use only, minutes)")
-    subprocess.run(["cmake", "-S", str(SOURCE), "-B", str(BUILD), *CMAKE_FLAGS], check=True,
-                   stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(BUILD), f"-j{os.cpu_count()}", "--target", "llama-server"], check=True,
-                   stdout=subprocess.DEVNULL)
-    stamp.write_text(LLAMA_CPP_PYTHON)
+    build_log = PEER_DIR / "llama-build.log"
+    log(f"llama.cpp: building llama-server in {BUILD} (first use only, minutes; log: {build_log})")
+    with open(build_log, "w") as out:
+        subprocess.run(["cmake", "-S", str(SOURCE), "-B", str(BUILD), *CMAKE_FLAGS], check=True, stdout=out,
+                       stderr=subprocess.STDOUT)
+        subprocess.run(["cmake", "--build", str(BUILD), f"-j{os.cpu_count()}", "--target", "llama-server"],
+                       check=True, stdout=out, stderr=subprocess.STDOUT)
+    stamp.write_text(want)
     return SERVER
 
 

@@ -152,9 +152,17 @@ class EngineLimits:
     max_sessions: int = 256  # open sessions (sequences kept between turns)
     max_tokens_limit: int = 4096  # cap on max_tokens
     default_max_tokens: int = 16
+    # structured output (engine/structured_output.py): the largest schema, regex, choice list or
+    # grammar a request may give (bytes, canonical text), how deep a schema may nest (JSON levels),
+    # how long a request waits for its grammar to compile, and how many compiled grammars are kept
+    max_grammar_bytes: int = 64 * 1024
+    max_schema_depth: int = 32
+    grammar_compile_timeout_s: float = 10.0
+    grammar_cache_size: int = 256
 
     def validate(self) -> None:
-        for name in ("session_ttl_s", "max_request_s", "max_sessions", "max_tokens_limit", "default_max_tokens"):
+        for name in ("session_ttl_s", "max_request_s", "max_sessions", "max_tokens_limit", "default_max_tokens",
+                     "max_grammar_bytes", "max_schema_depth", "grammar_compile_timeout_s", "grammar_cache_size"):
             _check(self, getattr(self, name) > 0, name, "must be positive")
 
 

@@ -25,6 +25,7 @@ from spyre_backend.engine.request import Request
 from spyre_backend.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
+_WAKE = object()  # an inbox item that only wakes the engine thread (a grammar finished compiling)
 
 
 @dataclass
@@ -118,6 +119,9 @@ class LLMEngine:
         if request.sequence_id is None:  # a one-off sequence of its own
             request.sequence_id = ("one-off", next(self._one_off_ids))
             request.sequence_start = request.sequence_end = True
+        if request.params.structured is not None:  # compiled off the engine thread; the request waits for it
+            request.grammar = self._core.structured.compile(request.params.structured)
+            request.grammar.add_done_callback(lambda _done: self._inbox.put(_WAKE))
         self._inbox.put(request)
 
     def stop_sequence(self, sequence_id, end: bool, reply: Callable[[str | None], None]) -> None:
@@ -142,6 +146,7 @@ class LLMEngine:
         self._inbox.put(None)
         if self._thread:
             self._thread.join(timeout=30)
+        self._core.close()
 
     def stats(self) -> EngineStats:
         core = self._core

@@ -9,8 +9,9 @@ The forms, in ``sampling_parameters`` (and on the OpenAI front, in the request b
 - OpenAI's ``response_format``: ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema":
   {"name", "schema", "strict"}}`` (or ``{"type": "text"}``: no constraint).
 
-Each becomes a ``StructuredOutput(kind, spec)`` whose ``spec`` is canonical text (a schema with
-sorted keys and no spaces), so the same constraint written twice compiles once.
+Each becomes a ``StructuredOutput(kind, spec)`` whose ``spec`` is canonical text (a schema
+without whitespace, its keys in their order: the order of ``properties`` is the order the fields
+are written in), so the same constraint written twice compiles once.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")  # [subschema]
 @dataclass(frozen=True)
 class StructuredOutput:
     kind: str  # one of KINDS
-    spec: str  # canonical text: the schema (compact, sorted keys), the regex, the choices (JSON), the grammar
+    spec: str  # canonical text: the schema (compact), the regex, the choices (JSON), the grammar
 
     @property
     def key(self) -> tuple[str, str]:
@@ -49,7 +50,7 @@ class StructuredOutput:
 
 
 def canonical_json(value) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def forms_to_structured_outputs(name: str, value) -> dict | None:

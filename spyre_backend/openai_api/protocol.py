@@ -12,11 +12,13 @@ import json
 from dataclasses import dataclass
 
 from spyre_backend.engine.sampling_params import MAX_LOGPROBS, SamplingParams, check_json_depth
+from spyre_backend.engine.structured_request import FORMS as STRUCTURED_FORMS
+from spyre_backend.engine.structured_request import structured_from
 from spyre_backend.errors import InvalidRequest
 from spyre_backend.openai_api.chat_template import ChatTemplate
 
 MAX_N = 16  # choices per request: each one is a sequence of its own in the engine
-MAX_BODY_DEPTH = 32  # chat bodies nest 5 deep; thousands of brackets are an attack, not a request
+MAX_BODY_DEPTH = 64  # chat bodies nest 5 deep, a JSON schema in them up to max_schema_depth (32) more
 
 # OpenAI parameters we understand but do not implement: refused when set, never silently ignored
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "suffix", "best_of",
@@ -103,7 +105,16 @@ def sampling_from(body: dict, logprobs: int | None) -> dict:
         values["temperature"] = 1.0  # OpenAI's default (vLLM's too when the checkpoint sets none)
     if logprobs is not None:
         values["logprobs"] = logprobs
-    probe = dict(values)
+    form = next((name for name in STRUCTURED_FORMS if body.get(name) is not None), None)
+    if form is not None:  # response_format, structured_outputs or guided_*: checked here, compiled by granite_llm
+        try:
+            structured = structured_from({name: body.get(name) for name in STRUCTURED_FORMS})
+            if structured is not None:
+                SamplingParams(structured_outputs=structured).validate()
+                values["structured_outputs"] = structured
+        except InvalidRequest as exc:
+            raise bad(str(exc), form) from None
+    probe = {name: value for name, value in values.items() if name != "structured_outputs"}
     if max_tokens is None:  # granite_llm resolves it to what the context leaves; probe with a valid value
         min_tokens = values.get("min_tokens", 0)
         probe["max_tokens"] = max(1, min_tokens) if isinstance(min_tokens, int) else 1
@@ -125,9 +136,6 @@ def _common(body: dict, served_model: str) -> tuple[int, bool, dict]:
     for name in UNSUPPORTED:
         if body.get(name) not in (None, False, [], {}):
             raise bad(f"{name} is not supported by this server", name)
-    fmt = body.get("response_format")
-    if fmt not in (None, {"type": "text"}):
-        raise bad("response_format other than {'type': 'text'} is not supported by this server", "response_format")
     model = body.get("model")
     if model is not None and model != served_model:
         raise ApiError(404, f"the model {model!r} does not exist; this server serves {served_model!r}",

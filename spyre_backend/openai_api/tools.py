@@ -1,0 +1,195 @@
+"""Tool calling on the OpenAI front, the way Granite writes it: the tools go into the prompt
+through the checkpoint's chat template (``tools=``, as ``apply_chat_template`` does), and the
+model answers a call as ``<|tool_call|>`` followed by a JSON list of ``{"name", "arguments"}``.
+
+- ``tool_choice: "auto"`` (the default with tools): the model is free; an answer that is a
+  well-formed call list of known tools becomes ``tool_calls``, anything else stays text;
+- ``"required"`` or a named function: the prompt ends with ``<|tool_call|>`` and a JSON schema
+  grammar (structured output in granite_llm) holds the answer to a list of calls of those tools
+  whose arguments follow their parameters, so the call always parses;
+- ``"none"``: the tools are in the prompt, the answer is text.
+
+A call answers with ``finish_reason: "tool_calls"``, each call with an id of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from spyre_backend.engine.sampling_params import SamplingParams
+from spyre_backend.errors import InvalidRequest
+
+TOOL_CALL = "<|tool_call|>"  # Granite's marker before a JSON list of calls
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+
+
+@dataclass
+class Tools:
+    """The tools of a request and how the answer may use them."""
+
+    functions: dict[str, dict]  # name -> parameters (a JSON schema)
+    definitions: list[dict]  # as the chat template gets them: [{"type": "function", "function": {...}}]
+    choice: str = "auto"  # auto | none | required | named
+    named: str | None = None  # the function tool_choice names
+    parallel: bool = True  # parallel_tool_calls: more than one call per answer
+
+    @property
+    def forced(self) -> bool:
+        return self.choice in ("required", "named")
+
+    def structured_outputs(self) -> dict:
+        """The grammar of a forced answer: a list of calls (one, without parallel calls)."""
+        names = [self.named] if self.choice == "named" else list(self.functions)
+        calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": self.functions[name]},
+                  "required": ["name", "arguments"]} for name in names]
+        schema: dict = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
+        if not self.parallel:
+            schema["maxItems"] = 1
+        return {"json": schema}
+
+
+def parse_tools(body: dict) -> Tools | None:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` of a chat body (None: no tools)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None or tools == []:
+        if choice not in (None, "none"):
+            raise InvalidRequest("tool_choice needs tools")
+        return None
+    if not isinstance(tools, list):
+        raise InvalidRequest("tools must be a list of {'type': 'function', 'function': {...}}")
+    functions, definitions = {}, []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict):
+            raise InvalidRequest(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}")
+        name = function.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidRequest(f"tools[{i}].function.name must be 1-64 letters, digits, '_' or '-', got {name!r}")
+        if name in functions:
+            raise InvalidRequest(f"tools[{i}]: the function name {name!r} is given twice")
+        parameters = function.get("parameters", EMPTY_PARAMETERS)
+        try:  # checked as a response_format schema is (the forced grammar compiles it)
+            SamplingParams(structured_outputs={"json": parameters}).validate()
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"tools[{i}].function.parameters: {exc}") from None
+        functions[name] = parameters
+        definitions.append({"type": "function", "function": {
+            key: function[key] for key in ("name", "description", "parameters") if key in function}})
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise InvalidRequest(f"parallel_tool_calls must be a boolean, got {parallel!r}")
+    result = Tools(functions, definitions, parallel=parallel)
+    if choice in (None, "auto", "none", "required"):
+        result.choice = choice or "auto"
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in functions:
+            raise InvalidRequest(f"tool_choice names the function {name!r}, which is not in tools {list(functions)}")
+        result.choice, result.named = "named", name
+    else:
+        raise InvalidRequest("tool_choice must be 'auto', 'none', 'required' or "
+                             "{'type': 'function', 'function': {'name': ...}}")
+    return result
+
+
+def template_message(message: dict, where: str) -> dict:
+    """The extra fields of an assistant's earlier calls and of a tool's answer, for the template
+    (HF's form: call arguments as objects)."""
+    out = {}
+    if message.get("role") == "assistant" and message.get("tool_calls"):
+        calls = message["tool_calls"]
+        if not isinstance(calls, list):
+            raise InvalidRequest(f"{where}.tool_calls must be a list")
+        out["tool_calls"] = []
+        for j, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise InvalidRequest(f"{where}.tool_calls[{j}] must have function.name")
+            arguments = function.get("arguments", "{}")
+            try:
+                arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+            except json.JSONDecodeError as exc:
+                raise InvalidRequest(f"{where}.tool_calls[{j}].function.arguments is not valid JSON: {exc}") from None
+            out["tool_calls"].append({"type": "function", "function": {"name": function["name"],
+                                                                      "arguments": arguments}})
+    if message.get("role") == "tool" and message.get("tool_call_id") is not None:
+        out["tool_call_id"] = message["tool_call_id"]
+    return out
+
+
+def parse_calls(text: str, tools: Tools) -> list[dict] | None:
+    """The calls in an answer (``<|tool_call|>`` then a JSON list of known functions), in OpenAI's
+    shape with ids; None if the answer is not a well-formed call list."""
+    body = text.strip()
+    if not tools.forced:  # a forced answer's marker is in the prompt
+        if not body.startswith(TOOL_CALL):
+            return None
+        body = body[len(TOOL_CALL):]
+    try:
+        calls = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(calls, list) or not calls:
+        return None
+    out = []
+    for call in calls:
+        if not (isinstance(call, dict) and call.get("name") in tools.functions
+                and isinstance(call.get("arguments", {}), dict)):
+            return None
+        out.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                    "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}),
+                                                                               ensure_ascii=False)}})
+    return out
+
+
+@dataclass
+class ToolCallStream:
+    """One choice's streamed text where a call may come: text that could still be the start of a
+    call is held back; at the end the held text is a call list or is released as text."""
+
+    tools: Tools
+    held: list[str] = field(default_factory=list)
+    releasing: bool = False  # the answer is text: pass it on as it comes
+
+    def feed(self, text: str) -> str:
+        """The text to stream now."""
+        if self.releasing or self.tools.choice == "none":
+            return text
+        self.held.append(text)
+        held = "".join(self.held)
+        start = held.lstrip()
+        if self.tools.forced or TOOL_CALL.startswith(start) or start.startswith(TOOL_CALL):
+            return ""
+        self.releasing, self.held = True, []
+        return held
+
+    def finish(self, finish_reason: str) -> tuple[str, list[dict] | None, str]:
+        """(text still to send, the calls or None, the finish reason to report)."""
+        held, self.held = "".join(self.held), []
+        if self.releasing or self.tools.choice == "none":
+            return held, None, finish_reason
+        calls = parse_calls(held, self.tools) if finish_reason == "stop" else None
+        if calls is None:
+            return held, None, finish_reason
+        return "", calls, "tool_calls"
+
+
+def assistant_message(tools: Tools | None, text: str, finish_reason: str) -> tuple[dict, str]:
+    """A whole answer as OpenAI's assistant message, and the finish reason to report."""
+    if tools is None:
+        return {"role": "assistant", "content": text}, finish_reason
+    stream = ToolCallStream(tools)
+    shown = stream.feed(text)
+    rest, calls, reason = stream.finish(finish_reason)
+    if calls:
+        return {"role": "assistant", "content": None, "tool_calls": calls}, reason
+    return {"role": "assistant", "content": shown + rest}, reason
+
+
+def call_deltas(calls: list[dict]) -> list[dict]:
+    """Calls as a stream's ``delta.tool_calls`` (each with its index)."""
+    return [{"index": k, **call} for k, call in enumerate(calls)]

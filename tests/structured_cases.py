@@ -49,6 +49,8 @@ SCHEMAS = {
     "deep": {"type": "object", "properties": {"l1": {"type": "object", "properties": {"l2": {
         "type": "object", "properties": {"l3": {"type": "array", "maxItems": 2, "items": SMALL_INT}},
         "required": ["l3"]}}, "required": ["l2"]}}, "required": ["l1"]},
+    "two_of_three": {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "boolean"},
+                                                      "c": {"type": "boolean"}}, "minProperties": 2, "maxProperties": 2},
     "described": {"title": "Line", "description": "one invoice line", "type": "object", "properties": {
         "item": {"type": "string", "maxLength": 8, "description": "what"}, "qty": SMALL_INT},
         "required": ["item", "qty"]},

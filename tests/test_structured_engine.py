@@ -25,7 +25,7 @@ from tests.structured_cases import CHOICES, REGEXES, SCHEMAS
 from testkit.images import shape_png
 
 MAX_TOKENS = 400  # far above what any bounded schema here needs: an output cut short fails the test
-SAMPLES_PER_SCHEMA = 10  # x 22 schemas: 220 sampled requests
+SAMPLES_PER_SCHEMA = 10  # x 23 schemas: 230 sampled requests
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +147,8 @@ def test_bad_constraints_are_refused_and_good_requests_in_the_batch_are_untouche
     ({"guided_json": {"type": "strin"}}, "invalid JSON schema"),
     ({"guided_json": {"type": "integer", "multipleOf": 3}}, "unsupported JSON schema keyword(s) ['multipleOf']"),
     ({"guided_json": {"type": "array", "items": {"not": {"type": "null"}}}}, "['not'] at /items"),
+    ({"guided_json": {"allOf": [{"type": "integer"}]}}, "['allOf']"),
+    ({"guided_json": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}, "['oneOf']"),
     ({"guided_json": "{not json"}, "not valid JSON"),
     ({"structured_outputs": {"json": {}, "regex": "a"}}, "exactly one of"),
     ({"structured_outputs": {"lark": "a"}}, "unsupported field(s) ['lark']"),

@@ -1,8 +1,9 @@
 """Token selection per request inside one batch.
 
 Each row carries its own parameters and random generator, so a seeded request samples the same
-tokens whatever else shares its batch. Order of operations (as in vLLM): penalties, then
-greedy argmax or temperature, top-k, top-p, min-p and a draw. Logprobs are those of the model's
+tokens whatever else shares its batch. Order of operations (as in vLLM): the grammar's token
+bitmask (structured output: what it masks is never sampled), penalties, then greedy argmax or
+temperature, top-k, top-p, min-p and a draw. Logprobs are those of the model's
 distribution (after penalties, before temperature and truncation).
 """
 

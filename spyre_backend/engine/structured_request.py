@@ -27,16 +27,17 @@ FORMS = ("structured_outputs", "response_format", *GUIDED)  # the request fields
 
 # JSON-schema keywords the grammar enforces (xgrammar's converter), and those that only annotate.
 # Anything else is refused by name: a keyword the grammar would silently drop (``multipleOf``,
-# ``uniqueItems``, ``not``, ``if``) gives output that the schema rejects.
+# ``uniqueItems``, ``not``, ``if``; xgrammar 0.2.8 drops ``allOf`` and reads ``oneOf`` as ``anyOf``)
+# gives output that the schema rejects.
 ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
-            "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
+            "maxItems", "enum", "const", "anyOf", "$ref", "$defs", "definitions",
             "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "pattern",
             "minProperties", "maxProperties"}
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                "readOnly", "writeOnly"}
 SUPPORTED_KEYWORDS = ENFORCED | ANNOTATIONS
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")  # {name: subschema}
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")  # [subschema]
+_SCHEMA_LISTS = ("anyOf", "prefixItems")  # [subschema]
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,8 @@ def test_every_sampler_setting_keeps_the_grammar(stack, settings):
         "type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}}, **settings)).wait()
     jsonschema.validate(json.loads(handle.text), schema)
     if "logprobs" in settings:  # the model's own distribution: the logprobs of the masked tokens are kept
-        assert all(len(entry["top"]) == 3 for entry in handle.final.logprobs or [])
+        entries = [e for out in handle.outputs for e in (out.logprobs or [])]
+        assert len(entries) == handle.final.num_output_tokens and all(len(e["top"]) == 3 for e in entries)
 
 
 def test_max_tokens_cuts_json_short_with_length(stack):
@@ -187,3 +188,34 @@ def test_one_compile_per_distinct_schema_and_cancel_while_compiling_releases(sta
 def test_min_tokens_never_forces_tokens_the_grammar_forbids(stack):
     handle = stack.submit("Yes?", params=params({"guided_choice": ["yes", "no"]}, min_tokens=20)).wait()
     assert handle.text in ("yes", "no") and handle.final.finish_reason == FinishReason.STOP
+
+
+def test_logprobs_are_the_models_own_distribution(stack):
+    """The grammar masks what is sampled, not what is reported: the first token's alternatives
+    are those of the same request without a grammar."""
+    free = stack.submit("Say hello.", params=params({}, max_tokens=1, logprobs=5)).wait()
+    held = stack.submit("Say hello.", params=params({"guided_choice": ["zq"]}, logprobs=5)).wait()
+    first_free, first_held = (next(e for o in h.outputs for e in (o.logprobs or [])) for h in (free, held))
+    assert held.text == "zq"
+    assert first_held["top"] == first_free["top"]
+    assert first_held["logprob"] < first_free["top"][0]["logprob"]  # not the model's choice
+
+
+def test_stop_strings_cut_a_constrained_answer(stack):
+    handle = stack.submit("Say it.", params=params({"guided_regex": "alpha beta gamma"}, stop=[" gamma"])).wait()
+    assert handle.text == "alpha beta" and handle.final.finish_reason == FinishReason.STOP
+
+
+def test_preempted_requests_keep_their_grammar(checkpoint):
+    raw = {"checkpoint": str(checkpoint), "compile_backend": "eager", "max_context": "1024", "max_running": "4",
+           "decode_batch_sizes": "1 2 4", "prefill_chunk": "64", "num_kv_blocks": "6"}
+    s = Stack(LLMService(ServingConfig.from_strings(raw)), Preprocessor(str(checkpoint)), VisionEncoder(str(checkpoint)))
+    try:  # 5 usable blocks; each sequence grows to 2 (a ~45-token prompt and 60 letters): some are preempted
+        letters = params({"guided_regex": "[a-z]{60}"}, max_tokens=100)
+        solo = s.submit("Say hello.", params=letters).wait().text
+        handles = [s.submit("Say hello.", params=letters) for _ in range(4)]
+        assert [h.wait().text for h in handles] == [solo] * 4
+        assert s.engine.stats().preemptions > 0 and re.fullmatch("[a-z]{60}", solo)
+        assert s.engine.probe.num_grammar_matchers == 0
+    finally:
+        s.service.shutdown()

@@ -123,13 +123,15 @@ def check_calls(calls, names):
                          ids=["named invoice", "named weather", "required"])
 def test_forced_calls_parse_and_validate_streaming_or_not(client, choice):
     names = [choice["function"]["name"]] if isinstance(choice, dict) else list(PARAMETERS)
+    # one call per answer: the tiny model, free to, would add calls to the list until max_tokens
     out = client.chat.completions.create(model=MODEL, messages=[USER], tools=TOOLS, tool_choice=choice,
-                                         max_tokens=300, temperature=1.0, seed=3, n=2)
+                                         parallel_tool_calls=False, max_tokens=300, temperature=1.0, seed=3, n=2)
     for c in out.choices:
         assert c.finish_reason == "tool_calls" and c.message.content is None
         check_calls(c.message.tool_calls, names)
     chunks = list(client.chat.completions.create(model=MODEL, messages=[USER], tools=TOOLS, tool_choice=choice,
-                                                 max_tokens=300, temperature=0, stream=True))
+                                                 parallel_tool_calls=False, max_tokens=300, temperature=0,
+                                                 stream=True))
     deltas = [d for chunk in chunks for d in (chunk.choices[0].delta.tool_calls or [])]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert not "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
@@ -143,7 +145,7 @@ def test_named_call_equals_transformers_with_xgrammar(client, reference, templat
     url = "data:image/png;base64," + base64.b64encode(image).decode()
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                              {"type": "text", "text": "File the invoice in the picture."}]}]
-    body = {"messages": messages, "tools": TOOLS, "tool_choice": named("file_invoice")}
+    body = {"messages": messages, "tools": TOOLS, "tool_choice": named("file_invoice"), "parallel_tool_calls": False}
     gen = parse_chat(body, template, MODEL)
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(
         reference.processor.tokenizer, vocab_size=reference.model.config.text_config.vocab_size))
@@ -169,7 +171,7 @@ def test_auto_is_text_or_a_well_formed_call_and_tool_results_go_back(client, ope
                                           max_tokens=20, temperature=0)
     assert none.choices[0].finish_reason in ("stop", "length") and not none.choices[0].message.tool_calls
     first = client.chat.completions.create(model=MODEL, messages=[USER], tools=TOOLS, max_tokens=200,
-                                           tool_choice=named("file_invoice"), temperature=0)
+                                           tool_choice=named("file_invoice"), parallel_tool_calls=False, temperature=0)
     call = first.choices[0].message.tool_calls[0]
     follow_up = [USER, first.choices[0].message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": '{"filed": true}'}]

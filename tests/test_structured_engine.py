@@ -151,6 +151,7 @@ def test_bad_constraints_are_refused_and_good_requests_in_the_batch_are_untouche
     ({"guided_json": {"allOf": [{"type": "integer"}]}}, "['allOf']"),
     ({"guided_json": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}, "['oneOf']"),
     ({"guided_json": "{not json"}, "not valid JSON"),
+    ({"guided_json": "[" * 60_000}, "RecursionError"),  # nested past the parser, under max_grammar_bytes
     ({"structured_outputs": {"json": {}, "regex": "a"}}, "exactly one of"),
     ({"structured_outputs": {"lark": "a"}}, "unsupported field(s) ['lark']"),
     ({"guided_choice": []}, "non-empty list"),

@@ -106,11 +106,12 @@ def parse(outputs: dict, *, max_bytes: int, max_depth: int) -> StructuredOutput:
             raise InvalidRequest("structured_outputs.json_object must be true")
         return StructuredOutput(kind, "")
     if kind == "json":
-        if isinstance(value, str):
+        if isinstance(value, str):  # a schema given as JSON text
+            _check_size(value, "the JSON schema", max_bytes)
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequest(f"the JSON schema is not valid JSON: {exc}") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise InvalidRequest(f"the JSON schema is not valid JSON: {type(exc).__name__}: {exc}") from None
         if not isinstance(value, dict):
             raise InvalidRequest(f"the JSON schema must be an object, got {type(value).__name__}")
         spec = canonical_json(value)

@@ -6,6 +6,7 @@ go on, and the interactions: prefix cache, sessions with a schema per turn, n > 
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -189,3 +190,10 @@ def test_each_turn_of_a_session_carries_its_own_schema(server):
             jsonschema.validate(json.loads(out["text"]), schema)
         else:
             assert out["text"] in ("yes", "no")
+
+
+def test_completions_take_the_same_forms(client):
+    out = client.completions.create(model=MODEL, prompt="Phone:", max_tokens=20, temperature=1.0, seed=1, n=2,
+                                    extra_body={"guided_regex": "[0-9]{3}-[0-9]{4}"})
+    assert [c.finish_reason for c in out.choices] == ["stop", "stop"]
+    assert all(re.fullmatch("[0-9]{3}-[0-9]{4}", c.text) for c in out.choices)

@@ -220,3 +220,24 @@ def test_preempted_requests_keep_their_grammar(checkpoint):
         assert s.engine.probe.num_grammar_matchers == 0
     finally:
         s.service.shutdown()
+
+
+def test_a_compile_past_its_time_limit_is_refused_and_the_batch_goes_on(checkpoint, monkeypatch):
+    from spyre_backend.engine.structured_output import StructuredOutputs
+
+    compile_ = StructuredOutputs._compile
+    monkeypatch.setattr(StructuredOutputs, "_compile", lambda self, s: time.sleep(1.0) or compile_(self, s))
+    raw = {"checkpoint": str(checkpoint), "compile_backend": "eager", "max_context": "1024", "max_running": "4",
+           "decode_batch_sizes": "1 2 4", "prefill_chunk": "64", "grammar_compile_timeout_s": "0.2"}
+    s = Stack(LLMService(ServingConfig.from_strings(raw), warmup=False), Preprocessor(str(checkpoint)),
+              VisionEncoder(str(checkpoint)))
+    try:
+        slow = s.submit("Who?", params=params({"guided_json": SCHEMAS["person"]}))
+        free = s.submit("Say hello.", params=params({}, max_tokens=20))
+        assert "did not compile within grammar_compile_timeout_s=0.2 s" in slow.wait().final.error
+        assert free.wait().final.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+        time.sleep(1.5)  # the compile went on, off the engine thread: the next request finds it cached
+        again = s.submit("Who?", params=params({"guided_json": SCHEMAS["person"]})).wait()
+        jsonschema.validate(json.loads(again.text), SCHEMAS["person"])
+    finally:
+        s.service.shutdown()

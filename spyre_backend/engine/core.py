@@ -82,6 +82,13 @@ class EngineCore:
         if self.turns.arrive(request):
             self._start_turn(request)
 
+    def compile_wait(self, now: float) -> float | None:
+        """Seconds until the first waiting compile runs past its limit (None: nothing compiles)."""
+        if not self.compiling:
+            return None
+        first = min(request.arrival for request in self.compiling)
+        return max(0.0, first + self.limits.grammar_compile_timeout_s - now)
+
     def admit_compiled(self, now: float) -> None:
         """Requests whose grammar is ready go on; those cancelled or past the compile limit end."""
         waiting, self.compiling = self.compiling, []

@@ -13,6 +13,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -157,8 +158,11 @@ class LLMEngine:
     # -- engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopping:
-            idle = not self._core.scheduler.has_work
-            self._drain_inbox(timeout=1.0 if idle else None)
+            timeout = None if self._core.scheduler.has_work else 1.0
+            wait = self._core.compile_wait(time.monotonic())
+            if timeout and wait is not None:  # wake in time to refuse a compile past its limit
+                timeout = min(timeout, wait + 0.001)
+            self._drain_inbox(timeout=timeout)
             try:
                 self._core.step()
             except Exception:  # the model step itself failed (per-request failures end that request

@@ -5,7 +5,9 @@ It runs on the engine thread only (``LLMEngine`` owns the thread and the inbox),
 owns needs locking: the model runner, the KV cache bookkeeping, the turns (sessions) and the
 scheduler. Each piece of state has one writer: ``Turns`` the sessions, the ``Scheduler`` its
 queues and the requests' scheduling counters, the ``KVCacheManager`` the blocks, the
-``OutputProcessor`` each request's stream. The core only decides when a turn starts and ends.
+``OutputProcessor`` each request's stream. The core only decides when a turn starts and ends,
+and holds a request with a grammar until it has compiled; each sampled step it gives the sampler
+the grammar's token bitmask and hands the sampled token to the matcher (``StructuredOutputs``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import xgrammar as xgr
 from spyre_backend.engine.structured_output import json_schema_grammar
 from spyre_backend.openai_api.chat_template import ChatTemplate
 from spyre_backend.openai_api.protocol import ApiError, parse_chat
-from tests.structured_cases import SCHEMAS
+from testkit.structured_cases import SCHEMAS
 from testkit.images import shape_png
 from testkit.streaming import grpc_stream
 

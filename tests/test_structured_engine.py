@@ -21,7 +21,7 @@ from spyre_backend.protocol import FinishReason
 from spyre_backend.serving.llm_service import LLMService
 from spyre_backend.vision.encoder import VisionEncoder
 from tests.engine_harness import Stack
-from tests.structured_cases import CHOICES, REGEXES, SCHEMAS
+from testkit.structured_cases import CHOICES, REGEXES, SCHEMAS
 from testkit.images import shape_png
 
 MAX_TOKENS = 400  # far above what any bounded schema here needs: an output cut short fails the test

@@ -101,6 +101,8 @@ def test_bad_tools_are_a_400_naming_the_parameter(template, body, param, fragmen
     (["<|tool_call|>[{\"name\": \"unknown\", \"arguments\": {}}]"], 0, "<|tool_call|>[{\"name\": \"unknown\""),
     (["<|tool_call|>[{\"name\": \"get_weather\""], 0, "<|tool_call|>"),  # cut short: text, never a broken call
     (["A green", " square."], 0, "A green square."),
+    (["[{\"name\": \"file_invoice\", \"arguments\": {}}]"], 1, ""),  # the marker a special token, left out
+    (["[1, 2]"], 0, "[1, 2]"),
 ])
 def test_auto_answers_are_a_whole_call_or_text(pieces, calls, text):
     stream = ToolCallStream(parse_tools({"tools": TOOLS}))

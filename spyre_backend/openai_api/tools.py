@@ -123,12 +123,11 @@ def template_message(message: dict, where: str) -> dict:
 
 def parse_calls(text: str, tools: Tools) -> list[dict] | None:
     """The calls in an answer (``<|tool_call|>`` then a JSON list of known functions), in OpenAI's
-    shape with ids; None if the answer is not a well-formed call list."""
+    shape with ids; None if the answer is not a well-formed call list. The marker may be missing:
+    a forced answer's is in the prompt, and where the tokenizer makes it a special token the
+    detokenized text leaves it out."""
     body = text.strip()
-    if not tools.forced:  # a forced answer's marker is in the prompt
-        if not body.startswith(TOOL_CALL):
-            return None
-        body = body[len(TOOL_CALL):]
+    body = body[len(TOOL_CALL):] if body.startswith(TOOL_CALL) else body
     try:
         calls = json.loads(body)
     except json.JSONDecodeError:
@@ -162,8 +161,8 @@ class ToolCallStream:
         self.held.append(text)
         held = "".join(self.held)
         start = held.lstrip()
-        if self.tools.forced or TOOL_CALL.startswith(start) or start.startswith(TOOL_CALL):
-            return ""
+        if self.tools.forced or TOOL_CALL.startswith(start) or start.startswith((TOOL_CALL, "[")):
+            return ""  # (a list may be a call whose marker the detokenizer left out)
         self.releasing, self.held = True, []
         return held
 

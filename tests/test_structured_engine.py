@@ -241,3 +241,20 @@ def test_a_compile_past_its_time_limit_is_refused_and_the_batch_goes_on(checkpoi
         jsonschema.validate(json.loads(again.text), SCHEMAS["person"])
     finally:
         s.service.shutdown()
+
+
+@pytest.mark.parametrize("schema", [{"type": "string"}, {"type": "string", "maxLength": 30},
+                                    {"type": "string", "minLength": 2}, {"type": "string", "pattern": "^.{1,5}$"}],
+                         ids=["plain", "maxLength", "minLength", "pattern"])
+def test_no_string_lets_a_raw_control_character_in(reference, schema):
+    """RFC 8259: control characters in strings must be escaped (xgrammar 0.2.8 lets them into
+    length-bounded strings; json_schema_grammar closes that)."""
+    tokenizer = reference.processor.tokenizer
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=reference.model.config.text_config.vocab_size)
+    matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_grammar(json_schema_grammar(json.dumps(schema))))
+    assert matcher.accept_string('"')
+    mask = xgr.allocate_token_bitmask(1, info.vocab_size)
+    matcher.fill_next_token_bitmask(mask)
+    allowed = [t for t in range(info.vocab_size) if (int(mask[0, t // 32]) >> (t % 32)) & 1]
+    raw = [t for t in allowed if any(byte < 0x20 for byte in info.decoded_vocab[t])]
+    assert len(allowed) > 100 and not raw, [info.decoded_vocab[t] for t in raw]

@@ -20,6 +20,7 @@ raw control character.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections import OrderedDict
@@ -59,13 +60,7 @@ def _message(exc: Exception) -> str:
 
 def choice_grammar(choices: list[str]) -> str:
     """EBNF whose only sentences are the choices (a JSON string literal is an EBNF literal)."""
-    return "root ::= " + " | ".join(json_literal(c) for c in choices)
-
-
-def json_literal(text: str) -> str:
-    import json
-
-    return json.dumps(text, ensure_ascii=False)
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
 class StructuredOutputs:
@@ -106,8 +101,6 @@ class StructuredOutputs:
             if kind == "regex":
                 return self._compiler.compile_regex(spec)
             if kind == "choice":
-                import json
-
                 return self._compiler.compile_grammar(choice_grammar(json.loads(spec)))
             return self._compiler.compile_grammar(spec)
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError with the parser's message

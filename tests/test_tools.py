@@ -106,10 +106,42 @@ def test_bad_tools_are_a_400_naming_the_parameter(template, body, param, fragmen
 ])
 def test_auto_answers_are_a_whole_call_or_text(pieces, calls, text):
     stream = ToolCallStream(parse_tools({"tools": TOOLS}))
-    shown = "".join(stream.feed(p) for p in pieces)
+    fed = [stream.feed(p) for p in pieces]
+    assert not any(deltas for _, deltas in fed)  # auto: a call goes out whole, once it parses
+    shown = "".join(text for text, _ in fed)
     rest, parsed, reason = stream.finish("stop")
-    assert len(parsed or []) == calls and (shown + rest).startswith(text)
+    assert len(parsed) == calls and (shown + rest).startswith(text)
     assert reason == ("tool_calls" if calls else "stop")
+
+
+def merged(deltas) -> list[dict]:
+    """Stream deltas put together by index, as a client does."""
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        call = calls.setdefault(d["index"], {"id": None, "name": None, "arguments": ""})
+        call["id"] = d.get("id") or call["id"]
+        call["name"] = d.get("function", {}).get("name") or call["name"]
+        call["arguments"] += d.get("function", {}).get("arguments") or ""
+    return [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("split", [1, 3, 7, 1000])
+def test_a_forced_answer_streams_each_call_as_it_is_written(split):
+    text = json.dumps([{"name": "get_weather", "arguments": {"city": "a}\\\"[", "unit": "C"}},
+                       {"name": "file_invoice", "arguments": {"number": "INV-001", "total": 12}}],
+                      separators=(",", ":"))
+    stream = ToolCallStream(parse_tools({"tools": TOOLS, "tool_choice": "required"}))
+    deltas, texts = [], []
+    for at in range(0, len(text), split):
+        shown, more = stream.feed(text[at: at + split])
+        texts.append(shown)
+        deltas += more
+    rest, more, reason = stream.finish("stop")
+    calls = merged(deltas + more)
+    assert reason == "tool_calls" and not "".join(texts) + rest
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+        (c["name"], c["arguments"]) for c in json.loads(text)]
+    assert all(c["id"].startswith("call_") for c in calls) and len({c["id"] for c in calls}) == 2
 
 
 # -- through the server ----------------------------------------------------------------------------
@@ -134,10 +166,17 @@ def test_forced_calls_parse_and_validate_streaming_or_not(client, choice):
     chunks = list(client.chat.completions.create(model=MODEL, messages=[USER], tools=TOOLS, tool_choice=choice,
                                                  parallel_tool_calls=False, max_tokens=300, temperature=0,
                                                  stream=True))
-    deltas = [d for chunk in chunks for d in (chunk.choices[0].delta.tool_calls or [])]
+    deltas = [d.model_dump(exclude_none=True) for chunk in chunks for d in (chunk.choices[0].delta.tool_calls or [])]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert not "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
-    check_calls([d for d in deltas], names)
+    calls = merged(deltas)
+    assert len(calls) == 1 and calls[0]["name"] in names and calls[0]["id"].startswith("call_")
+    jsonschema.validate(json.loads(calls[0]["arguments"]), PARAMETERS[calls[0]["name"]])
+    greedy = client.chat.completions.create(model=MODEL, messages=[USER], tools=TOOLS, tool_choice=choice,
+                                            parallel_tool_calls=False, max_tokens=300, temperature=0)
+    call = greedy.choices[0].message.tool_calls[0]  # the same call, streamed or not
+    assert (call.function.name, json.loads(call.function.arguments)) == (calls[0]["name"],
+                                                                        json.loads(calls[0]["arguments"]))
 
 
 def test_named_call_equals_transformers_with_xgrammar(client, reference, template):

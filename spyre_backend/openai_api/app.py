@@ -23,7 +23,7 @@ from spyre_backend.openai_api.media import MediaPolicy
 from spyre_backend.openai_api.protocol import (ApiError, Generation, parse_body, parse_chat, parse_completion,
                                                routing_key)
 from spyre_backend.openai_api.service import Choice, ClientGone, OpenAIService, new_id, now, usage
-from spyre_backend.openai_api.tools import ToolCallStream, assistant_message, call_deltas
+from spyre_backend.openai_api.tools import ToolCallStream, assistant_message
 from spyre_backend.openai_api.triton_client import TritonGenerator
 from spyre_backend.serving.routing import SESSION_HEADER, replica_id
 
@@ -196,19 +196,19 @@ def create_app(settings: FrontSettings) -> FastAPI:
             if not chat:
                 return [{"index": choice.index, "text": delta.text, "logprobs": logprobs,
                          "finish_reason": delta.finish_reason or None}]
-            text, calls, reason = delta.text, None, delta.finish_reason
-            if first.tools is not None:
+            text, calls, reason = delta.text, [], delta.finish_reason
+            if first.tools is not None:  # text, or tool-call deltas
                 tool_stream = tool_streams.setdefault(choice.index, ToolCallStream(first.tools))
-                text = tool_stream.feed(text)
+                text, calls = tool_stream.feed(text)
                 if reason:
-                    rest, calls, reason = tool_stream.finish(reason)
-                    text += rest
+                    rest, more, reason = tool_stream.finish(reason)
+                    text, calls = text + rest, calls + more
             out = []
             if text or not (reason or first.tools):
                 out.append({"index": choice.index, "delta": {"content": text}, "logprobs": logprobs,
                             "finish_reason": None})
             if calls:
-                out.append({"index": choice.index, "delta": {"tool_calls": call_deltas(calls)}, "logprobs": None,
+                out.append({"index": choice.index, "delta": {"tool_calls": calls}, "logprobs": None,
                             "finish_reason": None})
             if reason:  # OpenAI's last chunk of a choice: an empty delta and the reason
                 out.append({"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": reason})

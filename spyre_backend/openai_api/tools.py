@@ -9,7 +9,8 @@ model answers a call as ``<|tool_call|>`` followed by a JSON list of ``{"name", 
   whose arguments follow their parameters, so the call always parses;
 - ``"none"``: the tools are in the prompt, the answer is text.
 
-A call answers with ``finish_reason: "tool_calls"``, each call with an id of its own.
+A call answers with ``finish_reason: "tool_calls"``, each call with an id of its own; streamed,
+a forced call goes out as it is written, an ``auto`` one whole once the answer parses.
 """
 
 from __future__ import annotations
@@ -139,56 +140,123 @@ def parse_calls(text: str, tools: Tools) -> list[dict] | None:
         if not (isinstance(call, dict) and call.get("name") in tools.functions
                 and isinstance(call.get("arguments", {}), dict)):
             return None
-        out.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+        out.append({"id": new_call_id(), "type": "function",
                     "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}),
                                                                                ensure_ascii=False)}})
     return out
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+_CALL_HEAD = re.compile(r'[\[,]\{"name":"([^"\\]*)","arguments":')  # as a forced answer's grammar writes it
+
+
+class ForcedCallScanner:
+    """Streams a forced answer's calls as they are written. Its grammar writes them compact, the
+    name first (the order of the schema's properties): ``[{"name":"f","arguments":{...}},...]``,
+    so each call's header goes out once its name is complete, then its arguments as they come."""
+
+    def __init__(self):
+        self.text, self.pos, self.index = "", 0, -1
+        self.in_arguments = self.in_string = self.escaped = False
+        self.depth = 0
+
+    def feed(self, chunk: str) -> list[dict]:
+        """The ``delta.tool_calls`` entries that ``chunk`` completes."""
+        self.text += chunk
+        deltas = []
+        while self.pos < len(self.text):
+            if not self.in_arguments:
+                head = _CALL_HEAD.match(self.text, self.pos)
+                if head is None:  # a head not complete yet, or the list's end
+                    break
+                self.index, self.pos, self.in_arguments = self.index + 1, head.end(), True
+                deltas.append({"index": self.index, "id": new_call_id(), "type": "function",
+                               "function": {"name": head.group(1), "arguments": ""}})
+                continue
+            start = self.pos
+            ended = self._scan_arguments()
+            if self.pos > start:
+                deltas.append({"index": self.index, "function": {"arguments": self.text[start:self.pos]}})
+            if not ended:
+                break
+            self.in_arguments, self.pos = False, self.pos + 1  # past the call's closing brace
+        return deltas
+
+    def _scan_arguments(self) -> bool:
+        """Advance over the arguments' JSON; True at the brace that closes the call."""
+        while self.pos < len(self.text):
+            char = self.text[self.pos]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"':
+                self.in_string = True
+            elif char in "[{":
+                self.depth += 1
+            elif char in "]}":
+                if self.depth == 0:
+                    return True
+                self.depth -= 1
+            self.pos += 1
+        return False
+
+
 @dataclass
 class ToolCallStream:
-    """One choice's streamed text where a call may come: text that could still be the start of a
-    call is held back; at the end the held text is a call list or is released as text."""
+    """One choice's streamed answer where a call may come. A forced answer streams its calls as
+    they are written (``ForcedCallScanner``); with ``auto``, text that could still be the start of
+    a call is held back, and at the end the held text is a call list or is released as text."""
 
     tools: Tools
     held: list[str] = field(default_factory=list)
     releasing: bool = False  # the answer is text: pass it on as it comes
+    scanner: ForcedCallScanner | None = None
 
-    def feed(self, text: str) -> str:
-        """The text to stream now."""
+    def __post_init__(self):
+        if self.tools.forced:
+            self.scanner = ForcedCallScanner()
+
+    def feed(self, text: str) -> tuple[str, list[dict]]:
+        """The text and the tool-call deltas to stream now."""
+        if self.scanner is not None:
+            return "", self.scanner.feed(text)
         if self.releasing or self.tools.choice == "none":
-            return text
+            return text, []
         self.held.append(text)
         held = "".join(self.held)
         start = held.lstrip()
-        if self.tools.forced or TOOL_CALL.startswith(start) or start.startswith((TOOL_CALL, "[")):
-            return ""  # (a list may be a call whose marker the detokenizer left out)
+        if TOOL_CALL.startswith(start) or start.startswith((TOOL_CALL, "[")):
+            return "", []  # (a list may be a call whose marker the detokenizer left out)
         self.releasing, self.held = True, []
-        return held
+        return held, []
 
-    def finish(self, finish_reason: str) -> tuple[str, list[dict] | None, str]:
-        """(text still to send, the calls or None, the finish reason to report)."""
+    def finish(self, finish_reason: str) -> tuple[str, list[dict], str]:
+        """(text still to send, tool-call deltas still to send, the finish reason to report)."""
+        if self.scanner is not None:
+            if self.scanner.index < 0:  # no call began (a stop string cut it): the text as it is
+                return self.scanner.text, [], finish_reason
+            return "", [], "tool_calls" if finish_reason == "stop" else finish_reason
         held, self.held = "".join(self.held), []
         if self.releasing or self.tools.choice == "none":
-            return held, None, finish_reason
+            return held, [], finish_reason
         calls = parse_calls(held, self.tools) if finish_reason == "stop" else None
         if calls is None:
-            return held, None, finish_reason
-        return "", calls, "tool_calls"
+            return held, [], finish_reason
+        return "", [{"index": k, **call} for k, call in enumerate(calls)], "tool_calls"
 
 
 def assistant_message(tools: Tools | None, text: str, finish_reason: str) -> tuple[dict, str]:
     """A whole answer as OpenAI's assistant message, and the finish reason to report."""
-    if tools is None:
-        return {"role": "assistant", "content": text}, finish_reason
-    stream = ToolCallStream(tools)
-    shown = stream.feed(text)
-    rest, calls, reason = stream.finish(finish_reason)
+    calls = None
+    if tools is not None and tools.choice != "none" and finish_reason == "stop":
+        calls = parse_calls(text, tools)
     if calls:
-        return {"role": "assistant", "content": None, "tool_calls": calls}, reason
-    return {"role": "assistant", "content": shown + rest}, reason
-
-
-def call_deltas(calls: list[dict]) -> list[dict]:
-    """Calls as a stream's ``delta.tool_calls`` (each with its index)."""
-    return [{"index": k, **call} for k, call in enumerate(calls)]
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": text}, finish_reason

@@ -258,3 +258,12 @@ def test_mixed_load_reports_each_stream(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["parameters"] == {"prefill_chunk": "128", "mixed_prefill_chunk": "64"}
     assert out["tokens_per_s"] > 0 and 0 < out["ttft_p50_s"] <= out["ttft_max_s"] <= out["wall_s"]
+
+
+def test_grammar_compile_times_cover_the_test_schemas_once_each():
+    from bench.grammar_compile import compile_times
+    from testkit.structured_cases import SCHEMAS
+
+    out = compile_times(str(DEFAULT_CHECKPOINT))
+    assert set(out["schemas"]) == set(SCHEMAS) and out["num_compiles"] == len(SCHEMAS)  # repeats hit the cache
+    assert all(v["first_ms"] > 0 and v["cached_ms"] >= 0 for v in out["schemas"].values())

@@ -8,7 +8,8 @@
 - ``peer``: ``peer_compare``: side by side with vLLM CPU;
 - ``openai``: ``openai_front``: the OpenAI front against ``generate_stream``;
 - ``proxy``: ``proxy``: two replicas behind HAProxy against one direct (tiny checkpoint only);
-- ``prefix``: ``prefix``: prefix caching, ours and vLLM CPU.
+- ``prefix``: ``prefix``: prefix caching, ours and vLLM CPU;
+- ``structured``: ``structured``: requests with and without a JSON schema, ours and vLLM CPU.
 
 bench/main.py runs them in that order for each checkpoint. ``full`` (``--checkpoints full``) is a
 run of its own: the 2b-shaped checkpoint, ours in each dtype against vLLM CPU and llama.cpp.
@@ -21,7 +22,7 @@ import os
 from datetime import datetime
 
 PHASES = ("transformers", "engine", "roofline", "triton", "perf_analyzer", "ensemble", "session", "peer", "prefix",
-          "openai", "proxy")
+          "structured", "openai", "proxy")
 # vision_encoder's cache of repeated images would skip the vision tower: every request here has a
 # new image anyway, and the cache stays off.
 SERVER_ENV = {"SPYRE_ENCODER_CACHE_MB": "0"}

@@ -16,6 +16,7 @@ are written in), so the same constraint written twice compiles once.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -120,7 +121,7 @@ def parse(outputs: dict, *, max_bytes: int, max_depth: int) -> StructuredOutput:
         if depth > max_depth:
             raise InvalidRequest(f"the JSON schema is nested {depth} levels deep, over the limit "
                                  f"max_schema_depth={max_depth}")
-        check_schema(value)
+        _check_schema_once(spec)
         return StructuredOutput(kind, spec)
     if kind == "choice":
         if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
@@ -149,6 +150,14 @@ def _depth(value) -> int:
             deepest = max(deepest, level)
             stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
     return deepest
+
+
+@functools.lru_cache(maxsize=256)
+def _check_schema_once(spec: str) -> None:
+    """``check_schema`` of a canonical schema text, once per distinct schema: jsonschema's walk of
+    its metaschema costs milliseconds, and an application sends the same schema again and again
+    (a refusal raises, so it is not remembered)."""
+    check_schema(json.loads(spec))
 
 
 def check_schema(schema: dict) -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from spyre_backend.engine.sampling_params import MAX_LOGPROBS, SamplingParams, check_json_depth
 from spyre_backend.errors import InvalidRequest
 from spyre_backend.openai_api.chat_template import ChatTemplate
+from spyre_backend.openai_api.documents import DocumentParts, media_options
 
 MAX_N = 16  # choices per request: each one is a sequence of its own in the engine
 MAX_BODY_DEPTH = 32  # chat bodies nest 5 deep; thousands of brackets are an attack, not a request
@@ -79,6 +80,8 @@ class Generation:
     model: str = ""
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
     session_key: str = ""  # x-session-id or the request's user: the routing key passed on (serving/routing.py)
+    documents: list[str] = field(default_factory=list)  # PDFs of file parts (data: URIs or base64), in prompt order
+    media_options: str = ""  # the mm_processor_kwargs JSON (openai_api/documents.py)
 
 
 def _typed(body: dict, name: str, kinds, what: str):
@@ -144,8 +147,9 @@ def _common(body: dict, served_model: str) -> tuple[int, bool, dict]:
                        "continuous_usage": bool(options.get("continuous_usage_stats", False))}
 
 
-def _content_parts(content, where: str) -> tuple[list[dict] | str, list[str]]:
-    """A message's content as the template's parts, and its image URLs in order."""
+def _content_parts(content, where: str, documents: DocumentParts) -> tuple[list[dict] | str, list[str]]:
+    """A message's content as the template's parts, and its image URLs in order (its PDFs go to
+    ``documents``)."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
@@ -166,8 +170,11 @@ def _content_parts(content, where: str) -> tuple[list[dict] | str, list[str]]:
                 raise bad(f"{at}.image_url.url must be a non-empty string", f"{at}.image_url")
             parts.append({"type": "image"})
             urls.append(url)
+        elif part["type"] == "file":
+            parts.append(documents.add(part, at, bad))
         else:
-            raise bad(f"{at}: content part type {part['type']!r} is not supported (text, image_url)", f"{at}.type")
+            raise bad(f"{at}: content part type {part['type']!r} is not supported (text, image_url, file)",
+                      f"{at}.type")
     return parts, urls
 
 
@@ -176,7 +183,7 @@ def parse_chat(body: dict, template: ChatTemplate, served_model: str) -> Generat
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
-    rendered, urls = [], []
+    rendered, urls, documents = [], [], DocumentParts()
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -184,7 +191,7 @@ def parse_chat(body: dict, template: ChatTemplate, served_model: str) -> Generat
         role = message.get("role")
         if role not in ROLES:
             raise bad(f"{where}.role must be one of {list(ROLES)}, got {role!r}", f"{where}.role")
-        content, images = _content_parts(message.get("content") or "", where)
+        content, images = _content_parts(message.get("content") or "", where, documents)
         rendered.append({"role": "system" if role == "developer" else role, "content": content})
         urls.extend(images)
     want_logprobs = _typed(body, "logprobs", bool, "a boolean")
@@ -199,7 +206,8 @@ def parse_chat(body: dict, template: ChatTemplate, served_model: str) -> Generat
     except Exception as exc:  # the checkpoint's template refuses (e.g. roles out of order)
         raise bad(f"the chat template refused the messages: {exc}", "messages") from None
     return Generation(prompt, urls, sampling_from(body, logprobs), n, stream, logprobs=logprobs,
-                      model=served_model, **usage)
+                      model=served_model, documents=documents.payloads,
+                      media_options=media_options(body, documents, bad), **usage)
 
 
 def parse_completion(body: dict, served_model: str) -> list[Generation]:

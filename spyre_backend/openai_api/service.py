@@ -69,12 +69,14 @@ class OpenAIService:
                 sampling = dict(gen.sampling)
                 if gen.n > 1 and sampling.get("seed") is not None:
                     sampling["seed"] = sampling["seed"] + k  # n different, reproducible choices
-                jobs.append((Choice(g_index * gen.n + k), gen.prompt, images, sampling, gen.session_key))
+                jobs.append((Choice(g_index * gen.n + k), gen.prompt, images, sampling, gen.session_key,
+                             {"documents": [d.encode() for d in gen.documents], "media_options": gen.media_options}))
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(choice, prompt, images, sampling, session_key):
+        async def pump(choice, prompt, images, sampling, session_key, media):
             try:
-                async for delta in self.generator.generate(prompt, images, sampling, session_key=session_key):
+                async for delta in self.generator.generate(prompt, images, sampling, session_key=session_key,
+                                                           media=media):
                     await queue.put((choice, delta, None))
             except ApiError as exc:
                 await queue.put((choice, None, exc))

@@ -52,11 +52,16 @@ class Delta:
     logprobs: list[dict] = field(default_factory=list)
 
 
-def request_inputs(prompt: str, images: list[bytes], sampling: dict) -> list[InferInput]:
+def request_inputs(prompt: str, images: list[bytes], sampling: dict, documents: list[bytes] = (),
+                   media_options: str = "") -> list[InferInput]:
     values = {"text_input": prompt, "stream": True, "exclude_input_in_output": True,
               "sampling_parameters": json.dumps(sampling)}
     if images:
         values["image"] = images
+    if documents:
+        values["document"] = list(documents)
+    if media_options:
+        values["mm_processor_kwargs"] = media_options
     return infer_inputs(values)
 
 
@@ -83,13 +88,14 @@ class TritonGenerator:
         return self._ready
 
     async def generate(self, prompt: str, images: list[bytes], sampling: dict,
-                       session_key: str = "") -> AsyncIterator[Delta]:
+                       session_key: str = "", media: dict | None = None) -> AsyncIterator[Delta]:
         """Yields the text deltas; the last one has the finish reason and the token counts.
-        ``session_key`` goes on as the x-session-id metadata (a routing key: no sequence id)."""
+        ``session_key`` goes on as the x-session-id metadata (a routing key: no sequence id); ``media``
+        holds ``request_inputs``' documents and media_options."""
         done = asyncio.Event()
 
         async def one_request():
-            yield {"model_name": MODEL, "inputs": request_inputs(prompt, images, sampling),
+            yield {"model_name": MODEL, "inputs": request_inputs(prompt, images, sampling, **(media or {})),
                    "outputs": WITH_LOGPROBS if sampling.get("logprobs") is not None else WITHOUT_LOGPROBS}
             await done.wait()  # keep our side of the stream open until the last response
 

@@ -70,3 +70,15 @@ def decode_image(payload: bytes, index: int = 0, *, max_bytes: int = InputLimits
             image = image.point(lambda v: v / 257).convert("L")
         image = image.convert("RGB")
     return image
+
+
+def resize_to_side(image: Image.Image, max_side: int | None) -> Image.Image:
+    """``image`` with its longest side at most ``max_side`` (its shape kept, sides rounded, bicubic,
+    as PIL's ``thumbnail`` without its reducing pass); never enlarged. A request's image budget: fewer
+    pixels give a smaller anyres grid and fewer image tokens."""
+    width, height = image.size
+    if max_side is None or max(width, height) <= max_side:
+        return image
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)

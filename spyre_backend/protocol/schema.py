@@ -30,6 +30,8 @@ def _optional(name: str, data_type: str, dims: tuple[int, ...] = (1,)) -> Tensor
 
 TEXT_INPUT = Tensor("text_input", "BYTES", (1,))
 IMAGE = _optional("image", "BYTES", (-1,))  # encoded bytes, base64 or a data: URI, one per image
+DOCUMENT = _optional("document", "BYTES", (-1,))  # PDFs (bytes, base64 or a data: URI); each <document> tag is one
+MM_PROCESSOR_KWARGS = _optional("mm_processor_kwargs", "BYTES")  # JSON media options (preprocess/options.py)
 APPLY_CHAT_TEMPLATE = _optional("apply_chat_template", "BOOL")
 STOP = _optional("stop", "BOOL")  # stop the sequence's turn in progress (granite_llm; preprocess skips it)
 
@@ -75,10 +77,12 @@ class Model:
     outputs: list[Tensor]
 
 
-_FRONT = Model([TEXT_INPUT, IMAGE, APPLY_CHAT_TEMPLATE, *GENERATION_INPUTS], GENERATION_OUTPUTS)
+_FRONT = Model([TEXT_INPUT, IMAGE, DOCUMENT, MM_PROCESSOR_KWARGS, APPLY_CHAT_TEMPLATE, *GENERATION_INPUTS],
+               GENERATION_OUTPUTS)
 ENSEMBLE = "granite_vision_ensemble"
 MODELS: dict[str, Model] = {
-    "preprocess": Model([TEXT_INPUT, IMAGE, APPLY_CHAT_TEMPLATE, STOP], [INPUT_IDS, PIXEL_VALUES, IMAGE_SIZES]),
+    "preprocess": Model([TEXT_INPUT, IMAGE, DOCUMENT, MM_PROCESSOR_KWARGS, APPLY_CHAT_TEMPLATE, STOP],
+                        [INPUT_IDS, PIXEL_VALUES, IMAGE_SIZES]),
     "vision_encoder": Model([PIXEL_VALUES, IMAGE_SIZES], [IMAGE_FEATURES]),
     # text_input is optional here: a stop request carries none
     "granite_llm": Model([INPUT_IDS, IMAGE_FEATURES, replace(TEXT_INPUT, optional=True), *GENERATION_INPUTS],

@@ -16,6 +16,8 @@ from spyre_backend.preprocess.documents import DOCUMENT_TAG
 from spyre_backend.preprocess.options import MediaOptions
 
 PART_OPTIONS = ("pages", "dpi")  # a file part's own options (its document's entry in the lists)
+PLAIN = ("max_image_side", "max_image_tiles")  # request-level options also taken as top-level body keys
+MEDIA_IO = {"image": PLAIN, "document": PART_OPTIONS}  # media_io_kwargs: the options of each modality
 PDF_URI = "data:application/pdf;base64,"
 
 
@@ -48,11 +50,34 @@ class DocumentParts:
 
 
 def media_options(body: dict, documents: DocumentParts, bad) -> str:
-    """The ``mm_processor_kwargs`` JSON for granite_vision ("" when there are none), checked here."""
-    given = body.get("mm_processor_kwargs")
-    if given is not None and not isinstance(given, dict):
-        raise bad("mm_processor_kwargs must be an object", "mm_processor_kwargs")
-    values = dict(given or {})
+    """The ``mm_processor_kwargs`` JSON for granite_vision ("" when there are none), checked here.
+
+    The same options come in three forms, merged (one key set twice to different values is refused):
+    vLLM's ``mm_processor_kwargs`` (``{"max_image_side": 768}``), vLLM's per-modality
+    ``media_io_kwargs`` (``{"image": {"max_image_side": 768}, "document": {"dpi": 144}}``) and plain
+    top-level keys (``"max_image_side": 768``); a file part's own ``pages``/``dpi`` win for its document."""
+    values: dict = {}
+    origin: dict = {}
+
+    def merge(given: dict, where: str) -> None:
+        for key, value in given.items():
+            if key in values and values[key] != value:
+                raise bad(f"{where}.{key} is {value!r} but {origin[key]} is {values[key]!r}", where)
+            values[key], origin[key] = value, f"{where}.{key}"
+
+    for name in ("mm_processor_kwargs", "media_io_kwargs"):
+        if body.get(name) is not None and not isinstance(body[name], dict):
+            raise bad(f"{name} must be an object", name)
+    merge(body.get("mm_processor_kwargs") or {}, "mm_processor_kwargs")
+    for modality, given in (body.get("media_io_kwargs") or {}).items():
+        if modality not in MEDIA_IO or not isinstance(given, dict):
+            raise bad(f"media_io_kwargs.{modality}: expected an object under one of {list(MEDIA_IO)}", "media_io_kwargs")
+        unknown = sorted(set(given) - set(MEDIA_IO[modality]))
+        if unknown:
+            raise bad(f"media_io_kwargs.{modality}: unknown key(s) {unknown}; known: {list(MEDIA_IO[modality])}",
+                      "media_io_kwargs")
+        merge(given, f"media_io_kwargs.{modality}")
+    merge({key: body[key] for key in PLAIN if body.get(key) is not None}, "body")
     for name in PART_OPTIONS:
         if any(name in o for o in documents.options):  # per document: the part's own, else the request's
             default = values.get(name)
@@ -60,5 +85,5 @@ def media_options(body: dict, documents: DocumentParts, bad) -> str:
     try:
         options = MediaOptions.from_dict(values)
     except InvalidRequest as exc:
-        raise bad(str(exc), "mm_processor_kwargs") from None
+        raise bad(str(exc), origin.get(str(exc).split(" ", 1)[0], "mm_processor_kwargs")) from None
     return options.to_json() if values else ""

@@ -36,6 +36,7 @@ class Choice:
     num_input_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    num_image_tokens: int = 0
 
 
 class OpenAIService:
@@ -137,6 +138,7 @@ def _record(choice: Choice, delta: Delta) -> None:
         choice.num_input_tokens = delta.num_input_tokens
         choice.num_output_tokens = delta.num_output_tokens
         choice.num_cached_tokens = delta.num_cached_tokens
+        choice.num_image_tokens = delta.num_image_tokens
 
 
 def usage(choices: list[Choice], n: int) -> dict:
@@ -145,7 +147,8 @@ def usage(choices: list[Choice], n: int) -> dict:
     prompt = sum(c.num_input_tokens for c in firsts)
     completion = sum(c.num_output_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(c.num_cached_tokens for c in firsts)}}
+            "prompt_tokens_details": {"cached_tokens": sum(c.num_cached_tokens for c in firsts),
+                                      "image_tokens": sum(c.num_image_tokens for c in firsts)}}
 
 
 def new_id(prefix: str) -> str:

@@ -49,6 +49,7 @@ class Delta:
     num_input_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    num_image_tokens: int = 0
     logprobs: list[dict] = field(default_factory=list)
 
 

@@ -21,7 +21,7 @@ _COUNT_ENTRY_BYTES = 64  # what a page count costs in its cache, as budgeted
 
 class DocumentPages:
     def __init__(self, preprocessor, limits: InputLimits):
-        """``preprocessor``: its ``process(pil, max_side)`` and ``image_cache`` (None: no cache)."""
+        """``preprocessor``: its ``process(pil, budget)`` and ``image_cache`` (None: no cache)."""
         self.preprocessor, self.limits = preprocessor, limits
         self.renderer = PageRenderer(limits.document_render_timeout_s, limits.document_render_memory_mb)
         self.page_counts = LRUCache(2**20)  # document digest -> its number of pages
@@ -36,7 +36,7 @@ class DocumentPages:
         cache = self.preprocessor.image_cache
 
         def key(page: int) -> bytes:
-            return digest + repr(("page", page, dpi, options.max_image_side)).encode()
+            return digest + repr(("page", page, dpi, options.image_budget)).encode()
 
         found: dict[int, object] = {}
         known = self.page_counts.get(digest) if cache is not None else None
@@ -49,7 +49,7 @@ class DocumentPages:
                                       max_pixels=limits.max_image_pixels, skip=frozenset(found))
         self.pages_rendered += len(answer["rendered"])
         for page, (size, rgb) in answer["rendered"].items():
-            image = self.preprocessor.process(Image.frombytes("RGB", size, rgb), options.max_image_side)
+            image = self.preprocessor.process(Image.frombytes("RGB", size, rgb), options.image_budget)
             found[page] = image
             if cache is not None:
                 cache.put(key(page), image, image.crops.nbytes)

@@ -1,7 +1,7 @@
 """A request's media options (Triton's ``mm_processor_kwargs`` JSON input; the OpenAI front builds it
 from the body): how documents are rendered and how large an image may be before it is processed.
 
-    {"pages": "1-3,7", "dpi": 144, "max_image_side": 768}
+    {"pages": "1-3,7", "dpi": 144, "max_image_side": 768, "max_image_tiles": 4}
 
 ``pages`` and ``dpi`` may also be lists with one entry per document (null: the default). Unknown
 keys and bad values are refused with a message naming them. No transformers or torch here: the
@@ -23,8 +23,9 @@ class MediaOptions:
     pages: tuple[str | None, ...] | str | None = None  # every document's, or one per document
     dpi: tuple[int | None, ...] | int | None = None
     max_image_side: int | None = None  # longest side an image or page is resized down to (keeping its shape)
+    max_image_tiles: int | None = None  # the largest anyres grid allowed, in crop-size tiles (images/fit_to_tiles)
 
-    KEYS = ("pages", "dpi", "max_image_side")
+    KEYS = ("pages", "dpi", "max_image_side", "max_image_tiles")
 
     @classmethod
     def from_json(cls, text: str | None) -> "MediaOptions":
@@ -50,7 +51,12 @@ class MediaOptions:
         side = _positive(values.get("max_image_side"), "max_image_side")
         if side is not None and side > MAX_SIDE_LIMIT:
             raise InvalidRequest(f"max_image_side must be at most {MAX_SIDE_LIMIT}, got {side}")
-        return cls(pages, dpi, side)
+        return cls(pages, dpi, side, _positive(values.get("max_image_tiles"), "max_image_tiles"))
+
+    @property
+    def image_budget(self) -> tuple[int | None, int | None]:
+        """What changes an image's processed crops (part of the processed-image cache's keys)."""
+        return self.max_image_side, self.max_image_tiles
 
     def to_dict(self) -> dict:
         out = {}

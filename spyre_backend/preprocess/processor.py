@@ -25,7 +25,7 @@ from spyre_backend.config import InputLimits, ServingConfig, VisionConfig
 from spyre_backend.errors import InvalidRequest
 from spyre_backend.preprocess.document_pages import DocumentPages
 from spyre_backend.preprocess.documents import DOCUMENT_TAG, image_part_text
-from spyre_backend.preprocess.images import decode_image, resize_to_side
+from spyre_backend.preprocess.images import decode_image, fit_to_tiles, resize_to_side
 from spyre_backend.preprocess.options import MediaOptions
 from spyre_backend.vision.cache import LRUCache
 
@@ -53,6 +53,7 @@ class Preprocessor:
         self.limits = limits or ServingConfig().input_limits()
         crop = self.processor.image_processor.crop_size
         self._crop_hw = (crop["height"], crop["width"])
+        self._pinpoints = [tuple(p) for p in self.processor.image_processor.image_grid_pinpoints]
         cache_mb = VisionConfig().processed_image_cache_mb if image_cache_mb is None else image_cache_mb
         self.image_cache = LRUCache(cache_mb * 2**20) if cache_mb else None
         self._tags = re.compile(f"({re.escape(self.image_token)}|{re.escape(DOCUMENT_TAG)})")
@@ -106,7 +107,7 @@ class Preprocessor:
             for tag, piece in zip(tags, pieces[2::2]):
                 if tag == self.image_token:
                     i, payload = next(next_image)
-                    image = self.image(payload, i, options.max_image_side)
+                    image = self.image(payload, i, options.image_budget)
                     processed.append(image)
                     expanded.append(self.image_token * image.num_tokens)
                 else:
@@ -131,22 +132,24 @@ class Preprocessor:
                                  f"max_prompt_tokens={limits.max_prompt_tokens}")
         return result
 
-    def image(self, payload: bytes, index: int, max_side: int | None = None) -> ProcessedImage:
+    def image(self, payload: bytes, index: int, budget: tuple = (None, None)) -> ProcessedImage:
         """One image through the HF image processor, or from the cache of processed images."""
-        key = None if self.image_cache is None else cache_key(b"image", payload, max_side)
+        key = None if self.image_cache is None else cache_key(b"image", payload, budget)
         cached = None if key is None else self.image_cache.get(key)
         if cached is not None:
             return cached
         limits = self.limits
         pil = decode_image(payload, index, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
-        image = self.process(pil, max_side)
+        image = self.process(pil, budget)
         if key is not None:
             self.image_cache.put(key, image, image.crops.nbytes)
         return image
 
-    def process(self, pil: Image.Image, max_side: int | None = None) -> ProcessedImage:
-        """A decoded image (resized to ``max_side`` first) through the HF image processor."""
-        pil = resize_to_side(pil, max_side)
+    def process(self, pil: Image.Image, budget: tuple = (None, None)) -> ProcessedImage:
+        """A decoded image through the HF image processor, first resized to the request's
+        ``budget`` (MediaOptions.image_budget: its longest side, then its anyres grid)."""
+        max_side, max_tiles = budget
+        pil = fit_to_tiles(resize_to_side(pil, max_side), max_tiles, self._pinpoints, self._crop_hw)
         out = self.processor.image_processor([pil], return_tensors="np")
         tokens = self.processor.replace_image_token(out, 0).count(self.image_token)
         crops = np.ascontiguousarray(out["pixel_values"][0], dtype=np.float32)

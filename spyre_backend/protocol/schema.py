@@ -61,6 +61,7 @@ GENERATION_OUTPUTS: list[Tensor] = [
     Tensor("num_input_tokens", "INT32", (1,)),
     Tensor("num_output_tokens", "INT32", (1,)),
     Tensor("num_cached_tokens", "INT32", (1,)),  # prompt tokens served from the prefix cache (vLLM's cached_tokens)
+    Tensor("num_image_tokens", "INT32", (1,)),  # of the prompt's tokens, image placeholders (OpenAI's image_tokens)
     Tensor("logprobs", "BYTES", (-1,)),  # JSON, when sampling_parameters asked for logprobs
 ]
 

@@ -111,6 +111,10 @@ class LLMService:
         )
         self.engine.add_request(request)
 
+    def image_tokens(self, input_ids: np.ndarray | None) -> int:
+        """The image placeholders among a request's prompt tokens (the usage's image_tokens)."""
+        return 0 if input_ids is None else int(np.count_nonzero(np.asarray(input_ids) == self.spec.image_token_id))
+
     def stop(self, sequence_id, end: bool, reply: Callable[[str | None], None]) -> None:
         """Stop the running turn of ``sequence_id``; ``reply(None)`` on success, else the error."""
         self.engine.stop_sequence(sequence_id, end, reply)

@@ -75,10 +75,12 @@ def test_the_ensemble_steps_feed_each_model_from_the_ones_before():
     steps = re.findall(r'model_name:\s*"(\w+)"(.*?)\n    \}', text, re.S)
     assert [name for name, _ in steps] == ["preprocess", "vision_encoder", "granite_llm"]
     maps = {name: dict(re.findall(r'input_map\s*\{\s*key:\s*"(\w+)"\s*value:\s*"(\w+)"', body)) for name, body in steps}
-    assert maps["vision_encoder"] == {"pixel_values": "_pixel_values", "image_sizes": "_image_sizes"}
+    assert maps["vision_encoder"] == {"pixel_values": "_pixel_values", "image_sizes": "_image_sizes",
+                                      "cache_salt": "cache_salt"}
     assert maps["granite_llm"]["input_ids"] == "_input_ids" and maps["granite_llm"]["image_features"] == "_image_features"
-    assert maps["preprocess"] == {n: n for n in ("text_input", "image", "document", "mm_processor_kwargs",
-                                                 "apply_chat_template", "stop")}
+    assert maps["granite_llm"]["cache_salt"] == "cache_salt"
+    assert maps["preprocess"] == {n: n for n in ("text_input", "image", "document", "mm_processor_kwargs", "image_uuid",
+                                                 "document_uuid", "cache_salt", "apply_chat_template", "stop")}
 
 
 def test_a_text_response_holds_the_generation_outputs_in_their_declared_types():

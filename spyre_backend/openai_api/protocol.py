@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from spyre_backend.engine.sampling_params import MAX_LOGPROBS, SamplingParams, check_json_depth
 from spyre_backend.errors import InvalidRequest
 from spyre_backend.openai_api.chat_template import ChatTemplate
-from spyre_backend.openai_api.documents import DocumentParts, media_options
+from spyre_backend.openai_api.documents import MediaParts, media_options
 
 MAX_N = 16  # choices per request: each one is a sequence of its own in the engine
 MAX_BODY_DEPTH = 32  # chat bodies nest 5 deep; thousands of brackets are an attack, not a request
@@ -46,6 +46,18 @@ def routing_key(header: str | None, user) -> str:
     if key and not (len(key) <= 128 and key.isascii() and key.isprintable()):
         key = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return key
+
+
+def cache_salt(body: dict, from_user: bool) -> str:
+    """The request's tenant (vLLM's ``cache_salt``): its caches are shared only within it. Without
+    one, the OpenAI ``user`` when the operator says so (``--cache-salt-from-user``), as its hash."""
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > 1024):
+        raise bad("cache_salt must be a non-empty string of at most 1024 characters", "cache_salt")
+    user = body.get("user")
+    if salt is None and from_user and isinstance(user, str) and user:
+        salt = "user:" + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()
+    return salt or ""
 
 
 def bad(message: str, param: str | None = None) -> ApiError:
@@ -80,8 +92,9 @@ class Generation:
     model: str = ""
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
     session_key: str = ""  # x-session-id or the request's user: the routing key passed on (serving/routing.py)
-    documents: list[str] = field(default_factory=list)  # PDFs of file parts (data: URIs or base64), in prompt order
+    media: MediaParts = field(default_factory=MediaParts)  # its file parts (PDFs) and media uuids
     media_options: str = ""  # the mm_processor_kwargs JSON (openai_api/documents.py)
+    cache_salt: str = ""  # the tenant whose caches it may use (``cache_salt``)
 
 
 def _typed(body: dict, name: str, kinds, what: str):
@@ -147,9 +160,9 @@ def _common(body: dict, served_model: str) -> tuple[int, bool, dict]:
                        "continuous_usage": bool(options.get("continuous_usage_stats", False))}
 
 
-def _content_parts(content, where: str, documents: DocumentParts) -> tuple[list[dict] | str, list[str]]:
-    """A message's content as the template's parts, and its image URLs in order (its PDFs go to
-    ``documents``)."""
+def _content_parts(content, where: str, media: MediaParts) -> tuple[list[dict] | str, list[str]]:
+    """A message's content as the template's parts, and its image URLs in order ("" for an image
+    named by its uuid alone); its PDFs and uuids go to ``media``."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
@@ -164,14 +177,10 @@ def _content_parts(content, where: str, documents: DocumentParts) -> tuple[list[
                 raise bad(f"{at}.text must be a string", f"{at}.text")
             parts.append({"type": "text", "text": part["text"]})
         elif part["type"] == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            if not isinstance(url, str) or not url:
-                raise bad(f"{at}.image_url.url must be a non-empty string", f"{at}.image_url")
+            urls.append(media.image(part, at, bad))
             parts.append({"type": "image"})
-            urls.append(url)
         elif part["type"] == "file":
-            parts.append(documents.add(part, at, bad))
+            parts.append(media.add(part, at, bad))
         else:
             raise bad(f"{at}: content part type {part['type']!r} is not supported (text, image_url, file)",
                       f"{at}.type")
@@ -183,7 +192,7 @@ def parse_chat(body: dict, template: ChatTemplate, served_model: str) -> Generat
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
-    rendered, urls, documents = [], [], DocumentParts()
+    rendered, urls, media = [], [], MediaParts()
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -191,7 +200,7 @@ def parse_chat(body: dict, template: ChatTemplate, served_model: str) -> Generat
         role = message.get("role")
         if role not in ROLES:
             raise bad(f"{where}.role must be one of {list(ROLES)}, got {role!r}", f"{where}.role")
-        content, images = _content_parts(message.get("content") or "", where, documents)
+        content, images = _content_parts(message.get("content") or "", where, media)
         rendered.append({"role": "system" if role == "developer" else role, "content": content})
         urls.extend(images)
     want_logprobs = _typed(body, "logprobs", bool, "a boolean")
@@ -206,8 +215,7 @@ def parse_chat(body: dict, template: ChatTemplate, served_model: str) -> Generat
     except Exception as exc:  # the checkpoint's template refuses (e.g. roles out of order)
         raise bad(f"the chat template refused the messages: {exc}", "messages") from None
     return Generation(prompt, urls, sampling_from(body, logprobs), n, stream, logprobs=logprobs,
-                      model=served_model, documents=documents.payloads,
-                      media_options=media_options(body, documents, bad), **usage)
+                      model=served_model, media=media, media_options=media_options(body, media, bad), **usage)
 
 
 def parse_completion(body: dict, served_model: str) -> list[Generation]:

@@ -48,7 +48,9 @@ class OpenAIService:
     async def images(self, urls: list[str]) -> list[bytes]:
         out = []
         for i, url in enumerate(urls):
-            if url[:5].lower() == "data:":
+            if not url:  # named by its uuid alone: preprocess has it, or answers image_not_cached
+                out.append(b"")
+            elif url[:5].lower() == "data:":
                 out.append(url.encode())
             elif url[:7].lower() == "http://" or url[:8].lower() == "https://":
                 try:
@@ -71,7 +73,8 @@ class OpenAIService:
                 if gen.n > 1 and sampling.get("seed") is not None:
                     sampling["seed"] = sampling["seed"] + k  # n different, reproducible choices
                 jobs.append((Choice(g_index * gen.n + k), gen.prompt, images, sampling, gen.session_key,
-                             {"documents": [d.encode() for d in gen.documents], "media_options": gen.media_options}))
+                             {**gen.media.inputs(), "media_options": gen.media_options,
+                              "cache_salt": gen.cache_salt}))
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(choice, prompt, images, sampling, session_key, media):

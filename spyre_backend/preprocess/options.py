@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from spyre_backend.errors import InvalidRequest
+from spyre_backend.errors import IMAGE_NOT_CACHED, InvalidRequest
 
 MAX_SIDE_LIMIT = 16384  # no image is resized up; a side larger than any image accepted means nothing
 
@@ -99,3 +99,33 @@ def _positive(value, name: str) -> int | None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise InvalidRequest(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class MediaIds:
+    """What names a request's media beyond their bytes: vLLM's uuids (one per image and document,
+    "" for none; an item sent empty is looked up by its uuid) and the tenant's cache salt, which
+    every cache key of the request includes, so that no cache is shared between tenants."""
+
+    image_uuids: tuple[str, ...] = ()
+    document_uuids: tuple[str, ...] = ()
+    cache_salt: str = ""
+
+    def check(self, num_images: int, num_documents: int) -> None:
+        for name, uuids, count in (("image_uuid", self.image_uuids, num_images),
+                                   ("document_uuid", self.document_uuids, num_documents)):
+            if uuids and len(uuids) != count:
+                raise InvalidRequest(f"{name} has {len(uuids)} entries for {count} item(s): "
+                                     "give one per item (\"\" for none)")
+
+    def image_uuid(self, index: int) -> str:
+        return self.image_uuids[index] if self.image_uuids else ""
+
+    def document_uuid(self, index: int) -> str:
+        return self.document_uuids[index] if self.document_uuids else ""
+
+
+def not_cached(what: str, index: int, uuid: str) -> str:
+    """The refusal of an item sent as its uuid alone that this server does not hold."""
+    return (f"{IMAGE_NOT_CACHED}: {what} {index} was sent as uuid {uuid!r} alone, and this server does not hold "
+            f"it (evicted, never sent here, or sent with other settings); send it again with its uuid")

@@ -26,7 +26,7 @@ from spyre_backend.errors import InvalidRequest
 from spyre_backend.preprocess.document_pages import DocumentPages
 from spyre_backend.preprocess.documents import DOCUMENT_TAG, image_part_text
 from spyre_backend.preprocess.images import decode_image, fit_to_tiles, resize_to_side
-from spyre_backend.preprocess.options import MediaOptions
+from spyre_backend.preprocess.options import MediaIds, MediaOptions, not_cached
 from spyre_backend.vision.cache import LRUCache
 
 
@@ -83,8 +83,10 @@ class Preprocessor:
                                np.zeros((0, 2), dtype=np.int64))
 
     def __call__(self, text: str, images: list[bytes], apply_chat_template: bool = False,
-                 documents: list[bytes] = (), options: MediaOptions | None = None) -> ProcessedPrompt:
-        limits, options = self.limits, options or MediaOptions()
+                 documents: list[bytes] = (), options: MediaOptions | None = None,
+                 ids: MediaIds | None = None) -> ProcessedPrompt:
+        limits, options, ids = self.limits, options or MediaOptions(), ids or MediaIds()
+        ids.check(len(images), len(documents))
         if len(images) > limits.max_images:
             raise InvalidRequest(f"{len(images)} images in one request, over the limit max_images={limits.max_images}")
         if len(text.encode("utf-8")) > limits.max_text_bytes:
@@ -107,12 +109,12 @@ class Preprocessor:
             for tag, piece in zip(tags, pieces[2::2]):
                 if tag == self.image_token:
                     i, payload = next(next_image)
-                    image = self.image(payload, i, options.image_budget)
+                    image = self.image(payload, i, options.image_budget, ids.image_uuid(i), ids.cache_salt)
                     processed.append(image)
                     expanded.append(self.image_token * image.num_tokens)
                 else:
                     j, payload = next(next_document)
-                    for page in self.documents.pages(payload, j, len(documents), options):
+                    for page in self.documents.pages(payload, j, len(documents), options, ids):
                         processed.append(page)
                         expanded.append(self._page_part.replace(self.image_token, self.image_token * page.num_tokens))
                 if len(processed) > limits.max_images:
@@ -132,17 +134,27 @@ class Preprocessor:
                                  f"max_prompt_tokens={limits.max_prompt_tokens}")
         return result
 
-    def image(self, payload: bytes, index: int, budget: tuple = (None, None)) -> ProcessedImage:
-        """One image through the HF image processor, or from the cache of processed images."""
-        key = None if self.image_cache is None else cache_key(b"image", payload, budget)
-        cached = None if key is None else self.image_cache.get(key)
-        if cached is not None:
-            return cached
-        limits = self.limits
-        pil = decode_image(payload, index, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
-        image = self.process(pil, budget)
-        if key is not None:
-            self.image_cache.put(key, image, image.crops.nbytes)
+    def image(self, payload: bytes, index: int, budget: tuple = (None, None), uuid: str = "",
+              salt: str = "") -> ProcessedImage:
+        """One image through the HF image processor, or from the cache of processed images (by its
+        bytes, or by its ``uuid`` when it is sent empty); ``salt``: the tenant's, in every key."""
+        cache = self.image_cache
+        named = None if cache is None or not uuid else cache_key(b"uuid", uuid.encode(), budget, salt)
+        if not payload and uuid:
+            image = None if named is None else cache.get(named)
+            if image is None:
+                raise InvalidRequest(not_cached("image", index, uuid))
+            return image
+        key = None if cache is None else cache_key(b"image", payload, budget, salt)
+        image = None if key is None else cache.get(key)
+        if image is None:
+            limits = self.limits
+            pil = decode_image(payload, index, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+            image = self.process(pil, budget)
+            if key is not None:
+                cache.put(key, image, image.crops.nbytes)
+        if named is not None:
+            cache.put(named, image, image.crops.nbytes)
         return image
 
     def process(self, pil: Image.Image, budget: tuple = (None, None)) -> ProcessedImage:

@@ -42,6 +42,7 @@ class GenerateInputs:
     sequence_id: int | str | None = None
     sequence_start: bool = True
     sequence_end: bool = True
+    cache_salt: str = ""  # the tenant's: its prefix-cache hits are only its own
 
 
 class LLMService:
@@ -108,6 +109,7 @@ class LLMService:
             image_features=features, params=params, on_output=on_output,
             is_cancelled=polled_every(is_cancelled),
             sequence_id=inputs.sequence_id, sequence_start=inputs.sequence_start, sequence_end=inputs.sequence_end,
+            cache_salt=inputs.cache_salt,
         )
         self.engine.add_request(request)
 

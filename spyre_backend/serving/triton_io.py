@@ -56,6 +56,14 @@ def image_list(pb_utils, request, name: str = "image") -> list[bytes]:
     return [bytes(x) if isinstance(x, (bytes, bytearray)) else str(x).encode() for x in array.reshape(-1)]
 
 
+def text_list(pb_utils, request, name: str) -> tuple[str, ...]:
+    """A BYTES [-1] input of UTF-8 strings (empty when absent)."""
+    try:
+        return tuple(b.decode("utf-8") for b in image_list(pb_utils, request, name))
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"input {name!r} is not valid UTF-8") from None
+
+
 def sampling_overrides(pb_utils, request) -> dict:
     """TRT-LLM-style separate sampling inputs that the request carries, as Python values."""
     values = {}

@@ -54,6 +54,7 @@ class TritonPythonModel:
                     sampling_parameters=io.optional_text(pb_utils, request, "sampling_parameters"),
                     sampling_overrides=io.sampling_overrides(pb_utils, request),
                     sequence_id=request.correlation_id(), sequence_start=start, sequence_end=end,
+                    cache_salt=io.optional_text(pb_utils, request, "cache_salt") or "",
                 )
                 self.service.submit(inputs, self._sender(sender, names, self.service.image_tokens(inputs.input_ids)),
                                     is_cancelled=request.is_cancelled)

@@ -4,7 +4,7 @@ import triton_python_backend_utils as pb_utils
 
 from spyre_backend.config import ServingConfig
 from spyre_backend.errors import InvalidRequest
-from spyre_backend.preprocess.options import MediaOptions
+from spyre_backend.preprocess.options import MediaIds, MediaOptions
 from spyre_backend.preprocess.processor import Preprocessor
 from spyre_backend.serving import triton_io as io
 from spyre_backend.serving.metrics import PreprocessMetrics
@@ -41,6 +41,9 @@ class TritonPythonModel:
                 apply_chat_template=io.optional_bool(pb_utils, request, "apply_chat_template", False),
                 documents=io.image_list(pb_utils, request, "document"),
                 options=MediaOptions.from_json(io.optional_text(pb_utils, request, "mm_processor_kwargs")),
+                ids=MediaIds(io.text_list(pb_utils, request, "image_uuid"),
+                             io.text_list(pb_utils, request, "document_uuid"),
+                             io.optional_text(pb_utils, request, "cache_salt") or ""),
             ))
         finally:
             self.metrics.report(preprocessor)

@@ -27,8 +27,8 @@ from spyre_backend import PROJECT_ROOT
 from spyre_backend.device.host_memory import keep_freed_memory
 
 from bench import report, roofline
-from bench.phases import (PHASES, SERVER_ENV, engine, log, loadavg, openai_front, peer_compare, prefix, proxy,
-                          transformers_baseline, triton)
+from bench.phases import (PHASES, SERVER_ENV, documents, engine, log, loadavg, openai_front, peer_compare, prefix,
+                          proxy, transformers_baseline, triton)
 from bench.profiles import MID_CHECKPOINT, PROFILES, Profile, profile_for
 from bench.targets import ratios, targets
 from bench.workload import IMAGE_SIZE, Workload
@@ -109,6 +109,10 @@ def run_checkpoint(name: str, prof: Profile, args, machine: dict, out_dir: Path)
     if "prefix" not in skip:
         log(f"{name}: prefix caching, ours and vLLM CPU")
         ck["prefix"] = prefix.run(name, prof.checkpoint, workload, 4 if name == "tiny" else 2, ck_dir, log, SERVER_ENV)
+    if "documents" not in skip:  # against vLLM only where the run has the peer
+        log(f"{name}: documents, ours{'' if 'peer' in skip else ' and vLLM CPU'}")
+        ck["documents"] = documents.run(name, prof.checkpoint, workload, 4 if name == "tiny" else 2, ck_dir, log,
+                                        SERVER_ENV, peer="peer" not in skip)
     ck.setdefault("prompt_tokens", _prompt_tokens(prof, workload))
     ck["ratios"] = ratios(ck, args.levels)
     return ck

@@ -89,6 +89,10 @@ def markdown(result: dict) -> str:
             from bench.phases import prefix
 
             lines += prefix.markdown(ck["prefix"])
+        if ck.get("documents"):
+            from bench.phases import documents
+
+            lines += documents.markdown(ck["documents"])
         roof = ck.get("roofline")
         if roof:
             lines += ["", f"Roofline ({roof['crops']} crops per image, prompt {roof['prompt_tokens']} tokens, "

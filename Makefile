@@ -30,9 +30,10 @@ soak: setup
 
 # Benchmark outside `make test`: tiny and mid-size checkpoints through transformers, the engine and
 # Triton (Python client and perf_analyzer) at concurrency 1, 4, 16; results/bench-<time>/.
-# QUICK=1: tiny checkpoint only, fewer requests. More options: ARGS="--help".
+# QUICK=1: tiny checkpoint only, fewer requests. FULL=1: the 2b shape against vLLM CPU and llama.cpp
+# (bench/phases/full.py; hours, ~20 GB of peers under results/peer/). More options: ARGS="--help".
 bench: setup
-	$(PY) -m bench $(if $(QUICK),--quick) $(ARGS)
+	$(PY) -m bench $(if $(QUICK),--quick) $(if $(FULL),--checkpoints full) $(ARGS)
 
 # Rebuilds (retrains) the shipped tiny checkpoint from its script, with a fixed seed.
 checkpoint: setup

@@ -4,7 +4,8 @@ Two targets share the loop and the recording (every response's arrival time and 
 - ``TritonTarget``: gRPC streaming to a running tritonserver, one stream per client (as
   perf_analyzer does), on ``granite_vision`` or on ``granite_vision_ensemble`` (which needs a
   sequence id: each request gets a fresh one with START and END);
-- ``OpenAITarget``: the peer, ``vllm serve``, over its OpenAI chat API (streaming, the image as a data URI);
+- ``OpenAITarget``: the peer, ``vllm serve``, over its OpenAI chat API (streaming, the image as a data URI),
+  and ``LlamaCppTarget``, the same for llama.cpp's ``llama-server``;
 - ``EngineTarget``: the same work in-process without Triton: the HF processor, the vision
   encoder and ``LLMService.submit`` (the code the Triton models wrap). Preprocessing and vision
   each run one request at a time, as their single Triton instances do.
@@ -151,6 +152,37 @@ class OpenAITarget:
             usage = chunk.get("usage") or {}
             if chunk.get("choices") and "completion_tokens" in usage:
                 record.arrivals.append((arrived, int(usage["completion_tokens"])))
+            return False
+
+        return post_sse(self.url, "/v1/chat/completions", self.body(i), on_event, self.timeout_s)
+
+
+class LlamaCppTarget(OpenAITarget):
+    """The same requests to ``llama-server``: ``ignore_eos`` instead of vLLM's ``min_tokens``, and the
+    cumulative token count from its per-chunk ``timings`` (``timings_per_token``). llama.cpp tiles
+    images its own way, so the prompt's token count (its final ``usage``) is kept per request."""
+
+    def __init__(self, url: str, workload: Workload, model: str = "peer", timeout_s: float = 900.0):
+        super().__init__(url, workload, model, timeout_s)
+        self.prompt_tokens: list[int] = []
+
+    def body(self, i: int) -> bytes:
+        body = json.loads(super().body(i))
+        body.pop("min_tokens")
+        body["stream_options"] = {"include_usage": True}
+        body.update(ignore_eos=True, timings_per_token=True)
+        return json.dumps(body).encode()
+
+    def send(self, c: int, i: int) -> RequestRecord:
+        def on_event(data: bytes, arrived: float, record: RequestRecord) -> bool:
+            if data == b"[DONE]":
+                return True
+            chunk = json.loads(data)
+            if chunk.get("usage"):
+                self.prompt_tokens.append(int(chunk["usage"]["prompt_tokens"]))
+            predicted = (chunk.get("timings") or {}).get("predicted_n")
+            if chunk.get("choices") and predicted:
+                record.arrivals.append((arrived, int(predicted)))
             return False
 
         return post_sse(self.url, "/v1/chat/completions", self.body(i), on_event, self.timeout_s)

@@ -3,6 +3,7 @@
     python -m bench                      # full run (tiny and mid-size checkpoints)
     python -m bench --quick              # tiny checkpoint, fewer requests: a few minutes
     python -m bench --checkpoints mid --levels 1,16 --requests 4 --skip perf_analyzer,ensemble
+    python -m bench --checkpoints full   # the 2b shape against vLLM and llama.cpp (hours): phases/full.py
 
 Order per checkpoint: transformers, then the engine in-process (with the roofline timings on
 its idle model), then a fresh tritonserver for the Triton paths. Only one of them holds the
@@ -27,8 +28,8 @@ from spyre_backend import PROJECT_ROOT
 from spyre_backend.device.host_memory import keep_freed_memory
 
 from bench import report, roofline
-from bench.phases import (PHASES, SERVER_ENV, documents, engine, log, loadavg, openai_front, peer_compare, prefix,
-                          proxy, transformers_baseline, triton)
+from bench.phases import (PHASES, SERVER_ENV, documents, engine, full, log, loadavg, openai_front, peer_compare,
+                          prefix, proxy, transformers_baseline, triton)
 from bench.profiles import MID_CHECKPOINT, PROFILES, Profile, profile_for
 from bench.targets import ratios, targets
 from bench.workload import IMAGE_SIZE, Workload
@@ -36,7 +37,11 @@ from bench.workload import IMAGE_SIZE, Workload
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Throughput and latency of Granite Vision on Triton vs its baselines.")
-    p.add_argument("--checkpoints", default="tiny,mid", help="comma-separated: tiny, mid")
+    p.add_argument("--checkpoints", default="tiny,mid",
+                   help="comma-separated: tiny, mid, full (the 2b shape: bench/phases/full.py, its own servers)")
+    p.add_argument("--full-servers", default=",".join(full.SERVERS),
+                   help=f"full: which servers, comma-separated (default: all of {', '.join(full.SERVERS)})")
+    p.add_argument("--full-rounds", type=int, default=full.ROUNDS, help="full: alternating rounds")
     p.add_argument("--levels", default="1,4,16", help="concurrency levels")
     p.add_argument("--requests", type=int, help="requests per level (default: per checkpoint, see PROFILES)")
     p.add_argument("--max-tokens", type=int, help="new tokens per request (default: per checkpoint)")
@@ -55,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.levels = [int(x) for x in args.levels.split(",")]
     args.checkpoints = ["tiny"] if args.quick and args.checkpoints == "tiny,mid" else args.checkpoints.split(",")
     args.skip = {x for x in args.skip.split(",") if x}
-    unknown = args.skip - set(PHASES) | set(args.checkpoints) - set(PROFILES)
+    args.full_servers = args.full_servers.split(",")
+    unknown = (args.skip - set(PHASES) | set(args.checkpoints) - set(PROFILES) - {"full"}
+               | set(args.full_servers) - set(full.SERVERS))
     if unknown:
         p.error(f"unknown phase or checkpoint: {sorted(unknown)}")
     return args
@@ -144,6 +151,12 @@ def main(argv=None) -> int:
     machine = {**roofline.measure_machine(), "cpus": os.cpu_count(), "loadavg_start": loadavg()}
     result["machine"] = machine
     for name in args.checkpoints:
+        if name == "full":
+            log("full: the 2b shape, ours against vLLM CPU and llama.cpp, one server at a time")
+            result["full"] = full.run(machine, out_dir, log, args.full_servers, args.full_rounds)
+            result["targets"] += full.targets(result["full"])
+            report.write_json(out_dir, result)
+            continue
         ck = run_checkpoint(name, profile_for(name, args), args, machine, out_dir)
         result["checkpoints"][name] = ck
         result["targets"] += targets(name, ck, args.levels)

@@ -105,6 +105,10 @@ def markdown(result: dict) -> str:
                                  f"{v['bound']} | {_f(v['achieved_gflops'])} | {_f(v['achieved_gbs'])} | "
                                  f"{_f(v['fraction'], 2)} |")
         lines.append("")
+    if result.get("full"):
+        from bench.phases import full
+
+        lines += ["## full: the 2b shape", *full.markdown(result["full"]), ""]
     targets = result.get("targets", [])
     if targets:
         lines += ["## Targets", "", "| checkpoint | target | value | met |", "|---|---|---|---|"]

@@ -146,12 +146,12 @@ def pad_head_dim(src: Path, dst: Path, new_dim: int) -> None:
 
 # -- the server --------------------------------------------------------------------------------------
 class VllmServer:
-    """``vllm serve`` with the flags that make the comparison fair: fp32 as ours, the same context
+    """``vllm serve`` with the flags that make the comparison fair: fp32 as ours (unless told), the same context
     length, a KV space that fits the machine; ``threads`` 1 (core 1 left to its API process) or 2."""
 
     def __init__(self, exe: Path, checkpoint: Path, port: int, threads: int, log_path: Path,
-                 max_model_len: int = 4096):
-        self.exe, self.checkpoint, self.port, self.threads = exe, checkpoint, port, threads
+                 max_model_len: int = 4096, dtype: str = "float32"):
+        self.exe, self.checkpoint, self.port, self.threads, self.dtype = exe, checkpoint, port, threads, dtype
         self.log_path, self.max_model_len = log_path, max_model_len
         self.proc: subprocess.Popen | None = None
 
@@ -169,7 +169,7 @@ class VllmServer:
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [str(self.exe), "serve", str(self.checkpoint), "--host", "127.0.0.1", "--port", str(self.port),
-             "--dtype", "float32", "--max-model-len", str(self.max_model_len), "--served-model-name", "peer"],
+             "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--served-model-name", "peer"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         while time.monotonic() - started < timeout_s:
             if self.proc.poll() is not None:

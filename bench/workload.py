@@ -1,9 +1,10 @@
 """The requests every path runs: one question about one image each, a fixed number of new tokens.
 
 Request ``i`` is the same everywhere (transformers, engine, Triton, perf_analyzer). Images differ
-from request to request (shape x colour x background, always 200x150 px, so every prompt has the
-same number of image tokens): a repeated image could be answered from a feature cache instead of
-the vision tower, and that is not what is measured here.
+from request to request (shape x colour x background) but not in size (200x150 px unless the
+workload says otherwise), so every prompt has the same number of image tokens: a repeated image
+could be answered from a feature cache instead of the vision tower, and that is not what is
+measured here.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ def _image_specs() -> list[tuple[str, str, str]]:
 @dataclass(frozen=True)
 class Workload:
     max_tokens: int  # every request generates exactly this many tokens (min_tokens = max_tokens)
+    image_size: tuple[int, int] = IMAGE_SIZE  # (width, height) of every request's image
 
     def question(self, i: int) -> str:
         return QUESTIONS[i % len(QUESTIONS)]
 
     def image(self, i: int) -> bytes:
         specs = _image_specs()
-        return _png(*specs[i % len(specs)])
+        return _png(*specs[i % len(specs)], self.image_size)
 
     @property
     def sampling_parameters(self) -> str:
@@ -66,5 +68,5 @@ class Workload:
 
 
 @lru_cache(maxsize=512)
-def _png(shape: str, color: str, background: str) -> bytes:
-    return shape_png(shape, color, background, IMAGE_SIZE)
+def _png(shape: str, color: str, background: str, size: tuple[int, int]) -> bytes:
+    return shape_png(shape, color, background, size)

@@ -12,7 +12,9 @@
 - ``documents``: ``documents``: a first and a second question about a 3-page PDF, ours and (with
   the peer) vLLM CPU given the pages pre-rendered.
 
-bench/main.py runs them in that order for each checkpoint. Below: what every phase shares.
+bench/main.py runs them in that order for each checkpoint. ``full`` (``--checkpoints full``) is a
+run of its own: the 2b-shaped checkpoint, ours in each dtype against vLLM CPU and llama.cpp.
+Below: what every phase shares.
 """
 
 from __future__ import annotations

@@ -47,6 +47,10 @@ def test_an_image_sent_once_is_used_by_its_uuid(preprocessor):
     with pytest.raises(InvalidRequest, match=IMAGE_NOT_CACHED):  # nor is it kept at another budget
         preprocessor(QUESTION, [b""], apply_chat_template=True, ids=MediaIds(("img-1",)),
                      options=MediaOptions(max_image_side=50))
+    other = shape_png("circle", "red", "blue", (90, 90))  # the name given to other content follows it
+    renamed = preprocessor(QUESTION, [other], apply_chat_template=True, ids=MediaIds(image_uuids=("img-1",)))
+    assert same(renamed, preprocessor(QUESTION, [b""], apply_chat_template=True, ids=MediaIds(("img-1",))))
+    assert not same(renamed, first)
     with pytest.raises(InvalidRequest, match="image_uuid has 2 entries for 1 item"):
         preprocessor(QUESTION, [IMAGE], apply_chat_template=True, ids=MediaIds(("a", "b")))
 
@@ -63,6 +67,10 @@ def test_a_document_sent_once_is_used_by_its_uuid(preprocessor):
         preprocessor("Q", [], apply_chat_template=True, documents=[b""], ids=ids, options=MediaOptions(dpi=72))
     with pytest.raises(InvalidRequest, match=IMAGE_NOT_CACHED):
         preprocessor("Q", [], apply_chat_template=True, documents=[b""], ids=MediaIds(document_uuids=("doc-2",)))
+    other = pdf_of(shape_pages(size=(100, 100), label=False))  # the name given to another document
+    renamed = preprocessor(QUESTION, [], apply_chat_template=True, documents=[other], ids=ids)
+    assert same(renamed, preprocessor(QUESTION, [], apply_chat_template=True, documents=[b""], ids=ids))
+    assert not same(renamed, first)
 
 
 # -- through the real server ---------------------------------------------------------------------

@@ -54,8 +54,8 @@ class DocumentPages:
             selected = select_pages(spec, known, limits.max_document_pages, index)
             found = {page: image for page in selected if (image := cache.get(key(page))) is not None}
             if len(found) == len(selected):
-                if named is not None:
-                    self.uuids.put(named, digest, _ENTRY_BYTES)
+                if named is not None and data is not None:  # the uuid names this document from now on
+                    self.uuids.put(named, digest, _ENTRY_BYTES, replace=True)
                 return [found[page] for page in selected]
         if data is None:  # named by its uuid, but its pages at these settings are gone
             raise InvalidRequest(not_cached("document", index, uuid))
@@ -69,7 +69,7 @@ class DocumentPages:
                 cache.put(key(page), image, image.crops.nbytes)
         self.page_counts.put(digest, answer["count"], _ENTRY_BYTES)
         if named is not None:
-            self.uuids.put(named, digest, _ENTRY_BYTES)
+            self.uuids.put(named, digest, _ENTRY_BYTES, replace=True)
         return [found[page] for page in answer["pages"]]
 
     def close(self) -> None:

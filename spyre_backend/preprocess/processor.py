@@ -153,8 +153,8 @@ class Preprocessor:
             image = self.process(pil, budget)
             if key is not None:
                 cache.put(key, image, image.crops.nbytes)
-        if named is not None:
-            cache.put(named, image, image.crops.nbytes)
+        if named is not None:  # the uuid names this image from now on
+            cache.put(named, image, image.crops.nbytes, replace=True)
         return image
 
     def process(self, pil: Image.Image, budget: tuple = (None, None)) -> ProcessedImage:

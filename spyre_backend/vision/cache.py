@@ -54,7 +54,11 @@ class LRUCache:
         self.hits += 1
         return entry[0]
 
-    def put(self, key: bytes, value, size: int) -> None:
+    def put(self, key: bytes, value, size: int, replace: bool = False) -> None:
+        """``replace``: a value already under ``key`` gives way (a name given to other content)."""
+        if replace and key in self._entries:
+            _, old = self._entries.pop(key)
+            self.bytes -= old
         if size > self.max_bytes or key in self._entries:
             return  # would evict everything else, or is already there
         while self.bytes + size > self.max_bytes:

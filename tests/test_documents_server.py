@@ -15,7 +15,7 @@ from spyre_backend.config import InputLimits
 from testkit.documents import (deeply_nested_pdf, encrypted_pdf, huge_page_pdf, many_pages_pdf, pdf_of, png,
                                render_pages, shape_pages)
 from testkit.metrics import read_metrics
-from testkit.streaming import grpc_stream
+from testkit.streaming import grpc_stream, http_generate_stream
 
 MODEL = "tiny-granite-vision"
 PDF = pdf_of(shape_pages())
@@ -54,6 +54,15 @@ def test_grpc_pages_and_whole_document_equal_transformers(server, reference, pag
     assert "error" not in got, got["error"]
     assert (got["text"], got["num_input_tokens"], got["num_output_tokens"]) == \
         (want["text"], want["num_input_tokens"], want["num_output_tokens"])
+
+
+def test_http_generate_stream_takes_a_document_as_base64(server, reference):
+    got = http_generate_stream(server.http_url, {
+        "text_input": QUESTION, "document": [base64.b64encode(PDF).decode()], "apply_chat_template": True,
+        "mm_processor_kwargs": '{"pages": "3"}', "max_tokens": MAX_TOKENS, "stream": True})
+    want = expected(reference, [2])
+    assert "error" not in got, got["error"]
+    assert (got["text"], got["num_input_tokens"]) == (want["text"], want["num_input_tokens"])
 
 
 def test_a_second_question_renders_and_encodes_nothing(server, reference):

@@ -36,6 +36,12 @@ SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 # -- install ---------------------------------------------------------------------------------------
+def is_installed() -> bool:
+    """Whether the peer's venv is ready (an earlier run with the ``peer`` phase installed it)."""
+    stamp = VENV / ".peer-ready"
+    return stamp.exists() and stamp.read_text().strip() == VLLM_VERSION
+
+
 def ensure_installed(log=print) -> Path:
     """The ``vllm`` command of the peer's venv, installed (about 70 s, 3.5 GB) if it is not yet."""
     exe = VENV / "bin" / "vllm"

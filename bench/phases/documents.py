@@ -2,10 +2,10 @@
 
 Ours gets the PDF itself (the ``document`` input; the server renders, processes and encodes the
 pages, then a second question finds them all cached: processed pages, encoder features, the
-prompt's KV blocks). vLLM, when the run has a peer (the ``peer`` phase not skipped), gets what a
+prompt's KV blocks). vLLM, when there is a peer (see ``bench/main.py``), gets what a
 vLLM user can best send: the same pages pre-rendered by pypdfium2 at the same dpi and resized the
 same way, as three images (its multimodal and prefix caches then do their part on the second
-question). Each repetition has a PDF of its own, one request at a time; both servers with their
+question); a run without the peer phase uses a peer an earlier run installed, and has none otherwise. Each repetition has a PDF of its own, one request at a time; both servers with their
 defaults, one at a time.
 """
 

@@ -109,7 +109,8 @@ def run(name: str, checkpoint: Path, workload: Workload, repeats: int, out_dir: 
 
         threads = VLLM_THREADS.get(name, 2)
         vllm = vllm_peer.VllmServer(vllm_peer.ensure_installed(log), vllm_peer.servable_checkpoint(checkpoint),
-                                    free_port(), threads, out_dir / "documents-vllm.log")
+                                    free_port(), threads, out_dir / "documents-vllm.log",
+                                    extra_args=("--limit-mm-per-prompt", json.dumps({"image": PAGES})))
         vllm.start()
         try:
             log(f"documents: vLLM ({threads} thread(s)) with the pages pre-rendered")

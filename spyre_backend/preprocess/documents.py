@@ -149,6 +149,12 @@ class PageRenderer:
             raise InvalidRequest(f"document {index} could not be rendered: the renderer died (exit {code}), within "
                                  f"the limit document_render_memory_mb={self.memory_mb}") from None
 
+    def start(self) -> None:
+        """Start the child ahead of the first document (the model's load does: no request waits
+        for an interpreter to start)."""
+        with self._lock:
+            self._child()
+
     def _child(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen(

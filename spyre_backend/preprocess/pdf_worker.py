@@ -67,6 +67,8 @@ def _read(stream, size: int) -> bytes:
 
 
 def main(argv: list[str]) -> int:
+    import pypdfium2  # noqa: F401  loaded before the first job: a started renderer is a warm one
+
     memory = int(argv[0]) * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     answers = os.fdopen(os.dup(1), "wb")

@@ -20,6 +20,7 @@ class TritonPythonModel:
         try:
             self.preprocessor = Preprocessor(config.checkpoint_dir, config.input_limits(),
                                              image_cache_mb=config.vision.processed_image_cache_mb)
+            self.preprocessor.documents.renderer.start()  # the PDF renderer's child, ready for the first document
         except BaseException:
             self.metrics.close()  # no finalize() follows a failed initialize()
             raise

@@ -84,3 +84,29 @@ def test_no_pooling_head_ever_runs(checkpoint, checkpoint_33):
         features = encoder.encode(torch.from_numpy(p.pixel_values), torch.from_numpy(p.image_sizes))
         placeholders = int((p.input_ids == encoder.spec.image_token_id).sum())
         assert torch.isfinite(features).all() and features.shape[0] == placeholders
+
+
+def test_served_on_triton_token_exact(checkpoint_33, tmp_path):
+    """The reduced 3.3 checkpoint served by a tritonserver of its own, with the defaults but the
+    exact eager path (inductor against eager is held by tests/test_device_and_compile.py): greedy
+    answers through granite_vision as transformers'."""
+    from spyre_backend.server.child_process import free_port
+    from spyre_backend.server.triton_process import ServerOptions, TritonServer
+    from testkit.streaming import grpc_stream
+
+    reference = Reference(checkpoint_33)
+    server = TritonServer(ServerOptions(checkpoint=checkpoint_33, http_port=free_port(), grpc_port=free_port(),
+                                        metrics_port=free_port(), extra_env={"SPYRE_COMPILE_BACKEND": "eager"}),
+                          log_path=tmp_path / "server.log")
+    server.start(timeout_s=600)
+    try:
+        for question, images in CASES:
+            want = reference.generate(reference.chat_prompt(question, len(images)), images, 12, min_new_tokens=12)
+            request = {"text_input": question, "apply_chat_template": True, "exclude_input_in_output": True,
+                       "sampling_parameters": json.dumps({"max_tokens": 12, "min_tokens": 12, "temperature": 0})}
+            got = grpc_stream(server.grpc_url, dict(request, image=images) if images else request)
+            assert "error" not in got, got["error"]
+            assert (got["text"], got["num_input_tokens"], got["num_output_tokens"]) == \
+                (want["text"], want["num_input_tokens"], want["num_output_tokens"])
+    finally:
+        server.stop()

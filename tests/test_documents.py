@@ -4,7 +4,6 @@ pages equal to the HF processor given the same pages rendered by pypdfium2."""
 from __future__ import annotations
 
 import base64
-import time
 
 import numpy as np
 import pytest
@@ -84,11 +83,10 @@ def test_renderer_pages_equal_pypdfium2(renderer):
     (PDF[: len(PDF) // 3], "not a valid PDF"),
     (many_pages_pdf(9), "max_document_pages=8"),
 ])
-def test_hostile_and_broken_pdfs_are_refused_quickly(renderer, pdf, message):
-    start = time.monotonic()
+def test_hostile_and_broken_pdfs_are_refused(renderer, pdf, message):
+    """Each for what it is (none by the time limit: the message names its own), before rendering."""
     with pytest.raises(InvalidRequest, match=message):
         renderer.render(pdf, 0, None, 96, max_pages=8, max_pixels=2**24)
-    assert time.monotonic() - start < 10  # within the budget, far from the renderer's time limit
     assert renderer.render(PDF, 0, "1", 72, max_pages=8, max_pixels=2**24)["pages"] == [0]  # still serving
 
 

@@ -5,7 +5,6 @@ repeated question renders and encodes nothing (metrics); bad PDFs are refused an
 from __future__ import annotations
 
 import base64
-import time
 
 import httpx
 import openai
@@ -39,6 +38,7 @@ def expected(reference, pages: list[int] | None, dpi: int = InputLimits.document
 def counters(server) -> dict:
     m = read_metrics(server.metrics_url)
     return {"rendered": m.get("spyre_document_pages_rendered_total", 0.0),
+            "processed": m.get('spyre_processed_image_cache{result="hit"}', 0.0),
             "encoded": m.get('spyre_encoder_cache{result="miss"}', 0.0),
             "encoder_hits": m.get('spyre_encoder_cache{result="hit"}', 0.0)}
 
@@ -79,6 +79,7 @@ def test_a_second_question_renders_and_encodes_nothing(server, reference):
     assert after_again["rendered"] == after_first["rendered"]  # no page rendered
     assert after_again["encoded"] == after_first["encoded"]  # no page encoded
     assert after_again["encoder_hits"] - after_first["encoder_hits"] == 3
+    assert after_again["processed"] - after_first["processed"] == 3  # the pages' crops, from preprocess's cache
     assert again["num_cached_tokens"] > 0  # and the pages' KV came from the prefix cache
     images = [png(p) for p in render_pages(pdf, 72)]
     for got, question in ((first, QUESTION), (again, "What shape is it?")):
@@ -98,10 +99,8 @@ def test_grpc_bad_documents_get_an_error_naming_the_limit(server, name, pdf, opt
     request = {"text_input": QUESTION, "document": [pdf], "apply_chat_template": True, "max_tokens": 4}
     if options:
         request["mm_processor_kwargs"] = options
-    start = time.monotonic()
     got = grpc_stream(server.grpc_url, request)
     assert message in got.get("error", ""), got
-    assert time.monotonic() - start < 30
     ok = grpc_stream(server.grpc_url, {"text_input": "Say hello.", "apply_chat_template": True, "max_tokens": 4})
     assert "error" not in ok  # the server stays up
 

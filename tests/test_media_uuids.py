@@ -119,3 +119,21 @@ def test_openai_images_and_documents_sent_once(client, openai_front, reference):
         assert r.status_code == 409, r.text
         error = r.json()["error"]
         assert error["code"] == IMAGE_NOT_CACHED and what in error["message"] and part["uuid"] in error["message"]
+
+
+def test_grpc_a_session_turn_may_name_its_image_by_uuid(server):
+    """A later turn of a session sends an image by its uuid alone: answered as the same turn that
+    sends the image itself."""
+    image = shape_png("triangle", "yellow", "blue", (140, 100))
+    first = {"text_input": QUESTION, "apply_chat_template": True, "max_tokens": 8, "exclude_input_in_output": True}
+    turn_2 = {"text_input": "\n<|user|>\n<image>\nWhat shape is it?\n<|assistant|>\n", "max_tokens": 8,
+              "exclude_input_in_output": True}
+    answers = []
+    for sequence_id, image_input in ((880_001, image), (880_002, b"")):
+        got = grpc_stream(server.grpc_url, first, sequence_id=sequence_id, sequence_start=True)
+        assert "error" not in got, got
+        got = grpc_stream(server.grpc_url, dict(turn_2, image=[image_input], image_uuid=["session-img"]),
+                          sequence_id=sequence_id, sequence_end=True)
+        assert "error" not in got, got
+        answers.append((got["text"], got["num_input_tokens"]))
+    assert answers[0] == answers[1]

@@ -13,5 +13,6 @@ Modules: ``main`` (the run: command line, the phases in order, the results folde
 (one module per phase, see its docstring), ``profiles`` (how much each checkpoint's run does),
 ``stats`` (latency arithmetic), ``workload`` (prompts, images, request inputs), ``loadgen``
 (closed-loop load on Triton and on the engine), ``baselines`` (transformers), ``roofline`` (FLOP and
-byte counts, machine limits), ``vllm_peer`` (the vLLM CPU server), ``targets`` and ``report``.
+byte counts, machine limits), ``vllm_peer`` (the vLLM CPU server), ``targets`` and ``report``;
+``grammar_compile`` (structured output's compile times, first and cached) runs on its own.
 """

@@ -141,7 +141,10 @@ class OpenAITarget:
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                                       {"type": "text", "text": self.workload.question(i)}]}],
-            "max_tokens": self.workload.max_tokens, "min_tokens": self.workload.max_tokens, "temperature": 0,
+            "max_tokens": self.workload.max_tokens, "temperature": 0,
+            **({"min_tokens": self.workload.max_tokens} if self.workload.schema is None else
+               {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "answer", "schema": self.workload.schema}}}),
         }).encode()
 
     def send(self, c: int, i: int) -> RequestRecord:
@@ -168,7 +171,7 @@ class LlamaCppTarget(OpenAITarget):
 
     def body(self, i: int) -> bytes:
         body = json.loads(super().body(i))
-        body.pop("min_tokens")
+        body.pop("min_tokens", None)
         body["stream_options"] = {"include_usage": True}
         body.update(ignore_eos=True, timings_per_token=True)
         return json.dumps(body).encode()

@@ -29,7 +29,7 @@ from spyre_backend.device.host_memory import keep_freed_memory
 
 from bench import report, roofline, vllm_peer
 from bench.phases import (PHASES, SERVER_ENV, documents, engine, full, log, loadavg, openai_front, peer_compare,
-                          prefix, proxy, transformers_baseline, triton)
+                          prefix, proxy, structured, transformers_baseline, triton)
 from bench.profiles import MID_CHECKPOINT, PROFILES, Profile, profile_for
 from bench.targets import ratios, targets
 from bench.workload import IMAGE_SIZE, Workload
@@ -107,6 +107,9 @@ def run_checkpoint(name: str, prof: Profile, args, machine: dict, out_dir: Path)
     if "peer" not in skip:
         log(f"{name}: side by side with vLLM CPU ({peer_compare.ROUNDS} alternating rounds)")
         ck["peer"] = peer_compare.run(name, prof.checkpoint, workload, prof.requests, ck_dir, log, SERVER_ENV)
+    if "structured" not in skip:
+        log(f"{name}: structured output, ours and vLLM CPU ({structured.ROUNDS} alternating rounds)")
+        ck["structured"] = structured.run(name, prof.checkpoint, workload, ck_dir, log, SERVER_ENV)
     if "openai" not in skip:
         log(f"{name}: the OpenAI front against generate_stream ({openai_front.ROUNDS} alternating rounds), then aiperf")
         ck["openai"] = openai_front.run(prof.checkpoint, workload, prof.requests, ck_dir, log, SERVER_ENV)
@@ -165,6 +168,8 @@ def main(argv=None) -> int:
             result["targets"] += peer_compare.targets(name, ck["peer"]["comparison"])
         if "prefix" in ck:
             result["targets"] += prefix.targets(name, ck["prefix"])
+        if "structured" in ck:
+            result["targets"] += structured.targets(name, ck["structured"])
         if "openai" in ck and name == "tiny":
             result["targets"] += openai_front.targets(ck["openai"]["comparison"])
         report.write_json(out_dir, result)  # partial results survive a later failure

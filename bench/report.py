@@ -93,6 +93,10 @@ def markdown(result: dict) -> str:
             from bench.phases import documents
 
             lines += documents.markdown(ck["documents"])
+        if ck.get("structured"):
+            from bench.phases import structured
+
+            lines += structured.markdown(ck["structured"])
         roof = ck.get("roofline")
         if roof:
             lines += ["", f"Roofline ({roof['crops']} crops per image, prompt {roof['prompt_tokens']} tokens, "

@@ -33,6 +33,9 @@ def _image_specs() -> list[tuple[str, str, str]]:
 class Workload:
     max_tokens: int  # every request generates exactly this many tokens (min_tokens = max_tokens)
     image_size: tuple[int, int] = IMAGE_SIZE  # (width, height) of every request's image
+    # a JSON schema every answer must follow (structured output), or None; the answer then ends
+    # when the grammar does (no min_tokens: a grammar that must end cannot also be made to go on)
+    schema: dict | None = None
 
     def question(self, i: int) -> str:
         return QUESTIONS[i % len(QUESTIONS)]
@@ -45,6 +48,9 @@ class Workload:
     def sampling_parameters(self) -> str:
         # Greedy, and eos suppressed until max_tokens: random weights would otherwise stop anywhere.
         # (ignore_eos would also do, but tokens after an eos decode to no text and send nothing.)
+        if self.schema is not None:
+            return json.dumps({"max_tokens": self.max_tokens, "temperature": 0,
+                               "structured_outputs": {"json": self.schema}})
         return json.dumps({"max_tokens": self.max_tokens, "min_tokens": self.max_tokens, "temperature": 0})
 
     def triton_inputs(self, i: int) -> dict:

@@ -152,9 +152,14 @@ class EngineLimits:
     max_sessions: int = 256  # open sessions (sequences kept between turns)
     max_tokens_limit: int = 4096  # cap on max_tokens
     default_max_tokens: int = 16
+    max_grammar_bytes: int = 64 * 1024  # structured output: the largest schema, regex, choices or grammar (bytes)
+    max_schema_depth: int = 32  # structured output: how deep a JSON schema may nest (JSON levels)
+    grammar_compile_timeout_s: float = 10.0  # a request whose grammar compiles longer is refused
+    grammar_cache_size: int = 256  # compiled grammars kept, by their constraint's canonical text
 
     def validate(self) -> None:
-        for name in ("session_ttl_s", "max_request_s", "max_sessions", "max_tokens_limit", "default_max_tokens"):
+        for name in ("session_ttl_s", "max_request_s", "max_sessions", "max_tokens_limit", "default_max_tokens",
+                     "max_grammar_bytes", "max_schema_depth", "grammar_compile_timeout_s", "grammar_cache_size"):
             _check(self, getattr(self, name) > 0, name, "must be positive")
 
 

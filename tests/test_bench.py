@@ -288,3 +288,45 @@ def test_documents_phase_runs_on_the_tiny_checkpoint(server):
     assert documents.summary(ttfts, None)["second_vs_first"] > 0
     pages = documents.page_images(documents.document(workload, 9100))
     assert len(pages) == documents.PAGES and all(p.startswith(b"\x89PNG") for p in pages)
+
+
+def test_grammar_compile_times_cover_the_test_schemas_once_each():
+    from bench.grammar_compile import compile_times
+    from testkit.structured_cases import SCHEMAS
+
+    out = compile_times(str(DEFAULT_CHECKPOINT))
+    assert set(out["schemas"]) == set(SCHEMAS) and out["num_compiles"] == len(SCHEMAS)  # repeats hit the cache
+    assert all(v["first_ms"] > 0 and v["cached_ms"] >= 0 for v in out["schemas"].values())
+
+
+def test_structured_phase_overhead_and_vllm_ratio():
+    from bench.phases import structured
+
+    def s(itl):
+        return {"tokens_per_s": 1000 / itl, "ttft_ms": {"p50": 50.0}, "itl_ms": {"p50": itl}}
+
+    result = {"level": 16, "requests": 32,
+              "ours": [{"plain": s(10.0), "schema": s(10.6)}, {"plain": s(9.0), "schema": s(9.3)}],
+              "vllm": [{"plain": s(12.0), "schema": s(14.0)}]}
+    result["summary"] = structured.summary(result)
+    assert result["summary"]["ours grammar overhead (ITL p50)"] == pytest.approx(9.3 / 9.0 - 1)
+    assert result["summary"]["ours / vLLM ITL p50, schema"] == pytest.approx(9.3 / 14.0)
+    met = {t["name"]: t["met"] for t in structured.targets("tiny", result)}
+    assert met == {"structured: grammar overhead on ITL p50 at 16 streams": True,
+                   "structured: ours / vLLM ITL p50 with a schema, over without": True}
+    assert not structured.targets("mid", result)[0]["met"]  # 3.3 % over the mid-size model's 3 %
+    assert any("grammar overhead" in line for line in structured.markdown(result))
+
+
+def test_workload_with_a_schema_asks_both_servers_for_it():
+    from bench.loadgen import OpenAITarget
+    from bench.phases.structured import SCHEMA
+    from bench.workload import Workload
+
+    plain, constrained = Workload(16), Workload(16, schema=SCHEMA)
+    assert json.loads(plain.sampling_parameters)["min_tokens"] == 16
+    params = json.loads(constrained.sampling_parameters)
+    assert params["structured_outputs"] == {"json": SCHEMA} and "min_tokens" not in params
+    body = json.loads(OpenAITarget("127.0.0.1:1", constrained).body(0))
+    assert body["response_format"]["json_schema"]["schema"] == SCHEMA and "min_tokens" not in body
+    assert "response_format" not in json.loads(OpenAITarget("127.0.0.1:1", plain).body(0))

@@ -270,8 +270,9 @@ BAD_REQUESTS = {
     "temperature": ({"messages": [user("Say hello.")], "temperature": -1}, "temperature must be"),
     "top_p": ({"messages": [user("Say hello.")], "top_p": 0}, "top_p must be"),
     "n": ({"messages": [user("Say hello.")], "n": 99}, "n must be in"),
-    "tools": ({"messages": [user("Say hello.")], "tools": [{"type": "function", "function": {"name": "f"}}]},
-              "tools is not supported"),
+    "tool_choice of an unknown tool": ({"messages": [user("Say hello.")], "tool_choice": {
+        "type": "function", "function": {"name": "g"}}, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        "not in tools"),
     "top_logprobs without logprobs": ({"messages": [user("Say hello.")], "top_logprobs": 2}, "needs logprobs"),
     "content part": ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "not supported"),
     "empty messages": ({"messages": []}, "non-empty list"),

@@ -59,7 +59,7 @@ def test_sampling_defaults_and_mapping(template):
      "messages[0].content[0].image_url"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"messages": "hi"}, "messages"),
-    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}, "response_format"),
 ])
 def test_bad_bodies_name_their_parameter(template, body, param):
     with pytest.raises(ApiError) as caught:

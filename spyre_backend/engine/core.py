@@ -5,12 +5,15 @@ It runs on the engine thread only (``LLMEngine`` owns the thread and the inbox),
 owns needs locking: the model runner, the KV cache bookkeeping, the turns (sessions) and the
 scheduler. Each piece of state has one writer: ``Turns`` the sessions, the ``Scheduler`` its
 queues and the requests' scheduling counters, the ``KVCacheManager`` the blocks, the
-``OutputProcessor`` each request's stream. The core only decides when a turn starts and ends.
+``OutputProcessor`` each request's stream. The core only decides when a turn starts and ends,
+and holds a request with a grammar until it has compiled; each sampled step it gives the sampler
+the grammar's token bitmask and hands the sampled token to the matcher (``StructuredOutputs``).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from spyre_backend.config import EngineLimits, SchedulerConfig
@@ -21,6 +24,7 @@ from spyre_backend.engine.prefix_cache import SegmentHasher
 from spyre_backend.engine.request import Request
 from spyre_backend.engine.sampler import SampleRow
 from spyre_backend.engine.scheduler import ScheduledSequence, Scheduler
+from spyre_backend.engine.structured_output import GrammarError, StructuredOutputs
 from spyre_backend.engine.turns import Turns
 from spyre_backend.errors import InvalidRequest
 from spyre_backend.protocol import FinishReason
@@ -40,6 +44,18 @@ class EngineCore:
                            max_sessions=limits.max_sessions, max_context=runner.max_context, hasher=hasher)
         self.scheduler = Scheduler(self.kv, self.turns, scheduler)
         self.output = OutputProcessor(tokenizer, eos_token_ids)
+        self._tokenizer = tokenizer
+        self._structured: StructuredOutputs | None = None  # made at the first request with a grammar
+        self._structured_lock = threading.Lock()
+        self.compiling: list[Request] = []  # requests waiting for their grammar, in arrival order
+
+    @property
+    def structured(self) -> StructuredOutputs:
+        """The grammars and matchers (any thread may compile: LLMEngine.add_request)."""
+        with self._structured_lock:
+            if self._structured is None:
+                self._structured = StructuredOutputs(self._tokenizer, self.runner.spec.text.vocab_size, self.limits)
+            return self._structured
 
     def fits_pool(self, num_tokens: int) -> str | None:
         """Why a sequence of ``num_tokens`` can never run (it must fit the KV pool alone, or
@@ -50,11 +66,45 @@ class EngineCore:
                     f"{usable} (raise num_kv_blocks or kv_memory_mb, or lower max_tokens)")
         return None
 
+    def close(self) -> None:
+        """The engine stopped: no more compiles."""
+        if self._structured is not None:
+            self._structured.shutdown()
+
     # -- turns -----------------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        """A request from the inbox: it starts now or waits behind its sequence's running turn."""
+        """A request from the inbox: it starts now or waits behind its sequence's running turn
+        (a request with a grammar waits for its compile first: ``admit_compiled``)."""
+        if request.grammar is not None and not request.grammar.done():
+            self.compiling.append(request)
+            return
+        if request.grammar is not None and request.grammar.exception() is not None:
+            self.output.reject(request, str(request.grammar.exception()))
+            return
         if self.turns.arrive(request):
             self._start_turn(request)
+
+    def compile_wait(self, now: float) -> float | None:
+        """Seconds until the first waiting compile runs past its limit (None: nothing compiles)."""
+        if not self.compiling:
+            return None
+        first = min(request.arrival for request in self.compiling)
+        return max(0.0, first + self.limits.grammar_compile_timeout_s - now)
+
+    def admit_compiled(self, now: float) -> None:
+        """Requests whose grammar is ready go on; those cancelled or past the compile limit end."""
+        waiting, self.compiling = self.compiling, []
+        timeout = self.limits.grammar_compile_timeout_s
+        for request in waiting:
+            if request.grammar.done():
+                self.add(request)
+            elif request.is_cancelled():
+                self.output.emit(request, "", True, FinishReason.CANCELLED)
+            elif now > request.arrival + timeout:
+                self.output.reject(request, f"the structured output's grammar did not compile within "
+                                            f"grammar_compile_timeout_s={timeout:g} s")
+            else:
+                self.compiling.append(request)
 
     def stop(self, sequence_id, end: bool) -> str | None:
         """Stop the running turn of ``sequence_id`` (at the next step); the error, else None."""
@@ -77,6 +127,8 @@ class EngineCore:
         """Release what ``request`` holds (scheduler slot, session turn), send its last output, then
         start the next turn queued on its sequence."""
         self.scheduler.remove(request)
+        if request.grammar is not None:
+            self.structured.release(request.request_id)
         if request.session is not None:
             started = request.num_prefill_tokens > 0  # some of this turn was computed
             # failed, or stopped half-way through its prompt: the session cannot continue
@@ -105,6 +157,8 @@ class EngineCore:
     def step(self) -> None:
         now = time.monotonic()
         self.turns.expire(now)
+        if self.compiling:
+            self.admit_compiled(now)
         for request in self.scheduler.requests():
             if request.session.stop_requested or request.is_cancelled():
                 self._finish(request, Finished(FinishReason.CANCELLED))
@@ -127,13 +181,23 @@ class EngineCore:
         now = time.monotonic()  # one clock read per step: every row's token is ready now
         for request, sample in sampled:
             try:
+                ended = request.grammar is not None and self._advance_grammar(request, sample.token)
                 finished = self.output.on_token(request, sample, now)
+                if finished is None and ended:  # its grammar took its stop token (ignore_eos too)
+                    finished = Finished(FinishReason.STOP)
             except Exception as exc:  # one request's output failing ends that request alone
                 log.exception("request %s: processing its output failed", request.request_id)
                 self._finish(request, Finished(FinishReason.ERROR), error=f"internal error: {exc}")
                 continue
             if finished is not None:
                 self._finish(request, finished)
+
+    def _advance_grammar(self, request: Request, token: int) -> bool:
+        """The request's matcher takes its sampled token; True when the grammar has ended."""
+        structured = self.structured
+        if not structured.accept(request.request_id, token):
+            raise GrammarError(f"the grammar refused the sampled token {token}")  # the mask rules it out
+        return structured.ended(request.request_id)
 
     def _sequence_input(self, request: Request, seq: ScheduledSequence) -> SequenceInput:
         session = request.session
@@ -151,6 +215,8 @@ class EngineCore:
             features = all_features[before: before + count]
         sampling = None
         if seq.samples:
+            allowed = None if request.grammar is None else self.structured.bitmask(request.request_id,
+                                                                                   request.grammar.result())
             sampling = SampleRow(request.params, request.generator, request.prompt_ids, request.output_ids,
-                                 self.output.banned_tokens(request))
+                                 self.output.banned_tokens(request), allowed)
         return SequenceInput(request.request_id, token_ids, seq.start, seq.block_ids, features, sampling)

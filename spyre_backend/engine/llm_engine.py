@@ -13,6 +13,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +26,7 @@ from spyre_backend.engine.request import Request
 from spyre_backend.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
+_WAKE = object()  # an inbox item that only wakes the engine thread (a grammar finished compiling)
 
 
 @dataclass
@@ -118,6 +120,9 @@ class LLMEngine:
         if request.sequence_id is None:  # a one-off sequence of its own
             request.sequence_id = ("one-off", next(self._one_off_ids))
             request.sequence_start = request.sequence_end = True
+        if request.params.structured is not None:  # compiled off the engine thread; the request waits for it
+            request.grammar = self._core.structured.compile(request.params.structured)
+            request.grammar.add_done_callback(lambda _done: self._inbox.put(_WAKE))
         self._inbox.put(request)
 
     def stop_sequence(self, sequence_id, end: bool, reply: Callable[[str | None], None]) -> None:
@@ -142,6 +147,7 @@ class LLMEngine:
         self._inbox.put(None)
         if self._thread:
             self._thread.join(timeout=30)
+        self._core.close()
 
     def stats(self) -> EngineStats:
         core = self._core
@@ -152,8 +158,11 @@ class LLMEngine:
     # -- engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopping:
-            idle = not self._core.scheduler.has_work
-            self._drain_inbox(timeout=1.0 if idle else None)
+            timeout = None if self._core.scheduler.has_work else 1.0
+            wait = self._core.compile_wait(time.monotonic())
+            if timeout and wait is not None:  # wake in time to refuse a compile past its limit
+                timeout = min(timeout, wait + 0.001)
+            self._drain_inbox(timeout=timeout)
             try:
                 self._core.step()
             except Exception:  # the model step itself failed (per-request failures end that request

@@ -57,6 +57,19 @@ class EngineProbe:
     def has_session(self, sequence_id) -> bool:
         return self._core.turns.get(sequence_id) is not None
 
+    # -- structured output -------------------------------------------------------------------------
+    @property
+    def num_grammar_matchers(self) -> int:
+        """Matchers held by requests (0 when none has run with a grammar)."""
+        structured = self._core._structured
+        return 0 if structured is None else structured.num_matchers
+
+    @property
+    def num_grammar_compiles(self) -> int:
+        """Grammars compiled since start (the cache's misses)."""
+        structured = self._core._structured
+        return 0 if structured is None else structured.num_compiles
+
     # -- the model runner --------------------------------------------------------------------------
     @property
     def plan(self):

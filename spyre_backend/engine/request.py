@@ -14,6 +14,8 @@ from spyre_backend.engine.sampling_params import SamplingParams
 from spyre_backend.protocol import FinishReason
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from spyre_backend.engine.detokenizer import IncrementalDetokenizer
     from spyre_backend.engine.turns import Session
 
@@ -96,6 +98,7 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")
     generator: torch.Generator | None = None  # made from params (seeded or not); None when greedy
+    grammar: "Future | None" = None  # its compiled grammar (structured output), from LLMEngine.add_request
     session: "Session | None" = None  # its session, once its turn has started (Turns)
     # scheduling counters (Scheduler)
     num_prefill_tokens: int = 0  # tokens computed before the first one was sampled (recompute included)

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field, fields
 
 from spyre_backend.config import EngineLimits
+from spyre_backend.engine import structured_request
+from spyre_backend.engine.structured_request import StructuredOutput
 from spyre_backend.errors import InvalidRequest
 from spyre_backend.protocol import TRTLLM_INPUTS
 
@@ -58,6 +60,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
+    # vLLM's structured_outputs object (json, json_object, regex, choice or grammar); the older
+    # guided_* fields and OpenAI's response_format are read into it (engine/structured_request.py)
+    structured_outputs: dict | None = None
+    structured: StructuredOutput | None = field(default=None, init=False, repr=False)  # checked, by validate()
 
     @property
     def greedy(self) -> bool:
@@ -68,19 +74,24 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @classmethod
-    def from_request(cls, text: str | None, *, max_tokens: int | None = None,
-                     default_max_tokens: int | None = None, overrides: dict | None = None) -> "SamplingParams":
-        """``sampling_parameters`` JSON, then separate inputs (``overrides``, TRT-LLM names) on top."""
+    def from_request(cls, text: str | None, *, max_tokens: int | None = None, default_max_tokens: int | None = None,
+                     overrides: dict | None = None, limits: EngineLimits | None = None) -> "SamplingParams":
+        """``sampling_parameters`` JSON, then separate inputs (``overrides``, TRT-LLM names) on top.
+        ``limits``: those a structured output must keep (the defaults where None)."""
         values: dict = {}
-        if text:
-            check_json_depth(text, MAX_JSON_DEPTH, "sampling_parameters")
+        limits = limits or EngineLimits()
+        if text:  # a JSON schema nests as deep as max_schema_depth inside it
+            check_json_depth(text, MAX_JSON_DEPTH + limits.max_schema_depth, "sampling_parameters")
             try:
                 values = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise InvalidRequest(f"sampling_parameters is not valid JSON: {exc}") from None
             if not isinstance(values, dict):
                 raise InvalidRequest("sampling_parameters must be a JSON object")
-        known = {f.name for f in fields(cls)}
+            structured = structured_request.structured_from(values)
+            if structured is not None:
+                values["structured_outputs"] = structured
+        known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
             raise InvalidRequest(f"unsupported sampling parameter(s) {unknown}; supported: {sorted(known)}")
@@ -91,10 +102,12 @@ class SamplingParams:
         elif default_max_tokens is not None:
             values.setdefault("max_tokens", default_max_tokens)
         params = cls(**values)
-        params.validate()
+        params.validate(limits)
         return params
 
-    def validate(self) -> None:
+    def validate(self, limits: EngineLimits | None = None) -> None:
+        """Check every value; ``limits``: the structured-output limits to enforce as well (the
+        OpenAI front checks the rest and leaves the limits to granite_llm's configuration)."""
         def check(ok: bool, message: str):
             if not ok:
                 raise InvalidRequest(message)
@@ -133,3 +146,10 @@ class SamplingParams:
               f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)
+        if self.structured_outputs is not None and (limits is not None or self.structured is None):
+            check(isinstance(self.structured_outputs, dict),
+                  f"structured_outputs must be an object, got {self.structured_outputs!r}")
+            big = 2**62  # no limit: the OpenAI front leaves them to granite_llm
+            self.structured = structured_request.parse(
+                self.structured_outputs, max_bytes=limits.max_grammar_bytes if limits else big,
+                max_depth=limits.max_schema_depth if limits else big)

@@ -23,6 +23,7 @@ from spyre_backend.openai_api.media import MediaPolicy
 from spyre_backend.openai_api.protocol import (ApiError, Generation, cache_salt, parse_body, parse_chat,
                                                parse_completion, routing_key)
 from spyre_backend.openai_api.service import Choice, ClientGone, OpenAIService, new_id, now, usage
+from spyre_backend.openai_api.tools import ToolCallStream, assistant_message
 from spyre_backend.openai_api.triton_client import TritonGenerator
 from spyre_backend.serving.routing import SESSION_HEADER, replica_id
 
@@ -161,9 +162,10 @@ def create_app(settings: FrontSettings) -> FastAPI:
             logprobs = None
             if gens[0].logprobs is not None:
                 logprobs = service.chat_logprobs(c.logprobs) if chat else service.completion_logprobs(c.logprobs)
-            if chat:
-                body["choices"].append({"index": c.index, "message": {"role": "assistant", "content": text},
-                                        "logprobs": logprobs, "finish_reason": c.finish_reason})
+            if chat:  # with tools, the answer may be tool calls
+                message, reason = assistant_message(gens[0].tools, text, c.finish_reason)
+                body["choices"].append({"index": c.index, "message": message, "logprobs": logprobs,
+                                        "finish_reason": reason})
             else:
                 body["choices"].append({"index": c.index, "text": text, "logprobs": logprobs,
                                         "finish_reason": c.finish_reason})
@@ -175,6 +177,7 @@ def create_app(settings: FrontSettings) -> FastAPI:
         include_usage = first.include_usage
         seen: dict[int, Choice] = {}
         offsets: dict[int, int] = {}
+        tool_streams: dict[int, ToolCallStream] = {}  # with tools: each choice's text that may be a call
 
         def chunk(choices: list[dict], delta=None) -> str:
             body = {"id": rid, "object": kind, "created": created_at, "model": model, "choices": choices}
@@ -196,13 +199,22 @@ def create_app(settings: FrontSettings) -> FastAPI:
             if not chat:
                 return [{"index": choice.index, "text": delta.text, "logprobs": logprobs,
                          "finish_reason": delta.finish_reason or None}]
+            text, calls, reason = delta.text, [], delta.finish_reason
+            if first.tools is not None:  # text, or tool-call deltas
+                tool_stream = tool_streams.setdefault(choice.index, ToolCallStream(first.tools))
+                text, calls = tool_stream.feed(text)
+                if reason:
+                    rest, more, reason = tool_stream.finish(reason)
+                    text, calls = text + rest, calls + more
             out = []
-            if delta.text or not delta.finish_reason:
-                out.append({"index": choice.index, "delta": {"content": delta.text}, "logprobs": logprobs,
+            if text or not (reason or first.tools):
+                out.append({"index": choice.index, "delta": {"content": text}, "logprobs": logprobs,
                             "finish_reason": None})
-            if delta.finish_reason:  # OpenAI's last chunk of a choice: an empty delta and the reason
-                out.append({"index": choice.index, "delta": {}, "logprobs": None,
-                            "finish_reason": delta.finish_reason})
+            if calls:
+                out.append({"index": choice.index, "delta": {"tool_calls": calls}, "logprobs": None,
+                            "finish_reason": None})
+            if reason:  # OpenAI's last chunk of a choice: an empty delta and the reason
+                out.append({"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": reason})
             return out
 
         try:

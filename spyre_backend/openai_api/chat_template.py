@@ -62,7 +62,8 @@ class ChatTemplate:
             checkpoint / "processor_config.json").get("image_token", "<image>")
         return cls(find_template(checkpoint), tokens, image_token)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Messages whose content is a string or a list of ``{"type": "text"|"image", ...}`` parts."""
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """Messages whose content is a string or a list of ``{"type": "text"|"image", ...}`` parts;
+        ``tools`` as ``apply_chat_template(..., tools=...)`` takes them."""
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                      **self.special_tokens)

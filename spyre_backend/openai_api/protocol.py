@@ -12,17 +12,21 @@ import json
 from dataclasses import dataclass, field
 
 from spyre_backend.engine.sampling_params import MAX_LOGPROBS, SamplingParams, check_json_depth
+from spyre_backend.engine.structured_request import FORMS as STRUCTURED_FORMS
+from spyre_backend.engine.structured_request import structured_from
 from spyre_backend.errors import InvalidRequest
 from spyre_backend.openai_api.chat_template import ChatTemplate
 from spyre_backend.openai_api.documents import MediaParts, media_options
+from spyre_backend.openai_api.tools import TOOL_CALL, Tools, parse_tools, template_message
 
 MAX_N = 16  # choices per request: each one is a sequence of its own in the engine
-MAX_BODY_DEPTH = 32  # chat bodies nest 5 deep; thousands of brackets are an attack, not a request
+MAX_BODY_DEPTH = 64  # chat bodies nest 5 deep, a JSON schema in them up to max_schema_depth (32) more
 
 # OpenAI parameters we understand but do not implement: refused when set, never silently ignored
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "suffix", "best_of",
-               "echo", "prediction", "audio", "modalities", "parallel_tool_calls")
-ROLES = ("system", "developer", "user", "assistant")  # developer is OpenAI's newer name for system
+UNSUPPORTED = ("functions", "function_call", "logit_bias", "suffix", "best_of",
+               "echo", "prediction", "audio", "modalities")
+ROLES = ("system", "developer", "user", "assistant", "tool")  # developer is OpenAI's newer name for system
+CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")  # refused on /v1/completions
 
 
 class ApiError(Exception):
@@ -92,6 +96,7 @@ class Generation:
     model: str = ""
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
     session_key: str = ""  # x-session-id or the request's user: the routing key passed on (serving/routing.py)
+    tools: Tools | None = None  # the request's tools: its answers may be tool calls (openai_api/tools.py)
     media: MediaParts = field(default_factory=MediaParts)  # its file parts (PDFs) and media uuids
     media_options: str = ""  # the mm_processor_kwargs JSON (openai_api/documents.py)
     cache_salt: str = ""  # the tenant whose caches it may use (``cache_salt``)
@@ -119,7 +124,16 @@ def sampling_from(body: dict, logprobs: int | None) -> dict:
         values["temperature"] = 1.0  # OpenAI's default (vLLM's too when the checkpoint sets none)
     if logprobs is not None:
         values["logprobs"] = logprobs
-    probe = dict(values)
+    form = next((name for name in STRUCTURED_FORMS if body.get(name) is not None), None)
+    if form is not None:  # response_format, structured_outputs or guided_*: checked here, compiled by granite_llm
+        try:
+            structured = structured_from({name: body.get(name) for name in STRUCTURED_FORMS})
+            if structured is not None:
+                SamplingParams(structured_outputs=structured).validate()
+                values["structured_outputs"] = structured
+        except InvalidRequest as exc:
+            raise bad(str(exc), form) from None
+    probe = {name: value for name, value in values.items() if name != "structured_outputs"}
     if max_tokens is None:  # granite_llm resolves it to what the context leaves; probe with a valid value
         min_tokens = values.get("min_tokens", 0)
         probe["max_tokens"] = max(1, min_tokens) if isinstance(min_tokens, int) else 1
@@ -141,9 +155,6 @@ def _common(body: dict, served_model: str) -> tuple[int, bool, dict]:
     for name in UNSUPPORTED:
         if body.get(name) not in (None, False, [], {}):
             raise bad(f"{name} is not supported by this server", name)
-    fmt = body.get("response_format")
-    if fmt not in (None, {"type": "text"}):
-        raise bad("response_format other than {'type': 'text'} is not supported by this server", "response_format")
     model = body.get("model")
     if model is not None and model != served_model:
         raise ApiError(404, f"the model {model!r} does not exist; this server serves {served_model!r}",
@@ -201,7 +212,11 @@ def parse_chat(body: dict, template: ChatTemplate, served_model: str) -> Generat
         if role not in ROLES:
             raise bad(f"{where}.role must be one of {list(ROLES)}, got {role!r}", f"{where}.role")
         content, images = _content_parts(message.get("content") or "", where, media)
-        rendered.append({"role": "system" if role == "developer" else role, "content": content})
+        try:
+            extra = template_message(message, where)  # earlier tool calls, a tool's answer
+        except InvalidRequest as exc:
+            raise bad(str(exc), where) from None
+        rendered.append({"role": "system" if role == "developer" else role, "content": content, **extra})
         urls.extend(images)
     want_logprobs = _typed(body, "logprobs", bool, "a boolean")
     top = _typed(body, "top_logprobs", int, "an integer")
@@ -211,15 +226,29 @@ def parse_chat(body: dict, template: ChatTemplate, served_model: str) -> Generat
         raise bad(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
     logprobs = (top or 0) if want_logprobs else None
     try:
-        prompt = template.render(rendered, add_generation_prompt=True)
+        tools = parse_tools(body)
+    except InvalidRequest as exc:
+        raise bad(str(exc), "tool_choice" if str(exc).startswith("tool_choice") else "tools") from None
+    try:
+        prompt = template.render(rendered, add_generation_prompt=True, tools=tools and tools.definitions)
     except Exception as exc:  # the checkpoint's template refuses (e.g. roles out of order)
         raise bad(f"the chat template refused the messages: {exc}", "messages") from None
-    return Generation(prompt, urls, sampling_from(body, logprobs), n, stream, logprobs=logprobs,
-                      model=served_model, media=media, media_options=media_options(body, media, bad), **usage)
+    sampling = sampling_from(body, logprobs)
+    if tools is not None and tools.forced:  # the answer is a call list, held by its grammar
+        if "structured_outputs" in sampling:
+            raise bad("tool_choice required or a named function cannot go with another structured output",
+                      "tool_choice")
+        prompt += TOOL_CALL
+        sampling["structured_outputs"] = tools.structured_outputs()
+    return Generation(prompt, urls, sampling, n, stream, logprobs=logprobs, model=served_model, tools=tools,
+                      media=media, media_options=media_options(body, media, bad), **usage)
 
 
 def parse_completion(body: dict, served_model: str) -> list[Generation]:
     n, stream, usage = _common(body, served_model)
+    for name in CHAT_ONLY:
+        if body.get(name) not in (None, []):
+            raise bad(f"{name} is only supported on /v1/chat/completions", name)
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):

@@ -76,6 +76,7 @@ class LLMService:
         Raises InvalidRequest for a request that can never run.
         """
         params = SamplingParams.from_request(inputs.sampling_parameters, max_tokens=inputs.max_tokens,
+                                             limits=self.config.engine,
                                              default_max_tokens=self.config.engine.default_max_tokens,
                                              overrides=inputs.sampling_overrides)
         if params.max_tokens is None:  # what the context leaves (OpenAI clients that set no max_tokens)

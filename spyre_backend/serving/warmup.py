@@ -44,7 +44,7 @@ def warmup_vision(encoder: VisionEncoder, checkpoint: str, spec) -> float:
 
 def warmup_llm(service, checkpoint: str) -> float:
     """Runs before the engine serves: all compiled shapes, then real requests (an image prompt,
-    greedy and random sampling) through the engine."""
+    greedy and random sampling, a grammar) through the engine."""
     started = time.monotonic()
     engine = service.engine
     engine.warmup()
@@ -53,7 +53,11 @@ def warmup_llm(service, checkpoint: str) -> float:
     placeholders = int((ids == service.spec.image_token_id).sum())
     # float32, as the vision_encoder model sends them; small, as projected features are
     features = torch.randn(placeholders, service.spec.text.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
-    for params in (SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, temperature=1.0, top_p=0.9, seed=0)):
+    # the last one has a grammar: the tokenizer's grammar tables are built here, not in a client's request
+    structured = SamplingParams(max_tokens=4, structured_outputs={"json_object": True})
+    structured.validate()
+    for params in (SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, temperature=1.0, top_p=0.9, seed=0),
+                   structured):
         done = threading.Event()
         engine.add_request(Request(ids, features, params, lambda out: out.finished and done.set()))
         if not done.wait(600):

@@ -26,11 +26,14 @@ SYSTEM_PROMPT = (
 # Content may be a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts;
 # each image part becomes "<image>\n" (so images given before the question sit on their own
 # lines), text parts are copied verbatim. Assistant turns end with <|end_of_text|>.
+# Tools (apply_chat_template(..., tools=...)), as Granite writes them: the list after the system
+# turn ("<|available_tools|>\n" + JSON), an assistant's calls as "<|tool_call|>" + a JSON list of
+# {"name", "arguments"}, and a tool's answer as a "<|tool_response|>\n" turn.
 CHAT_TEMPLATE = """\
 {%- macro render(content) -%}
     {%- if content is string -%}
         {{- content -}}
-    {%- else -%}
+    {%- elif content -%}
         {%- for part in content -%}
             {%- if part['type'] in ['image', 'image_url'] -%}
                 {{- '<image>\\n' -}}
@@ -40,16 +43,31 @@ CHAT_TEMPLATE = """\
         {%- endfor -%}
     {%- endif -%}
 {%- endmacro -%}
+{%- macro available_tools() -%}
+    {%- if tools -%}
+        {{- '<|available_tools|>\\n' + tools | tojson + '\\n' -}}
+    {%- endif -%}
+{%- endmacro -%}
 {%- if not messages or messages[0]['role'] != 'system' -%}
     {{- '<|system|>\\n' + default_system_prompt + '\\n' -}}
+    {{- available_tools() -}}
 {%- endif -%}
 {%- for message in messages -%}
     {%- if message['role'] == 'system' -%}
         {{- '<|system|>\\n' + render(message['content']) + '\\n' -}}
+        {%- if loop.first -%}
+            {{- available_tools() -}}
+        {%- endif -%}
     {%- elif message['role'] == 'user' -%}
         {{- '<|user|>\\n' + render(message['content']) + '\\n' -}}
     {%- elif message['role'] == 'assistant' -%}
-        {{- '<|assistant|>\\n' + render(message['content']) + eos_token + '\\n' -}}
+        {{- '<|assistant|>\\n' + render(message['content']) -}}
+        {%- if message['tool_calls'] -%}
+            {{- '<|tool_call|>' + message['tool_calls'] | map(attribute='function') | list | tojson -}}
+        {%- endif -%}
+        {{- eos_token + '\\n' -}}
+    {%- elif message['role'] == 'tool' -%}
+        {{- '<|tool_response|>\\n' + render(message['content']) + '\\n' -}}
     {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}

@@ -258,3 +258,34 @@ def test_no_string_lets_a_raw_control_character_in(reference, schema):
     allowed = [t for t in range(info.vocab_size) if (int(mask[0, t // 32]) >> (t % 32)) & 1]
     raw = [t for t in allowed if any(byte < 0x20 for byte in info.decoded_vocab[t])]
     assert len(allowed) > 100 and not raw, [info.decoded_vocab[t] for t in raw]
+
+
+def test_plain_and_constrained_rows_share_a_batch(stack):
+    """Rows with a grammar among rows without one, in any order: each gets its own mask or none."""
+    plain = [("What is in the image?", [shape_png("circle", "red", "blue", (200, 150))], params({}, max_tokens=12))
+             for _ in range(2)]
+    alone = run_all(stack, plain[:1])[0].text
+    constrained = ("Who?", [], params({"guided_json": SCHEMAS["person"]}, temperature=1.0, seed=3))
+    outputs = run_all(stack, [plain[0], constrained, plain[1], constrained])
+    assert outputs[0].text == alone and outputs[2].text == alone  # greedy, untouched by the grammar rows
+    for out in (outputs[1], outputs[3]):
+        jsonschema.validate(json.loads(out.text), SCHEMAS["person"])
+
+
+def test_bitmask_rows_map_to_their_own_logits_rows():
+    import torch
+
+    from spyre_backend.engine.structured_output import apply_bitmasks
+
+    only = {1: 0, 3: 37}  # logits row -> the one token its mask allows
+    masks = []
+    for token in only.values():
+        mask = torch.zeros(1, 2, dtype=torch.int32)
+        mask[0, token // 32] = 1 << (token % 32)
+        masks.append(mask)
+    logits = torch.randn(4, 50)
+    before = logits.clone()
+    apply_bitmasks(logits, masks, list(only))
+    for row, token in only.items():
+        assert logits[row].argmax() == token and torch.isinf(logits[row]).sum() == 49
+    assert torch.equal(logits[[0, 2]], before[[0, 2]])

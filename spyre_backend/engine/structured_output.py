@@ -76,6 +76,7 @@ class StructuredOutputs:
         self._lock = threading.Lock()
         self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()  # LRU
         self._matchers: dict[int, xgr.GrammarMatcher] = {}  # request id -> matcher
+        self._masks: dict[int, torch.Tensor] = {}  # request id -> its bitmask, one tensor reused
         self.num_compiles = 0  # grammars compiled since start (cache misses)
 
     # -- compiling (any thread) --------------------------------------------------------------
@@ -118,7 +119,8 @@ class StructuredOutputs:
         matcher = self._matchers.get(request_id)
         if matcher is None:
             matcher = self._matchers[request_id] = xgr.GrammarMatcher(compiled)
-        mask = xgr.allocate_token_bitmask(1, self.vocab_size)
+            self._masks[request_id] = xgr.allocate_token_bitmask(1, self.vocab_size)
+        mask = self._masks[request_id]  # refilled each step: sampled before the next fill
         matcher.fill_next_token_bitmask(mask)
         return mask
 
@@ -135,6 +137,7 @@ class StructuredOutputs:
 
     def release(self, request_id: int) -> None:
         self._matchers.pop(request_id, None)
+        self._masks.pop(request_id, None)
 
     @property
     def num_matchers(self) -> int:
@@ -144,6 +147,18 @@ class StructuredOutputs:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+_BITS = torch.arange(32, dtype=torch.int32)  # bit j of a mask's word w is token 32 * w + j
+
+
 def apply_bitmasks(logits: torch.Tensor, masks: list[torch.Tensor], rows: list[int]) -> None:
-    """Mask (in place, to -inf) the tokens each of ``rows`` may not sample: ``masks[i]`` is row ``rows[i]``'s."""
-    xgr.apply_token_bitmask_inplace(logits, torch.cat(masks), indices=rows)
+    """Mask (in place, to -inf) the tokens each of ``rows`` may not sample: ``masks[i]`` is row ``rows[i]``'s.
+
+    Not xgrammar's ``apply_token_bitmask_inplace``: its ``indices`` pick the same row of the logits
+    and of the bitmask (so a batch whose constrained rows are not its first ones failed), and on the
+    CPU it cost 60 us for 16 rows of a 512-token vocabulary, where these few tensor ops cost less."""
+    allowed = ((torch.cat(masks).unsqueeze(-1) >> _BITS) & 1).view(len(rows), -1)[:, :logits.shape[1]]
+    if rows == list(range(logits.shape[0])):
+        logits.masked_fill_(allowed == 0, float("-inf"))
+    else:
+        index = torch.tensor(rows)
+        logits[index] = logits[index].masked_fill(allowed == 0, float("-inf"))

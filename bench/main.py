@@ -27,9 +27,9 @@ from safetensors import safe_open
 from spyre_backend import PROJECT_ROOT
 from spyre_backend.device.host_memory import keep_freed_memory
 
-from bench import report, roofline
-from bench.phases import (PHASES, SERVER_ENV, engine, full, log, loadavg, openai_front, peer_compare, prefix,
-                          proxy, structured, transformers_baseline, triton)
+from bench import report, roofline, vllm_peer
+from bench.phases import (PHASES, SERVER_ENV, documents, engine, full, log, loadavg, openai_front, peer_compare,
+                          prefix, proxy, structured, transformers_baseline, triton)
 from bench.profiles import MID_CHECKPOINT, PROFILES, Profile, profile_for
 from bench.targets import ratios, targets
 from bench.workload import IMAGE_SIZE, Workload
@@ -119,6 +119,11 @@ def run_checkpoint(name: str, prof: Profile, args, machine: dict, out_dir: Path)
     if "prefix" not in skip:
         log(f"{name}: prefix caching, ours and vLLM CPU")
         ck["prefix"] = prefix.run(name, prof.checkpoint, workload, 4 if name == "tiny" else 2, ck_dir, log, SERVER_ENV)
+    if "documents" not in skip:  # against vLLM where the peer is: this run's, or installed by an earlier one
+        with_peer = "peer" not in skip or vllm_peer.is_installed()
+        log(f"{name}: documents, ours{' and vLLM CPU' if with_peer else ' (no vLLM peer installed)'}")
+        ck["documents"] = documents.run(name, prof.checkpoint, workload, 4 if name == "tiny" else 2, ck_dir, log,
+                                        SERVER_ENV, peer=with_peer)
     ck.setdefault("prompt_tokens", _prompt_tokens(prof, workload))
     ck["ratios"] = ratios(ck, args.levels)
     return ck

@@ -89,6 +89,10 @@ def markdown(result: dict) -> str:
             from bench.phases import prefix
 
             lines += prefix.markdown(ck["prefix"])
+        if ck.get("documents"):
+            from bench.phases import documents
+
+            lines += documents.markdown(ck["documents"])
         if ck.get("structured"):
             from bench.phases import structured
 

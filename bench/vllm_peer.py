@@ -36,6 +36,12 @@ SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 # -- install ---------------------------------------------------------------------------------------
+def is_installed() -> bool:
+    """Whether the peer's venv is ready (an earlier run with the ``peer`` phase installed it)."""
+    stamp = VENV / ".peer-ready"
+    return stamp.exists() and stamp.read_text().strip() == VLLM_VERSION
+
+
 def ensure_installed(log=print) -> Path:
     """The ``vllm`` command of the peer's venv, installed (about 70 s, 3.5 GB) if it is not yet."""
     exe = VENV / "bin" / "vllm"
@@ -150,8 +156,9 @@ class VllmServer:
     length, a KV space that fits the machine; ``threads`` 1 (core 1 left to its API process) or 2."""
 
     def __init__(self, exe: Path, checkpoint: Path, port: int, threads: int, log_path: Path,
-                 max_model_len: int = 4096, dtype: str = "float32"):
+                 max_model_len: int = 4096, dtype: str = "float32", extra_args: tuple[str, ...] = ()):
         self.exe, self.checkpoint, self.port, self.threads, self.dtype = exe, checkpoint, port, threads, dtype
+        self.extra_args = extra_args  # a phase's own flags (e.g. --limit-mm-per-prompt)
         self.log_path, self.max_model_len = log_path, max_model_len
         self.proc: subprocess.Popen | None = None
 
@@ -169,7 +176,8 @@ class VllmServer:
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [str(self.exe), "serve", str(self.checkpoint), "--host", "127.0.0.1", "--port", str(self.port),
-             "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--served-model-name", "peer"],
+             "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--served-model-name", "peer",
+             *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         while time.monotonic() - started < timeout_s:
             if self.proc.poll() is not None:

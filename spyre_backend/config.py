@@ -172,11 +172,24 @@ class InputLimits:
     max_image_pixels: int = 4096 * 4096  # per image, read from the header before decoding
     max_text_bytes: int = 2**20  # text_input size
     max_prompt_tokens: int = 0  # 0: max_context
+    # PDF documents (preprocess/documents.py): each page is one image, counted against max_images and
+    # rendered with at most max_image_pixels, checked from the page size before rendering
+    max_document_bytes: int = 32 * 2**20  # encoded bytes per document
+    max_document_pages: int = 8  # pages taken from one document (a request's pages: "1-3,7" picks fewer)
+    document_dpi: int = 96  # render resolution when the request names none
+    max_document_dpi: int = 300  # the most a request may ask for
+    # every render runs in a child process with these bounds (a PDF bomb costs at most this): killed
+    # past the time, its address space capped
+    document_render_timeout_s: float = 20.0
+    document_render_memory_mb: int = 2048
 
     def validate(self) -> None:
-        for name in ("max_images", "max_image_bytes", "max_image_pixels", "max_text_bytes"):
+        for name in ("max_images", "max_image_bytes", "max_image_pixels", "max_text_bytes", "max_document_bytes",
+                     "max_document_pages", "document_dpi", "max_document_dpi", "document_render_timeout_s",
+                     "document_render_memory_mb"):
             _check(self, getattr(self, name) > 0, name, "must be positive")
         _check(self, self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0")
+        _check(self, self.document_dpi <= self.max_document_dpi, "document_dpi", "must be <= max_document_dpi")
 
 
 @dataclass

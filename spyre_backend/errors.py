@@ -16,3 +16,8 @@ class InvalidRequest(ValueError):
 # whole conversation with START. The fronts look for it anywhere in a message, since it may come
 # behind a prefix such as "granite_vision: " (serving/routing.py; the OpenAI front answers 409).
 SESSION_LOST = "session lost:"
+
+
+# Starts every error about a media uuid sent without its image or document that preprocess no
+# longer holds (preprocess raises it; the OpenAI front answers 409 with it as the code): resend it.
+IMAGE_NOT_CACHED = "image_not_cached"

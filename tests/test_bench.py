@@ -260,6 +260,36 @@ def test_mixed_load_reports_each_stream(capsys):
     assert out["tokens_per_s"] > 0 and 0 < out["ttft_p50_s"] <= out["ttft_max_s"] <= out["wall_s"]
 
 
+def test_documents_phase_summary_and_report():
+    from bench.phases import documents
+
+    result = {"repeats": 2, "pages": 3, "dpi": 72, "max_image_side": 768,
+              "summary": documents.summary([[400.0, 600.0], [40.0, 60.0]], [[300.0, 500.0], [100.0, 140.0]])}
+    s = result["summary"]
+    assert s["second_vs_first"] == 50 / 500 and s["second_vs_vllm"] == 50 / 120 and s["first_vs_vllm"] == 500 / 400
+    assert "| second, same PDF | 50 | 120 | 0.42 |" in "\n".join(documents.markdown(result))
+    alone = {**result, "summary": documents.summary([[400.0], [40.0]], None)}
+    assert "| first | 400 | - | - |" in "\n".join(documents.markdown(alone)) and "second_vs_vllm" not in alone["summary"]
+
+
+def test_documents_phase_runs_on_the_tiny_checkpoint(server):
+    """The phase's own code against the session's server: a first and a second question over PDFs
+    of the workload's images; the pages a vLLM client would get are the server's renders."""
+    from bench.phases import documents
+    from bench.workload import Workload
+    from testkit.metrics import read_metrics
+
+    workload = Workload(max_tokens=4)
+    rendered = lambda: read_metrics(server.metrics_url).get("spyre_document_pages_rendered_total", 0.0)  # noqa: E731
+    before = rendered()
+    ttfts = documents.measure_ours(server.grpc_url, workload, repeats=2, first_index=9100)
+    assert rendered() - before == 2 * documents.PAGES  # each PDF rendered once, for its first question
+    assert [len(t) for t in ttfts] == [2, 2] and all(ms > 0 for t in ttfts for ms in t)
+    assert documents.summary(ttfts, None)["second_vs_first"] > 0
+    pages = documents.page_images(documents.document(workload, 9100))
+    assert len(pages) == documents.PAGES and all(p.startswith(b"\x89PNG") for p in pages)
+
+
 def test_grammar_compile_times_cover_the_test_schemas_once_each():
     from bench.grammar_compile import compile_times
     from testkit.structured_cases import SCHEMAS

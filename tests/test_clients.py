@@ -48,6 +48,21 @@ def test_command_line_client_answers_about_an_image(server, reference, tmp_path)
     assert out.stdout.strip() == "a green triangle on a white background"
 
 
+def test_command_line_client_answers_about_a_pdf_page(server, reference, tmp_path):
+    from spyre_backend.config import InputLimits
+    from testkit.documents import pdf_of, png, render_pages, shape_pages
+
+    pdf = tmp_path / "shapes.pdf"
+    pdf.write_bytes(pdf_of(shape_pages()))
+    page = png(render_pages(pdf.read_bytes(), InputLimits.document_dpi, [1])[0])  # page 2 at the default dpi
+    want = reference.generate(reference.chat_prompt("What is in the image?", 1), [page], 64)
+    out = subprocess.run([sys.executable, "-m", "client.granite_vision_client", "What is in the image?",
+                          "--document", str(pdf), "--pages", "2", "--url", server.grpc_url], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == want["text"]
+
+
 def run_perf_analyzer(server, tmp_path, model: str, extra: list[str]) -> subprocess.CompletedProcess:
     data = tmp_path / f"{model}.json"
     data.write_text(json.dumps({"data": [{"text_input": ["Say hello."], "max_tokens": [8],

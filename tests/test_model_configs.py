@@ -75,9 +75,12 @@ def test_the_ensemble_steps_feed_each_model_from_the_ones_before():
     steps = re.findall(r'model_name:\s*"(\w+)"(.*?)\n    \}', text, re.S)
     assert [name for name, _ in steps] == ["preprocess", "vision_encoder", "granite_llm"]
     maps = {name: dict(re.findall(r'input_map\s*\{\s*key:\s*"(\w+)"\s*value:\s*"(\w+)"', body)) for name, body in steps}
-    assert maps["vision_encoder"] == {"pixel_values": "_pixel_values", "image_sizes": "_image_sizes"}
+    assert maps["vision_encoder"] == {"pixel_values": "_pixel_values", "image_sizes": "_image_sizes",
+                                      "cache_salt": "cache_salt"}
     assert maps["granite_llm"]["input_ids"] == "_input_ids" and maps["granite_llm"]["image_features"] == "_image_features"
-    assert maps["preprocess"] == {n: n for n in ("text_input", "image", "apply_chat_template", "stop")}
+    assert maps["granite_llm"]["cache_salt"] == "cache_salt"
+    assert maps["preprocess"] == {n: n for n in ("text_input", "image", "document", "mm_processor_kwargs", "image_uuid",
+                                                 "document_uuid", "cache_salt", "apply_chat_template", "stop")}
 
 
 def test_a_text_response_holds_the_generation_outputs_in_their_declared_types():
@@ -91,7 +94,7 @@ def test_a_text_response_holds_the_generation_outputs_in_their_declared_types():
     assert list(tensors) == [t.name for t in GENERATION_OUTPUTS]
     assert {n: a.dtype.name for n, a in tensors.items()} == {
         "text_output": "object", "finish_reason": "object", "num_input_tokens": "int32", "num_output_tokens": "int32",
-        "num_cached_tokens": "int32", "logprobs": "object"}
+        "num_cached_tokens": "int32", "num_image_tokens": "int32", "logprobs": "object"}
     assert tensors["text_output"][0] == "hé".encode() and tensors["logprobs"][0] == b'[{"t": 1}]'
     assert list(dict(triton_io.text_response(FakePbUtils, "", "", 0, 0, names=["finish_reason"]))) == ["finish_reason"]
 
@@ -154,10 +157,11 @@ def test_clients_read_the_finish_reason_and_counts_by_the_schema():
 
     class Result:  # tritonclient's InferResult, as far as it is read
         outputs = {"finish_reason": np.array([b"length"], dtype=object), "num_input_tokens": np.array([5], np.int32),
-                   "num_output_tokens": np.array([3], np.int32), "num_cached_tokens": np.array([2], np.int32)}
+                   "num_output_tokens": np.array([3], np.int32), "num_cached_tokens": np.array([2], np.int32),
+                   "num_image_tokens": np.array([7], np.int32)}
 
         def as_numpy(self, name):
             return self.outputs[name]
 
     assert finish_and_counts(Result()) == {"finish_reason": "length", "num_input_tokens": 5, "num_output_tokens": 3,
-                                           "num_cached_tokens": 2}
+                                           "num_cached_tokens": 2, "num_image_tokens": 7}

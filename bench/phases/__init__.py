@@ -9,6 +9,8 @@
 - ``openai``: ``openai_front``: the OpenAI front against ``generate_stream``;
 - ``proxy``: ``proxy``: two replicas behind HAProxy against one direct (tiny checkpoint only);
 - ``prefix``: ``prefix``: prefix caching, ours and vLLM CPU;
+- ``documents``: ``documents``: a first and a second question about a 3-page PDF, ours and (with
+  the peer) vLLM CPU given the pages pre-rendered;
 - ``structured``: ``structured``: requests with and without a JSON schema, ours and vLLM CPU.
 
 bench/main.py runs them in that order for each checkpoint. ``full`` (``--checkpoints full``) is a
@@ -22,7 +24,7 @@ import os
 from datetime import datetime
 
 PHASES = ("transformers", "engine", "roofline", "triton", "perf_analyzer", "ensemble", "session", "peer", "prefix",
-          "structured", "openai", "proxy")
+          "documents", "structured", "openai", "proxy")
 # vision_encoder's cache of repeated images would skip the vision tower: every request here has a
 # new image anyway, and the cache stays off.
 SERVER_ENV = {"SPYRE_ENCODER_CACHE_MB": "0"}

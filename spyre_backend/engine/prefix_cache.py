@@ -29,6 +29,12 @@ import torch
 ROOT = b"spyre-prefix-cache-v2"
 
 
+def chain_root(cache_salt: str = "") -> bytes:
+    """Where a sequence's hash chain starts: a tenant's ``cache_salt`` (vLLM's) starts a chain of its
+    own, so no segment hash, and so no cached block, is ever shared with another salt or with none."""
+    return ROOT if not cache_salt else hashlib.sha256(ROOT + b"salt:" + cache_salt.encode("utf-8")).digest()
+
+
 def segment_hash(parent: bytes, token_ids: list[int], features: torch.Tensor | None) -> bytes:
     digest = hashlib.sha256(parent)
     digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
@@ -48,11 +54,12 @@ class SegmentHasher:
         self.image_token_id = image_token_id
 
     def more(self, token_ids: list[int], features: torch.Tensor | None, known: list[bytes],
-             num_segments: int) -> list[bytes]:
-        """The hashes of full segments ``len(known) .. num_segments - 1``, chained on ``known``."""
+             num_segments: int, root: bytes = ROOT) -> list[bytes]:
+        """The hashes of full segments ``len(known) .. num_segments - 1``, chained on ``known``
+        (the first on ``root``)."""
         size, out = self.segment_size, []
         placeholders = token_ids[: len(known) * size].count(self.image_token_id)
-        parent = known[-1] if known else ROOT
+        parent = known[-1] if known else root
         for i in range(len(known), num_segments):
             tokens = token_ids[i * size: (i + 1) * size]
             count = tokens.count(self.image_token_id)

@@ -93,6 +93,7 @@ class Request:
     sequence_id: int | str | None = None  # None: a one-off sequence of its own
     sequence_start: bool = True
     sequence_end: bool = True
+    cache_salt: str = ""  # its tenant's: prefix-cache hits only among requests of the same salt
     request_id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from spyre_backend.engine.kv_cache_manager import KVCacheManager
-from spyre_backend.engine.prefix_cache import ROOT, SegmentHasher
+from spyre_backend.engine.prefix_cache import SegmentHasher, chain_root
 from spyre_backend.errors import SESSION_LOST
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ class Session:
     # session lives: a preempted turn recomputes its whole history (images are never re-encoded)
     image_features: list[torch.Tensor] = field(default_factory=list)
     segment_hashes: list[bytes] = field(default_factory=list)  # of the history's full segments (prefix_cache.py)
+    hash_root: bytes = chain_root()  # its tenant's (the cache_salt of the turn that opened it)
     last_active: float = field(default_factory=time.monotonic)
     active: "Request | None" = None  # the turn now running (turns of one session never overlap)
     stop_requested: bool = False  # a stop request asked the running turn to end
@@ -129,6 +130,7 @@ class Turns:
                 return (f"{self.kept()} sessions are open, the limit max_sessions={self.max_sessions}; "
                         "end one (END) and retry")
             session = self._open(sid)
+            session.hash_root = chain_root(request.cache_salt)
         else:
             session = self._sessions.get(sid)
             if session is None:
@@ -197,11 +199,11 @@ class Turns:
         """The hashes of the session's first ``num_segments`` segments (all full in its history)."""
         known = session.segment_hashes
         if len(known) < num_segments:
-            known += self.hasher.more(session.token_ids, session.features(), known, num_segments)
+            known += self.hasher.more(session.token_ids, session.features(), known, num_segments, session.hash_root)
         return known[:num_segments]
 
     def tail_candidates(self, session: Session, segment: int, max_length: int) -> list[tuple[int, bytes]]:
-        parent = self.segment_hashes(session, segment)[-1] if segment else ROOT
+        parent = self.segment_hashes(session, segment)[-1] if segment else session.hash_root
         return self.hasher.tail_candidates(session.token_ids, session.features(), parent, segment, max_length)
 
     def _register_tail(self, session: Session) -> None:

@@ -119,8 +119,15 @@ class LlavaNext(ModelSpec):
     def load_vision_model(self, checkpoint: str, dtype: torch.dtype, device_type: str) -> torch.nn.Module:
         from fms.models import get_model  # here, not at the top: reading a config needs no FMS
 
-        return get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=dtype,
-                         device_type=device_type, vision_only=True).eval()
+        model = get_model(architecture="hf_pretrained", model_path=checkpoint, data_type=dtype,
+                          device_type=device_type, vision_only=True).eval()
+        # SigLIP's attention-pooling head is no part of LlavaNext: its features are hidden states of
+        # several layers. FMS builds the head whatever the checkpoint holds (left uninitialised
+        # where, as granite-vision-3.3's, it has none) and runs it in the tower's forward; a server
+        # that fed it the multi-layer features broke (vLLM #32299). Dropped: encode_crops runs the
+        # headless tower.
+        model.vision_tower.head = None
+        return model
 
     def crops_per_image(self, model: torch.nn.Module, image_size: torch.Tensor) -> int:
         return model.image_size_to_num_patches(image_size, model.config.image_grid_pinpoints, self.vision.image_size)
@@ -128,7 +135,7 @@ class LlavaNext(ModelSpec):
     def encode_crops(self, model: torch.nn.Module, crops: torch.Tensor) -> torch.Tensor:
         """Projected multi-layer features of every crop."""
         config = model.config
-        _, _, hidden_states = model.vision_tower(crops, output_hidden_states=True)
+        _, hidden_states = model.vision_tower.base_model(crops, output_hidden_states=True)  # no pooling head
         layers = config.vision_feature_layer
         layers = [layers] if isinstance(layers, int) else layers
         selected = torch.cat([hidden_states[i] for i in layers], dim=-1)

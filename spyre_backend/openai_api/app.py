@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from spyre_backend.openai_api.chat_template import ChatTemplate
 from spyre_backend.openai_api.media import MediaPolicy
-from spyre_backend.openai_api.protocol import (ApiError, Generation, parse_body, parse_chat, parse_completion,
-                                               routing_key)
+from spyre_backend.openai_api.protocol import (ApiError, Generation, cache_salt, parse_body, parse_chat,
+                                               parse_completion, routing_key)
 from spyre_backend.openai_api.service import Choice, ClientGone, OpenAIService, new_id, now, usage
 from spyre_backend.openai_api.tools import ToolCallStream, assistant_message
 from spyre_backend.openai_api.triton_client import TritonGenerator
@@ -36,6 +36,7 @@ class FrontSettings:
     checkpoint: Path
     model_name: str = ""  # default: the checkpoint directory's name
     media: MediaPolicy = MediaPolicy()
+    cache_salt_from_user: bool = False  # a request without cache_salt is salted by its user
 
     @property
     def served_model(self) -> str:
@@ -120,6 +121,7 @@ def create_app(settings: FrontSettings) -> FastAPI:
         body = parse_body(await request.body())
         gen = parse_chat(body, template, model)
         gen.session_key = routing_key(request.headers.get(SESSION_HEADER), body.get("user"))
+        gen.cache_salt = cache_salt(body, settings.cache_salt_from_user)
         await require_ready()
         return await respond(request, [gen], chat=True)
 
@@ -128,8 +130,9 @@ def create_app(settings: FrontSettings) -> FastAPI:
         body = parse_body(await request.body())
         gens = parse_completion(body, model)
         key = routing_key(request.headers.get(SESSION_HEADER), body.get("user"))
+        salt = cache_salt(body, settings.cache_salt_from_user)
         for gen in gens:
-            gen.session_key = key
+            gen.session_key, gen.cache_salt = key, salt
         await require_ready()
         return await respond(request, gens, chat=False)
 
@@ -257,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated domains whose http(s) image URLs are fetched (default: none)")
     p.add_argument("--allow-private-media-addresses", action="store_true",
                    help="let allowed image URLs resolve to private, loopback or link-local addresses")
+    p.add_argument("--cache-salt-from-user", action="store_true",
+                   help="salt a request's caches by its OpenAI user when it sends no cache_salt (tenants share none)")
     a = p.parse_args(argv)
     media = MediaPolicy.from_text(a.allowed_media_domains, allow_private_addresses=a.allow_private_media_addresses)
-    app = create_app(FrontSettings(a.triton_url, a.checkpoint, a.served_model_name, media))
+    app = create_app(FrontSettings(a.triton_url, a.checkpoint, a.served_model_name, media, a.cache_salt_from_user))
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
 

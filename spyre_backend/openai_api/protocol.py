@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from spyre_backend.engine.sampling_params import MAX_LOGPROBS, SamplingParams, check_json_depth
 from spyre_backend.engine.structured_request import FORMS as STRUCTURED_FORMS
 from spyre_backend.engine.structured_request import structured_from
 from spyre_backend.errors import InvalidRequest
 from spyre_backend.openai_api.chat_template import ChatTemplate
+from spyre_backend.openai_api.documents import MediaParts, media_options
 from spyre_backend.openai_api.tools import TOOL_CALL, Tools, parse_tools, template_message
 
 MAX_N = 16  # choices per request: each one is a sequence of its own in the engine
@@ -51,6 +52,18 @@ def routing_key(header: str | None, user) -> str:
     return key
 
 
+def cache_salt(body: dict, from_user: bool) -> str:
+    """The request's tenant (vLLM's ``cache_salt``): its caches are shared only within it. Without
+    one, the OpenAI ``user`` when the operator says so (``--cache-salt-from-user``), as its hash."""
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > 1024):
+        raise bad("cache_salt must be a non-empty string of at most 1024 characters", "cache_salt")
+    user = body.get("user")
+    if salt is None and from_user and isinstance(user, str) and user:
+        salt = "user:" + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()
+    return salt or ""
+
+
 def bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param)
 
@@ -84,6 +97,9 @@ class Generation:
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
     session_key: str = ""  # x-session-id or the request's user: the routing key passed on (serving/routing.py)
     tools: Tools | None = None  # the request's tools: its answers may be tool calls (openai_api/tools.py)
+    media: MediaParts = field(default_factory=MediaParts)  # its file parts (PDFs) and media uuids
+    media_options: str = ""  # the mm_processor_kwargs JSON (openai_api/documents.py)
+    cache_salt: str = ""  # the tenant whose caches it may use (``cache_salt``)
 
 
 def _typed(body: dict, name: str, kinds, what: str):
@@ -155,8 +171,9 @@ def _common(body: dict, served_model: str) -> tuple[int, bool, dict]:
                        "continuous_usage": bool(options.get("continuous_usage_stats", False))}
 
 
-def _content_parts(content, where: str) -> tuple[list[dict] | str, list[str]]:
-    """A message's content as the template's parts, and its image URLs in order."""
+def _content_parts(content, where: str, media: MediaParts) -> tuple[list[dict] | str, list[str]]:
+    """A message's content as the template's parts, and its image URLs in order ("" for an image
+    named by its uuid alone); its PDFs and uuids go to ``media``."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
@@ -171,14 +188,13 @@ def _content_parts(content, where: str) -> tuple[list[dict] | str, list[str]]:
                 raise bad(f"{at}.text must be a string", f"{at}.text")
             parts.append({"type": "text", "text": part["text"]})
         elif part["type"] == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            if not isinstance(url, str) or not url:
-                raise bad(f"{at}.image_url.url must be a non-empty string", f"{at}.image_url")
+            urls.append(media.image(part, at, bad))
             parts.append({"type": "image"})
-            urls.append(url)
+        elif part["type"] == "file":
+            parts.append(media.add(part, at, bad))
         else:
-            raise bad(f"{at}: content part type {part['type']!r} is not supported (text, image_url)", f"{at}.type")
+            raise bad(f"{at}: content part type {part['type']!r} is not supported (text, image_url, file)",
+                      f"{at}.type")
     return parts, urls
 
 
@@ -187,7 +203,7 @@ def parse_chat(body: dict, template: ChatTemplate, served_model: str) -> Generat
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
-    rendered, urls = [], []
+    rendered, urls, media = [], [], MediaParts()
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -195,7 +211,7 @@ def parse_chat(body: dict, template: ChatTemplate, served_model: str) -> Generat
         role = message.get("role")
         if role not in ROLES:
             raise bad(f"{where}.role must be one of {list(ROLES)}, got {role!r}", f"{where}.role")
-        content, images = _content_parts(message.get("content") or "", where)
+        content, images = _content_parts(message.get("content") or "", where, media)
         try:
             extra = template_message(message, where)  # earlier tool calls, a tool's answer
         except InvalidRequest as exc:
@@ -224,7 +240,8 @@ def parse_chat(body: dict, template: ChatTemplate, served_model: str) -> Generat
                       "tool_choice")
         prompt += TOOL_CALL
         sampling["structured_outputs"] = tools.structured_outputs()
-    return Generation(prompt, urls, sampling, n, stream, logprobs=logprobs, model=served_model, tools=tools, **usage)
+    return Generation(prompt, urls, sampling, n, stream, logprobs=logprobs, model=served_model, tools=tools,
+                      media=media, media_options=media_options(body, media, bad), **usage)
 
 
 def parse_completion(body: dict, served_model: str) -> list[Generation]:

@@ -36,6 +36,7 @@ class Choice:
     num_input_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    num_image_tokens: int = 0
 
 
 class OpenAIService:
@@ -47,7 +48,9 @@ class OpenAIService:
     async def images(self, urls: list[str]) -> list[bytes]:
         out = []
         for i, url in enumerate(urls):
-            if url[:5].lower() == "data:":
+            if not url:  # named by its uuid alone: preprocess has it, or answers image_not_cached
+                out.append(b"")
+            elif url[:5].lower() == "data:":
                 out.append(url.encode())
             elif url[:7].lower() == "http://" or url[:8].lower() == "https://":
                 try:
@@ -69,12 +72,15 @@ class OpenAIService:
                 sampling = dict(gen.sampling)
                 if gen.n > 1 and sampling.get("seed") is not None:
                     sampling["seed"] = sampling["seed"] + k  # n different, reproducible choices
-                jobs.append((Choice(g_index * gen.n + k), gen.prompt, images, sampling, gen.session_key))
+                jobs.append((Choice(g_index * gen.n + k), gen.prompt, images, sampling, gen.session_key,
+                             {**gen.media.inputs(), "media_options": gen.media_options,
+                              "cache_salt": gen.cache_salt}))
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(choice, prompt, images, sampling, session_key):
+        async def pump(choice, prompt, images, sampling, session_key, media):
             try:
-                async for delta in self.generator.generate(prompt, images, sampling, session_key=session_key):
+                async for delta in self.generator.generate(prompt, images, sampling, session_key=session_key,
+                                                           media=media):
                     await queue.put((choice, delta, None))
             except ApiError as exc:
                 await queue.put((choice, None, exc))
@@ -135,6 +141,7 @@ def _record(choice: Choice, delta: Delta) -> None:
         choice.num_input_tokens = delta.num_input_tokens
         choice.num_output_tokens = delta.num_output_tokens
         choice.num_cached_tokens = delta.num_cached_tokens
+        choice.num_image_tokens = delta.num_image_tokens
 
 
 def usage(choices: list[Choice], n: int) -> dict:
@@ -143,7 +150,8 @@ def usage(choices: list[Choice], n: int) -> dict:
     prompt = sum(c.num_input_tokens for c in firsts)
     completion = sum(c.num_output_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(c.num_cached_tokens for c in firsts)}}
+            "prompt_tokens_details": {"cached_tokens": sum(c.num_cached_tokens for c in firsts),
+                                      "image_tokens": sum(c.num_image_tokens for c in firsts)}}
 
 
 def new_id(prefix: str) -> str:

@@ -16,6 +16,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
+from spyre_backend.errors import IMAGE_NOT_CACHED
 from spyre_backend.openai_api.protocol import ApiError
 from spyre_backend.protocol import GENERATION_OUTPUTS
 from spyre_backend.protocol.client import finish_and_counts, infer_inputs
@@ -35,6 +36,8 @@ def error_for(message: str) -> ApiError:
     """A pipeline error as an OpenAI error: the server's own faults are 500s, the rest 400s."""
     if is_lost_session(message):  # the session's state is gone from this replica: the client must restart it
         return ApiError(409, message, code="session_lost")
+    if IMAGE_NOT_CACHED in message:  # a uuid without its image, which this server no longer holds: resend it
+        return ApiError(409, message, code=IMAGE_NOT_CACHED)
     if "failed to connect" in message.lower() or "unavailable" in message.lower():
         return ApiError(503, f"the inference server is not reachable: {message}")
     if any(fault in message for fault in _SERVER_FAULTS):
@@ -49,14 +52,27 @@ class Delta:
     num_input_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    num_image_tokens: int = 0
     logprobs: list[dict] = field(default_factory=list)
 
 
-def request_inputs(prompt: str, images: list[bytes], sampling: dict) -> list[InferInput]:
+def request_inputs(prompt: str, images: list[bytes], sampling: dict, documents: list[bytes] = (),
+                   media_options: str = "", image_uuids: list[str] = (), document_uuids: list[str] = (),
+                   cache_salt: str = "") -> list[InferInput]:
     values = {"text_input": prompt, "stream": True, "exclude_input_in_output": True,
               "sampling_parameters": json.dumps(sampling)}
     if images:
         values["image"] = images
+    if documents:
+        values["document"] = list(documents)
+    if media_options:
+        values["mm_processor_kwargs"] = media_options
+    if image_uuids:
+        values["image_uuid"] = list(image_uuids)
+    if document_uuids:
+        values["document_uuid"] = list(document_uuids)
+    if cache_salt:
+        values["cache_salt"] = cache_salt
     return infer_inputs(values)
 
 
@@ -83,13 +99,14 @@ class TritonGenerator:
         return self._ready
 
     async def generate(self, prompt: str, images: list[bytes], sampling: dict,
-                       session_key: str = "") -> AsyncIterator[Delta]:
+                       session_key: str = "", media: dict | None = None) -> AsyncIterator[Delta]:
         """Yields the text deltas; the last one has the finish reason and the token counts.
-        ``session_key`` goes on as the x-session-id metadata (a routing key: no sequence id)."""
+        ``session_key`` goes on as the x-session-id metadata (a routing key: no sequence id); ``media``
+        holds ``request_inputs``' documents and media_options."""
         done = asyncio.Event()
 
         async def one_request():
-            yield {"model_name": MODEL, "inputs": request_inputs(prompt, images, sampling),
+            yield {"model_name": MODEL, "inputs": request_inputs(prompt, images, sampling, **(media or {})),
                    "outputs": WITH_LOGPROBS if sampling.get("logprobs") is not None else WITHOUT_LOGPROBS}
             await done.wait()  # keep our side of the stream open until the last response
 

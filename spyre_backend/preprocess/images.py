@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import warnings
 
 from PIL import Image, ImageOps
@@ -70,3 +71,35 @@ def decode_image(payload: bytes, index: int = 0, *, max_bytes: int = InputLimits
             image = image.point(lambda v: v / 257).convert("L")
         image = image.convert("RGB")
     return image
+
+
+def resize_to_side(image: Image.Image, max_side: int | None) -> Image.Image:
+    """``image`` with its longest side at most ``max_side`` (its shape kept, sides rounded, bicubic,
+    as PIL's ``thumbnail`` without its reducing pass); never enlarged. A request's image budget: fewer
+    pixels give a smaller anyres grid and fewer image tokens."""
+    width, height = image.size
+    if max_side is None or max(width, height) <= max_side:
+        return image
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def fit_to_tiles(image: Image.Image, max_tiles: int | None, pinpoints, crop_hw: tuple[int, int]) -> Image.Image:
+    """``image`` scaled down (never up) to fit the anyres grid of at most ``max_tiles`` crop-size
+    tiles that keeps most of it: anyres then picks that grid or a smaller one, since every grid the
+    image fits in keeps all of it, one it does not fit in keeps less, and of equals the least padded
+    wins (LlavaNext's ``select_best_resolution``). ``pinpoints``: the grids as (height, width)."""
+    if max_tiles is None:
+        return image
+    crop_h, crop_w = crop_hw
+    allowed = [(h, w) for h, w in pinpoints if (h // crop_h) * (w // crop_w) <= max_tiles]
+    if not allowed:
+        least = min((h // crop_h) * (w // crop_w) for h, w in pinpoints)
+        raise InvalidRequest(f"max_image_tiles={max_tiles} is below the smallest anyres grid ({least} tiles)")
+    width, height = image.size
+    scale = max(min(1.0, h / height, w / width) for h, w in allowed)
+    if scale >= 1.0:
+        return image
+    size = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)

@@ -15,12 +15,18 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import re
+
 import numpy as np
+from PIL import Image
 from transformers import AutoProcessor
 
 from spyre_backend.config import InputLimits, ServingConfig, VisionConfig
 from spyre_backend.errors import InvalidRequest
-from spyre_backend.preprocess.images import decode_image
+from spyre_backend.preprocess.document_pages import DocumentPages
+from spyre_backend.preprocess.documents import DOCUMENT_TAG, image_part_text
+from spyre_backend.preprocess.images import decode_image, fit_to_tiles, resize_to_side
+from spyre_backend.preprocess.options import MediaIds, MediaOptions, not_cached
 from spyre_backend.vision.cache import LRUCache
 
 
@@ -47,18 +53,27 @@ class Preprocessor:
         self.limits = limits or ServingConfig().input_limits()
         crop = self.processor.image_processor.crop_size
         self._crop_hw = (crop["height"], crop["width"])
+        self._pinpoints = [tuple(p) for p in self.processor.image_processor.image_grid_pinpoints]
         cache_mb = VisionConfig().processed_image_cache_mb if image_cache_mb is None else image_cache_mb
         self.image_cache = LRUCache(cache_mb * 2**20) if cache_mb else None
+        self._tags = re.compile(f"({re.escape(self.image_token)}|{re.escape(DOCUMENT_TAG)})")
+        # a page reads as the template's image part ("<image>\n"), as the same pages sent as images
+        self._page_part = image_part_text(lambda content: self._render([{"role": "user", "content": content}]),
+                                          self.image_token)
+        self.documents = DocumentPages(self, self.limits)
 
-    def chat_prompt(self, question: str, num_images: int) -> str:
-        """The checkpoint's chat template around a user question, images placed first."""
-        if self.image_token in question:
+    def chat_prompt(self, question: str, num_images: int, num_documents: int = 0) -> str:
+        """The checkpoint's chat template around a user question, documents then images placed first."""
+        if self.image_token in question or DOCUMENT_TAG in question:
             content = [{"type": "text", "text": question}]
             # the template renders image entries itself; when the question already places its
             # images, render text only and keep the question's own tags.
         else:
-            content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
-        messages = [{"role": "user", "content": content}]
+            content = ([{"type": "text", "text": DOCUMENT_TAG}] * num_documents
+                       + [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}])
+        return self._render([{"role": "user", "content": content}])
+
+    def _render(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def empty(self, input_ids: np.ndarray | None = None) -> ProcessedPrompt:
@@ -67,52 +82,94 @@ class Preprocessor:
         return ProcessedPrompt(ids, np.zeros((0, 1, 3, *self._crop_hw), dtype=np.float32),
                                np.zeros((0, 2), dtype=np.int64))
 
-    def __call__(self, text: str, images: list[bytes], apply_chat_template: bool = False) -> ProcessedPrompt:
-        limits = self.limits
+    def __call__(self, text: str, images: list[bytes], apply_chat_template: bool = False,
+                 documents: list[bytes] = (), options: MediaOptions | None = None,
+                 ids: MediaIds | None = None) -> ProcessedPrompt:
+        limits, options, ids = self.limits, options or MediaOptions(), ids or MediaIds()
+        ids.check(len(images), len(documents))
         if len(images) > limits.max_images:
             raise InvalidRequest(f"{len(images)} images in one request, over the limit max_images={limits.max_images}")
         if len(text.encode("utf-8")) > limits.max_text_bytes:
             raise InvalidRequest(f"text_input is {len(text.encode())} bytes, over the limit "
                                  f"max_text_bytes={limits.max_text_bytes}")
         if apply_chat_template:
-            text = self.chat_prompt(text, len(images))
-        tags = text.count(self.image_token)
-        if tags != len(images):
-            raise InvalidRequest(
-                f"the prompt has {tags} {self.image_token} tag(s) but {len(images)} image(s) were sent; "
-                "each image needs exactly one tag")
-        if not images:
+            text = self.chat_prompt(text, len(images), len(documents))
+        pieces = self._tags.split(text)  # text, tag, text, tag, ..., text
+        tags = pieces[1::2]
+        for tag, sent, what in ((self.image_token, images, "image"), (DOCUMENT_TAG, documents, "document")):
+            if tags.count(tag) != len(sent):
+                raise InvalidRequest(
+                    f"the prompt has {tags.count(tag)} {tag} tag(s) but {len(sent)} {what}(s) were sent; "
+                    f"each {what} needs exactly one tag")
+        if not tags:
             result = self.empty(self.tokenizer(text, return_tensors="np")["input_ids"][0].astype(np.int64))
         else:
-            processed = [self.image(payload, i) for i, payload in enumerate(images)]
-            pieces = text.split(self.image_token)
-            expanded = pieces[0] + "".join(self.image_token * image.num_tokens + piece
-                                           for image, piece in zip(processed, pieces[1:]))
+            processed, expanded = [], [pieces[0]]
+            next_image, next_document = iter(enumerate(images)), iter(enumerate(documents))
+            for tag, piece in zip(tags, pieces[2::2]):
+                if tag == self.image_token:
+                    i, payload = next(next_image)
+                    image = self.image(payload, i, options.image_budget, ids.image_uuid(i), ids.cache_salt)
+                    processed.append(image)
+                    expanded.append(self.image_token * image.num_tokens)
+                else:
+                    j, payload = next(next_document)
+                    for page in self.documents.pages(payload, j, len(documents), options, ids):
+                        processed.append(page)
+                        expanded.append(self._page_part.replace(self.image_token, self.image_token * page.num_tokens))
+                if len(processed) > limits.max_images:
+                    raise InvalidRequest(f"over {limits.max_images} images and document pages in one request, "
+                                         f"over the limit max_images={limits.max_images}")
+                expanded.append(piece)
             # every image padded with zero crops to the most crops of the request, as HF's batch
             crops = max(image.crops.shape[0] for image in processed)
             pixel_values = np.zeros((len(processed), crops, *processed[0].crops.shape[1:]), dtype=np.float32)
             for i, image in enumerate(processed):
                 pixel_values[i, : image.crops.shape[0]] = image.crops
             result = ProcessedPrompt(
-                self.tokenizer(expanded, return_tensors="np")["input_ids"][0].astype(np.int64),
+                self.tokenizer("".join(expanded), return_tensors="np")["input_ids"][0].astype(np.int64),
                 pixel_values, np.asarray([image.size for image in processed], dtype=np.int64))
         if len(result.input_ids) > limits.max_prompt_tokens:
             raise InvalidRequest(f"the prompt is {len(result.input_ids)} tokens, over the limit "
                                  f"max_prompt_tokens={limits.max_prompt_tokens}")
         return result
 
-    def image(self, payload: bytes, index: int) -> ProcessedImage:
-        """One image through the HF image processor, or from the cache of processed images."""
-        key = None if self.image_cache is None else hashlib.blake2b(payload, digest_size=20).digest()
-        cached = None if key is None else self.image_cache.get(key)
-        if cached is not None:
-            return cached
-        limits = self.limits
-        pil = decode_image(payload, index, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+    def image(self, payload: bytes, index: int, budget: tuple = (None, None), uuid: str = "",
+              salt: str = "") -> ProcessedImage:
+        """One image through the HF image processor, or from the cache of processed images (by its
+        bytes, or by its ``uuid`` when it is sent empty); ``salt``: the tenant's, in every key."""
+        cache = self.image_cache
+        named = None if cache is None or not uuid else cache_key(b"uuid", uuid.encode(), budget, salt)
+        if not payload and uuid:
+            image = None if named is None else cache.get(named)
+            if image is None:
+                raise InvalidRequest(not_cached("image", index, uuid))
+            return image
+        key = None if cache is None else cache_key(b"image", payload, budget, salt)
+        image = None if key is None else cache.get(key)
+        if image is None:
+            limits = self.limits
+            pil = decode_image(payload, index, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+            image = self.process(pil, budget)
+            if key is not None:
+                cache.put(key, image, image.crops.nbytes)
+        if named is not None:  # the uuid names this image from now on
+            cache.put(named, image, image.crops.nbytes, replace=True)
+        return image
+
+    def process(self, pil: Image.Image, budget: tuple = (None, None)) -> ProcessedImage:
+        """A decoded image through the HF image processor, first resized to the request's
+        ``budget`` (MediaOptions.image_budget: its longest side, then its anyres grid)."""
+        max_side, max_tiles = budget
+        pil = fit_to_tiles(resize_to_side(pil, max_side), max_tiles, self._pinpoints, self._crop_hw)
         out = self.processor.image_processor([pil], return_tensors="np")
         tokens = self.processor.replace_image_token(out, 0).count(self.image_token)
         crops = np.ascontiguousarray(out["pixel_values"][0], dtype=np.float32)
-        image = ProcessedImage(crops, tuple(int(x) for x in out["image_sizes"][0]), tokens)
-        if key is not None:
-            self.image_cache.put(key, image, crops.nbytes)
-        return image
+        return ProcessedImage(crops, tuple(int(x) for x in out["image_sizes"][0]), tokens)
+
+
+def cache_key(kind: bytes, payload: bytes, *settings) -> bytes:
+    """The processed-image cache's key: what was sent and every setting that changes the result."""
+    h = hashlib.blake2b(payload, digest_size=20)
+    h.update(kind + repr(settings).encode())
+    return h.digest()

@@ -30,6 +30,14 @@ def _optional(name: str, data_type: str, dims: tuple[int, ...] = (1,)) -> Tensor
 
 TEXT_INPUT = Tensor("text_input", "BYTES", (1,))
 IMAGE = _optional("image", "BYTES", (-1,))  # encoded bytes, base64 or a data: URI, one per image
+DOCUMENT = _optional("document", "BYTES", (-1,))  # PDFs (bytes, base64 or a data: URI); each <document> tag is one
+MM_PROCESSOR_KWARGS = _optional("mm_processor_kwargs", "BYTES")  # JSON media options (preprocess/options.py)
+# one per image / document ("" for none): what names it in later requests, which may then send it empty
+IMAGE_UUID = _optional("image_uuid", "BYTES", (-1,))
+DOCUMENT_UUID = _optional("document_uuid", "BYTES", (-1,))
+# a tenant's (vLLM's cache_salt): every cache a request reads (processed images, encoder features,
+# prefix-cache blocks) is shared only among requests with the same salt
+CACHE_SALT = _optional("cache_salt", "BYTES")
 APPLY_CHAT_TEMPLATE = _optional("apply_chat_template", "BOOL")
 STOP = _optional("stop", "BOOL")  # stop the sequence's turn in progress (granite_llm; preprocess skips it)
 
@@ -59,6 +67,7 @@ GENERATION_OUTPUTS: list[Tensor] = [
     Tensor("num_input_tokens", "INT32", (1,)),
     Tensor("num_output_tokens", "INT32", (1,)),
     Tensor("num_cached_tokens", "INT32", (1,)),  # prompt tokens served from the prefix cache (vLLM's cached_tokens)
+    Tensor("num_image_tokens", "INT32", (1,)),  # of the prompt's tokens, image placeholders (OpenAI's image_tokens)
     Tensor("logprobs", "BYTES", (-1,)),  # JSON, when sampling_parameters asked for logprobs
 ]
 
@@ -75,14 +84,15 @@ class Model:
     outputs: list[Tensor]
 
 
-_FRONT = Model([TEXT_INPUT, IMAGE, APPLY_CHAT_TEMPLATE, *GENERATION_INPUTS], GENERATION_OUTPUTS)
+_MEDIA = [IMAGE, DOCUMENT, MM_PROCESSOR_KWARGS, IMAGE_UUID, DOCUMENT_UUID, CACHE_SALT]
+_FRONT = Model([TEXT_INPUT, *_MEDIA, APPLY_CHAT_TEMPLATE, *GENERATION_INPUTS], GENERATION_OUTPUTS)
 ENSEMBLE = "granite_vision_ensemble"
 MODELS: dict[str, Model] = {
-    "preprocess": Model([TEXT_INPUT, IMAGE, APPLY_CHAT_TEMPLATE, STOP], [INPUT_IDS, PIXEL_VALUES, IMAGE_SIZES]),
-    "vision_encoder": Model([PIXEL_VALUES, IMAGE_SIZES], [IMAGE_FEATURES]),
+    "preprocess": Model([TEXT_INPUT, *_MEDIA, APPLY_CHAT_TEMPLATE, STOP], [INPUT_IDS, PIXEL_VALUES, IMAGE_SIZES]),
+    "vision_encoder": Model([PIXEL_VALUES, IMAGE_SIZES, CACHE_SALT], [IMAGE_FEATURES]),
     # text_input is optional here: a stop request carries none
-    "granite_llm": Model([INPUT_IDS, IMAGE_FEATURES, replace(TEXT_INPUT, optional=True), *GENERATION_INPUTS],
-                         GENERATION_OUTPUTS),
+    "granite_llm": Model([INPUT_IDS, IMAGE_FEATURES, replace(TEXT_INPUT, optional=True), CACHE_SALT,
+                          *GENERATION_INPUTS], GENERATION_OUTPUTS),
     "granite_vision": _FRONT,
     ENSEMBLE: _FRONT,
 }

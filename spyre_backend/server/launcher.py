@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated domains whose http(s) image URLs the OpenAI API fetches (default: none)")
     p.add_argument("--allow-private-media-addresses", action="store_true",
                    help="let allowed image URLs resolve to private, loopback or link-local addresses")
+    p.add_argument("--cache-salt-from-user", action="store_true",
+                   help="OpenAI API: a request without cache_salt shares caches only with its own user")
     p.add_argument("--log-verbose", type=int, default=d.log_verbose)
     p.add_argument("--replica-id", default=d.replica_id, help="this server's name behind a proxy (default: the host name)")
     p.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S)
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     server = TritonServer(server_options(a))
     front = None if a.no_openai else OpenAIFront(
         server, a.openai_port, model_name=a.served_model_name, allowed_media_domains=a.allowed_media_domains,
-        allow_private_media_addresses=a.allow_private_media_addresses)
+        allow_private_media_addresses=a.allow_private_media_addresses,
+        cache_salt_from_user=a.cache_salt_from_user)
 
     def forward(sig, _frame):
         server.send_signal(signal.SIGINT if sig == signal.SIGINT else sig)

@@ -22,11 +22,13 @@ class OpenAIFront:
 
     def __init__(self, server: TritonServer, port: int = OPENAI_PORT, *, model_name: str = "",
                  allowed_media_domains: str = "", allow_private_media_addresses: bool = False,
-                 log_path: Path | None = None):
+                 cache_salt_from_user: bool = False, log_path: Path | None = None):
         self.server, self.port = server, port
         self.args = ["--served-model-name", model_name, "--allowed-media-domains", allowed_media_domains]
         if allow_private_media_addresses:
             self.args.append("--allow-private-media-addresses")
+        if cache_salt_from_user:
+            self.args.append("--cache-salt-from-user")
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
         self._log_file = None

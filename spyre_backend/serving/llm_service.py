@@ -42,6 +42,7 @@ class GenerateInputs:
     sequence_id: int | str | None = None
     sequence_start: bool = True
     sequence_end: bool = True
+    cache_salt: str = ""  # the tenant's: its prefix-cache hits are only its own
 
 
 class LLMService:
@@ -109,8 +110,13 @@ class LLMService:
             image_features=features, params=params, on_output=on_output,
             is_cancelled=polled_every(is_cancelled),
             sequence_id=inputs.sequence_id, sequence_start=inputs.sequence_start, sequence_end=inputs.sequence_end,
+            cache_salt=inputs.cache_salt,
         )
         self.engine.add_request(request)
+
+    def image_tokens(self, input_ids: np.ndarray | None) -> int:
+        """The image placeholders among a request's prompt tokens (the usage's image_tokens)."""
+        return 0 if input_ids is None else int(np.count_nonzero(np.asarray(input_ids) == self.spec.image_token_id))
 
     def stop(self, sequence_id, end: bool, reply: Callable[[str | None], None]) -> None:
         """Stop the running turn of ``sequence_id``; ``reply(None)`` on success, else the error."""

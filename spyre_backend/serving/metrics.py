@@ -145,3 +145,23 @@ class EncoderCacheMetrics(MetricSet):
         self.follow("hits", hits)
         self.follow("misses", misses)
         self.set("bytes", size)
+
+
+class PreprocessMetrics(MetricSet):
+    """preprocess's: images and document pages looked up in its processed-image cache, by result,
+    and document pages rendered (a repeated question about a document renders none)."""
+
+    def __init__(self, pb_utils):
+        super().__init__(pb_utils)
+        self.add("spyre_processed_image_cache", "COUNTER",
+                 "Images and document pages looked up in preprocess's processed-image cache, by result",
+                 {"hits": {"result": "hit"}, "misses": {"result": "miss"}})
+        self.add("spyre_document_pages_rendered_total", "COUNTER", "PDF pages rendered to images", {"pages": {}})
+
+    def report(self, preprocessor) -> None:
+        """The preprocessor's totals since start."""
+        cache = preprocessor.image_cache
+        if cache is not None:
+            self.follow("hits", cache.hits)
+            self.follow("misses", cache.misses)
+        self.follow("pages", preprocessor.documents.pages_rendered)

@@ -56,6 +56,14 @@ def image_list(pb_utils, request, name: str = "image") -> list[bytes]:
     return [bytes(x) if isinstance(x, (bytes, bytearray)) else str(x).encode() for x in array.reshape(-1)]
 
 
+def text_list(pb_utils, request, name: str) -> tuple[str, ...]:
+    """A BYTES [-1] input of UTF-8 strings (empty when absent)."""
+    try:
+        return tuple(b.decode("utf-8") for b in image_list(pb_utils, request, name))
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"input {name!r} is not valid UTF-8") from None
+
+
 def sampling_overrides(pb_utils, request) -> dict:
     """TRT-LLM-style separate sampling inputs that the request carries, as Python values."""
     values = {}
@@ -89,7 +97,7 @@ def error_response(pb_utils, message: str):
 
 
 def text_response(pb_utils, text: str, finish_reason: str, num_input: int, num_output: int,
-                  logprobs: list | None = None, names=None, num_cached: int = 0):
+                  logprobs: list | None = None, names=None, num_cached: int = 0, num_image: int = 0):
     """A response with the standard outputs, or only ``names`` (the outputs the requester asked for:
     Triton 2.51's stub drops the others without holding the GIL, which can crash it)."""
     values = {
@@ -98,6 +106,7 @@ def text_response(pb_utils, text: str, finish_reason: str, num_input: int, num_o
         "num_input_tokens": num_input,
         "num_output_tokens": num_output,
         "num_cached_tokens": num_cached,
+        "num_image_tokens": num_image,
         "logprobs": json.dumps(logprobs).encode() if logprobs is not None else b"",
     }
     return pb_utils.InferenceResponse(output_tensors=[

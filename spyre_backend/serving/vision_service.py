@@ -43,9 +43,9 @@ class VisionService:
                     sorted(self.encoder.crop_batches_run), config.vision.encoder_cache_mb,
                     memory.gib(memory.module_bytes(self.encoder.model)), memory.gib(resident), memory.gib(peak))
 
-    def encode(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> np.ndarray:
+    def encode(self, pixel_values: np.ndarray, image_sizes: np.ndarray, cache_salt: str = "") -> np.ndarray:
         """[n_features, hidden] float32 features of every image of one request, in order."""
-        features = self.encoder.encode(torch.from_numpy(pixel_values), torch.from_numpy(image_sizes))
+        features = self.encoder.encode(torch.from_numpy(pixel_values), torch.from_numpy(image_sizes), cache_salt)
         return features.float().cpu().contiguous().numpy()
 
     def cache_counts(self) -> tuple[int, int, int] | None:

@@ -15,10 +15,16 @@ import numpy as np
 import torch
 
 
-def image_key(crops: torch.Tensor, image_size) -> bytes:
-    """Content key of one image: its real crops [n, 3, H, W] (no padding crops) and (height, width)."""
+def salt_key(cache_salt: str) -> bytes:
+    """A tenant's cache salt as a blake2b key: keys hashed with it are never found under another."""
+    return hashlib.blake2b(cache_salt.encode("utf-8")).digest()[:32] if cache_salt else b""
+
+
+def image_key(crops: torch.Tensor, image_size, cache_salt: str = "") -> bytes:
+    """Content key of one image: its real crops [n, 3, H, W] (no padding crops) and (height, width),
+    within its tenant's ``cache_salt`` (a keyed hash: another salt never finds it)."""
     array = np.ascontiguousarray(crops.detach().cpu().numpy())
-    h = hashlib.blake2b(digest_size=20)
+    h = hashlib.blake2b(digest_size=20, key=salt_key(cache_salt))
     h.update(f"{array.dtype}:{array.shape}:{[int(x) for x in image_size]}".encode())
     h.update(memoryview(array).cast("B"))
     return h.digest()
@@ -48,7 +54,11 @@ class LRUCache:
         self.hits += 1
         return entry[0]
 
-    def put(self, key: bytes, value, size: int) -> None:
+    def put(self, key: bytes, value, size: int, replace: bool = False) -> None:
+        """``replace``: a value already under ``key`` gives way (a name given to other content)."""
+        if replace and key in self._entries:
+            _, old = self._entries.pop(key)
+            self.bytes -= old
         if size > self.max_bytes or key in self._entries:
             return  # would evict everything else, or is already there
         while self.bytes + size > self.max_bytes:

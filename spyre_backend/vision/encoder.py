@@ -93,9 +93,10 @@ class VisionEncoder:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     @torch.no_grad()
-    def encode(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+    def encode(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, cache_salt: str = "") -> torch.Tensor:
         """pixel_values [num_images, max_crops, 3, H, W], image_sizes [num_images, 2] ->
-        features [total_features, hidden], images in order, each packed by its model (``pack_image``)."""
+        features [total_features, hidden], images in order, each packed by its model (``pack_image``).
+        ``cache_salt``: the tenant's; its cache hits are only its own."""
         if pixel_values.shape[0] == 0:
             return torch.zeros(0, self.hidden_size, dtype=self.dtype)
         features = []
@@ -104,7 +105,7 @@ class VisionEncoder:
             if self.cache is None:
                 features.append(self._encode_image(crops, size))
                 continue
-            key = image_key(crops, size)
+            key = image_key(crops, size, cache_salt)
             image = self.cache.get(key)
             if image is None:
                 image = self._encode_image(crops, size)

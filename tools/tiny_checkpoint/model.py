@@ -66,6 +66,7 @@ def build_config(
     *, crop: int = CROP, text_hidden: int = 64, text_layers: int = 4, text_heads: int = 4, text_kv_heads: int = 2,
     attention_multiplier: float = ATTENTION_MULTIPLIER, vision_intermediate: int = 0, text_intermediate: int = 0,
     rope_theta: float = 10000.0, max_positions: int = 4096, pinpoints: list[list[int]] | None = None,
+    vision_use_head: bool = True,
 ) -> LlavaNextConfig:
     """The shipped tiny shape by default; the keywords give other sizes of the same architecture
     (random_checkpoint.py builds a mid-size one for benchmarks, and the
@@ -80,6 +81,7 @@ def build_config(
         patch_size=PATCH,
         hidden_act="gelu_pytorch_tanh",
         layer_norm_eps=1e-6,
+        vision_use_head=vision_use_head,  # SigLIP's pooling head: weights only, LlavaNext never uses it
     )
     text = GraniteConfig(
         vocab_size=vocab_size,

@@ -2,6 +2,7 @@
 
     python -m tools.tiny_checkpoint.random_checkpoint --out checkpoints/random-mid [--vision-hidden 384] ...
     python -m tools.tiny_checkpoint.random_checkpoint --preset granite-vision-3.2-2b --out DIR
+    python -m tools.tiny_checkpoint.random_checkpoint --preset granite-vision-3.3-2b [--reduced] --out DIR
 
 The defaults give the "mid-size" model of the benchmark: the real architecture (SigLIP with 27
 layers and features of layers [-24,-20,-12,-1], 384 px crops of 14 px patches, gelu projector,
@@ -57,12 +58,32 @@ PRESETS = {
         vocab=49156, rope_theta=300000.0, max_positions=131072, pinpoints=PUBLISHED_2B_PINPOINTS,
         dtype="bfloat16",
     ),
+    # ibm-granite/granite-vision-3.3-2b: what its model card and public descriptions give (its
+    # config.json could not be read here). Read: the SigLIP2 tower (so400m-patch14-384: the shape
+    # of 3.2's SigLIP, 27 layers of 1152, 16 heads, 4304, 384 px crops of 14 px patches), features
+    # of layers [-24, -20, -12, -1], a 2-layer gelu projector, Granite 3.1 2B with 128k context
+    # (40 layers of 2048, 32 heads, 8 KV heads, 8192; multipliers embedding 12, residual 0.22,
+    # logits 8, attention 1/64), vocabulary 49156 with <image> at 49155. Assumed: 3.2's 27
+    # pinpoints; rope theta 5,000,000 (granite-3.1-2b-instruct's, its 128k context); no pooling
+    # head in the tower (vision_use_head false: a LlavaNext tower's head is never used, and a
+    # server that ran it on multi-layer features broke, vLLM #32299).
+    "granite-vision-3.3-2b": dict(
+        vision_hidden=1152, vision_intermediate=4304, vision_heads=16, crop=384,
+        text_hidden=2048, text_intermediate=8192, text_layers=40, text_heads=32, text_kv_heads=8,
+        vocab=49156, rope_theta=5_000_000.0, max_positions=131072, pinpoints=PUBLISHED_2B_PINPOINTS,
+        vision_use_head=False, dtype="bfloat16",
+    ),
 }
+# --reduced: a preset's config at test size (its differences from the tiny shape kept: rope, the
+# grids scaled to 56 px crops, the head or none, the vocabulary), built in fp32 and verified
+REDUCED = dict(vision_hidden=32, vision_intermediate=128, vision_heads=2, crop=56, text_hidden=64,
+               text_intermediate=256, text_layers=2, text_heads=4, text_kv_heads=2, dtype="float32")
 
 
 SHAPE_ARGS = ("vision_hidden", "vision_heads", "text_hidden", "text_layers", "text_heads", "text_kv_heads", "crop",
               "seed", "init_std")
-PRESET_ARGS = ("vision_intermediate", "text_intermediate", "vocab", "rope_theta", "max_positions", "pinpoints", "dtype")
+PRESET_ARGS = ("vision_intermediate", "text_intermediate", "vocab", "rope_theta", "max_positions", "pinpoints", "dtype",
+               "vision_use_head")
 
 
 def build_args(args: argparse.Namespace) -> dict:
@@ -70,6 +91,10 @@ def build_args(args: argparse.Namespace) -> dict:
     wanted = {k: getattr(args, k) for k in SHAPE_ARGS}
     if args.preset:
         wanted.update(PRESETS[args.preset], preset=args.preset)
+        if args.reduced:
+            crop = wanted["crop"]
+            wanted.update(REDUCED, reduced=True,
+                          pinpoints=[[h // crop * REDUCED["crop"], w // crop * REDUCED["crop"]] for h, w in wanted["pinpoints"]])
     elif args.dtype != "float32":  # older stamps (fp32 mid-size folders) stay valid
         wanted["dtype"] = args.dtype
     return wanted
@@ -103,7 +128,7 @@ def build(args: argparse.Namespace, log=print) -> Path:
         text_kv_heads=shape["text_kv_heads"], attention_multiplier=shape["text_heads"] / shape["text_hidden"],
         vision_intermediate=shape.get("vision_intermediate", 0), text_intermediate=shape.get("text_intermediate", 0),
         rope_theta=shape.get("rope_theta", 10000.0), max_positions=shape.get("max_positions", 4096),
-        pinpoints=shape.get("pinpoints"),
+        pinpoints=shape.get("pinpoints"), vision_use_head=shape.get("vision_use_head", True),
     )
     if dtype != torch.float32:
         config.dtype = config.text_config.dtype = config.vision_config.dtype = str(dtype).removeprefix("torch.")
@@ -121,7 +146,7 @@ def build(args: argparse.Namespace, log=print) -> Path:
     staging = out_dir.with_name(out_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     save_checkpoint(model, processor, staging, dtype=dtype)
-    if args.verify and not args.preset:
+    if args.verify and (not args.preset or args.reduced):
         # one image prompt: enough to show both loaders place every weight
         spec = synthetic.ShapeSpec("triangle", "green", "white", (200, 150))
         sample = synthetic.image_sample(spec, 0, synthetic.draw_shape_image("triangle", "green", "white", (200, 150)))
@@ -139,6 +164,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a published model's shapes (replaces the shape options)")
+    p.add_argument("--reduced", action="store_true",
+                   help="with --preset: its config differences at test size (fp32, 2 text layers, small widths)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="saved dtype (a preset sets its own)")
     p.add_argument("--vision-hidden", type=int, default=384)
     p.add_argument("--vision-heads", type=int, default=6)

@@ -54,13 +54,15 @@ class TritonPythonModel:
                     sampling_parameters=io.optional_text(pb_utils, request, "sampling_parameters"),
                     sampling_overrides=io.sampling_overrides(pb_utils, request),
                     sequence_id=request.correlation_id(), sequence_start=start, sequence_end=end,
+                    cache_salt=io.optional_text(pb_utils, request, "cache_salt") or "",
                 )
-                self.service.submit(inputs, self._sender(sender, names), is_cancelled=request.is_cancelled)
+                self.service.submit(inputs, self._sender(sender, names, self.service.image_tokens(inputs.input_ids)),
+                                    is_cancelled=request.is_cancelled)
             except InvalidRequest as exc:
                 send_error(pb_utils, sender, str(exc))
         return None
 
-    def _sender(self, sender, names):
+    def _sender(self, sender, names, num_image: int):
         started = []
 
         def send(text, out):
@@ -75,7 +77,8 @@ class TritonPythonModel:
                 started.append(True)
                 reason = out.finish_reason.value if out.finish_reason else ""
                 response = io.text_response(pb_utils, text, reason, out.num_input_tokens, out.num_output_tokens,
-                                            out.logprobs, names=names, num_cached=out.num_cached_tokens)
+                                            out.logprobs, names=names, num_cached=out.num_cached_tokens,
+                                            num_image=num_image)
                 sender.send(response, flags=FINAL if out.finished else 0)
             finally:
                 if out.finished:

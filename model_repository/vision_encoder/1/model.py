@@ -24,7 +24,8 @@ class TritonPythonModel:
 
     def _encode(self, request):
         features = self.service.encode(io.tensor(pb_utils, request, "pixel_values"),
-                                       io.tensor(pb_utils, request, "image_sizes"))
+                                       io.tensor(pb_utils, request, "image_sizes"),
+                                       io.optional_text(pb_utils, request, "cache_salt") or "")
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("image_features", features)])
 
     def finalize(self):

@@ -11,10 +11,10 @@ setting it up: ``../shared/notes/llama-cpp-peer.md``.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bench.peer_process import stop_group, wait_until_ready
 from spyre_backend import PROJECT_ROOT
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendor/llama.cpp is built
@@ -178,28 +179,8 @@ class LlamaServer:
              "-t", str(self.threads), "--metrics", "--jinja", "--chat-template-file", str(self.chat_template),
              "--alias", "peer", "--no-webui"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        while time.monotonic() - started < timeout_s:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}; log: {self.log_path}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    return time.monotonic() - started
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"llama-server not ready after {timeout_s:.0f} s; log: {self.log_path}")
+        return wait_until_ready(self.proc, self.port, "/health", timeout_s, "llama-server", self.log_path, started,
+                                poll_s=0.5)
 
     def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        import signal
-
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait(30)
+        return stop_group(self.proc, signal.SIGTERM, 30)

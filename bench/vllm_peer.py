@@ -15,16 +15,17 @@ served from an exact copy whose text attention is zero-padded to head size 32 (`
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench.peer_process import stop_group, wait_until_ready
 from spyre_backend import PROJECT_ROOT
 from spyre_backend.models import get_spec
 
@@ -179,28 +180,7 @@ class VllmServer:
              "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--served-model-name", "peer",
              *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        while time.monotonic() - started < timeout_s:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}; log: {self.log_path}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/v1/models")
-                if conn.getresponse().status == 200:
-                    return time.monotonic() - started
-            except OSError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"vllm serve not ready after {timeout_s:.0f} s; log: {self.log_path}")
+        return wait_until_ready(self.proc, self.port, "/v1/models", timeout_s, "vllm serve", self.log_path, started)
 
     def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        import signal
-
-        os.killpg(self.proc.pid, signal.SIGINT)
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait(30)
+        return stop_group(self.proc, signal.SIGINT, 60)

@@ -30,6 +30,15 @@ PHASES = ("transformers", "engine", "roofline", "triton", "perf_analyzer", "ense
 SERVER_ENV = {"SPYRE_ENCODER_CACHE_MB": "0"}
 
 
+def our_server(checkpoint, log_path, env: dict | None = None):
+    """A tritonserver on our model repository and ``checkpoint``, on free ports, not started yet."""
+    from spyre_backend.server.child_process import free_port
+    from spyre_backend.server.triton_process import ServerOptions, TritonServer
+
+    return TritonServer(ServerOptions(checkpoint=checkpoint, http_port=free_port(), grpc_port=free_port(),
+                                      metrics_port=free_port(), extra_env=dict(env or {})), log_path=log_path)
+
+
 def log(message: str) -> None:
     print(f"[bench {datetime.now():%H:%M:%S}] {message}", flush=True)
 

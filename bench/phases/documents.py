@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from bench.phases import our_server
 from bench.phases.prefix import VLLM_THREADS, _OpenAIChat
 from bench.phases.session import TritonStream
 from bench.workload import Workload
@@ -91,13 +92,10 @@ def summary(ours: list[list[float]], peer: list[list[float]] | None) -> dict:
 def run(name: str, checkpoint: Path, workload: Workload, repeats: int, out_dir: Path, log,
         server_env: dict | None = None, peer: bool = False) -> dict:
     from spyre_backend.server.child_process import free_port
-    from spyre_backend.server.triton_process import ServerOptions, TritonServer
 
     env = {k: v for k, v in (server_env or {}).items() if k != "SPYRE_ENCODER_CACHE_MB"}  # its defaults
     result: dict = {"repeats": repeats, "pages": PAGES, "dpi": DPI, "max_image_side": MAX_IMAGE_SIDE}
-    server = TritonServer(ServerOptions(checkpoint=checkpoint, http_port=free_port(), grpc_port=free_port(),
-                                        metrics_port=free_port(), extra_env=env),
-                          log_path=out_dir / "documents-ours.log")
+    server = our_server(checkpoint, out_dir / "documents-ours.log", env)
     server.start(timeout_s=1200)
     try:
         log(f"documents: ours, {repeats} PDFs of {PAGES} pages, two questions each")

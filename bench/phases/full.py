@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench import llama_cpp_peer, roofline, vllm_peer
 from bench.loadgen import LlamaCppTarget, OpenAITarget, TritonTarget, closed_loop
-from bench.phases import SERVER_ENV
+from bench.phases import SERVER_ENV, our_server
 from bench.process_memory import PeakMemory
 from bench.stats import summarize, summary_metric
 from bench.workload import Workload
@@ -90,12 +90,7 @@ class _Running:
         return None if process is None else process.pid
 
     def _start_ours(self, checkpoint: Path, log_path: Path) -> None:
-        from spyre_backend.server.child_process import free_port
-        from spyre_backend.server.triton_process import ServerOptions, TritonServer
-
-        options = ServerOptions(checkpoint=checkpoint, http_port=free_port(), grpc_port=free_port(),
-                                metrics_port=free_port(), extra_env={**SERVER_ENV, **self.server.env})
-        triton = TritonServer(options, log_path=log_path)
+        triton = our_server(checkpoint, log_path, {**SERVER_ENV, **self.server.env})
         self.stop_fn, self.url, self._process_of = triton.stop, triton.grpc_url, lambda: triton.process
         triton.start(timeout_s=1800)
 

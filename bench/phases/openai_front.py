@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from bench.loadgen import OpenAITarget, closed_loop, post_sse
+from bench.phases import our_server
 from bench.stats import RequestRecord, summarize, summary_metric
 from bench.workload import IMAGE_SIZE, Workload
 from spyre_backend import PROJECT_ROOT
@@ -56,11 +57,8 @@ def run(checkpoint: Path, workload: Workload, requests_of, out_dir: Path, log, s
         with_aiperf: bool = True) -> dict:
     from spyre_backend.server.child_process import free_port
     from spyre_backend.server.openai_front import OpenAIFront
-    from spyre_backend.server.triton_process import ServerOptions, TritonServer
 
-    options = ServerOptions(checkpoint=checkpoint, http_port=free_port(), grpc_port=free_port(),
-                            metrics_port=free_port(), extra_env=dict(server_env or {}))
-    server = TritonServer(options, log_path=out_dir / "openai-triton.log").start(timeout_s=1200)
+    server = our_server(checkpoint, out_dir / "openai-triton.log", server_env).start(timeout_s=1200)
     front = OpenAIFront(server, free_port(), log_path=out_dir / "openai-front.log").start()
     model = Path(checkpoint).resolve().name
     targets = {"generate_stream": GenerateStreamTarget(server.http_url, workload),

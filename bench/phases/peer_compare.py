@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench import vllm_peer
 from bench.loadgen import OpenAITarget, TritonTarget, closed_loop
+from bench.phases import our_server
 from bench.stats import summarize, summary_metric
 from bench.workload import Workload
 
@@ -45,7 +46,6 @@ def _load(send, levels: list[int], requests_of, log, label: str) -> dict:
 def run(name: str, checkpoint: Path, workload: Workload, requests_of, out_dir: Path, log,
         server_env: dict | None = None) -> dict:
     from spyre_backend.server.child_process import free_port
-    from spyre_backend.server.triton_process import ServerOptions, TritonServer
 
     levels = _levels_of(name)
     exe = vllm_peer.ensure_installed(log)
@@ -53,9 +53,7 @@ def run(name: str, checkpoint: Path, workload: Workload, requests_of, out_dir: P
     result: dict = {"levels": levels, "peer_checkpoint": str(peer_checkpoint), "ours": [],
                     **{f"vllm_t{t}": [] for t in VLLM_THREADS}, "start_s": {}}
     for rnd in range(ROUNDS):
-        options = ServerOptions(checkpoint=checkpoint, http_port=free_port(), grpc_port=free_port(),
-                                metrics_port=free_port(), extra_env=dict(server_env or {}))
-        server = TritonServer(options, log_path=out_dir / f"peer-ours-{rnd}.log")
+        server = our_server(checkpoint, out_dir / f"peer-ours-{rnd}.log", server_env)
         started = time.monotonic()
         server.start(timeout_s=1200)
         result["start_s"].setdefault("ours", []).append(time.monotonic() - started)

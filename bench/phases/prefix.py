@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench import vllm_peer
+from bench.phases import our_server
 from bench.phases.session import FIRST_SESSION_ID, TritonStream
 from bench.workload import Workload
 
@@ -130,14 +131,11 @@ def _medians(raw: dict) -> dict:
 def run(name: str, checkpoint: Path, workload: Workload, repeats: int, out_dir: Path, log,
         server_env: dict | None = None) -> dict:
     from spyre_backend.server.child_process import free_port
-    from spyre_backend.server.triton_process import ServerOptions, TritonServer
 
     # a server's own defaults, the feature cache included
     env = {k: v for k, v in (server_env or {}).items() if k != "SPYRE_ENCODER_CACHE_MB"}
     result: dict = {"repeats": repeats}
-    server = TritonServer(ServerOptions(checkpoint=checkpoint, http_port=free_port(), grpc_port=free_port(),
-                                        metrics_port=free_port(), extra_env=env),
-                          log_path=out_dir / "prefix-ours.log")
+    server = our_server(checkpoint, out_dir / "prefix-ours.log", env)
     server.start(timeout_s=1200)
     try:
         log(f"prefix caching: ours, {repeats} repetitions of each workload")

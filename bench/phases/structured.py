@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench import vllm_peer
 from bench.loadgen import OpenAITarget, TritonTarget, closed_loop
+from bench.phases import our_server
 from bench.stats import summarize, summary_metric
 from bench.workload import Workload
 
@@ -54,16 +55,13 @@ def _on_one_server(target_of, level: int, n: int, workload: Workload, log, label
 def run(name: str, checkpoint: Path, workload: Workload, out_dir: Path, log, server_env: dict | None = None) -> dict:
     from bench.grammar_compile import compile_times
     from spyre_backend.server.child_process import free_port
-    from spyre_backend.server.triton_process import ServerOptions, TritonServer
 
     level, n, threads, _ = LEVELS[name]
     exe = vllm_peer.ensure_installed(log)
     peer_checkpoint = vllm_peer.servable_checkpoint(checkpoint)
     result: dict = {"level": level, "requests": n, "vllm_threads": threads, "ours": [], "vllm": []}
     for rnd in range(ROUNDS):
-        options = ServerOptions(checkpoint=checkpoint, http_port=free_port(), grpc_port=free_port(),
-                                metrics_port=free_port(), extra_env=dict(server_env or {}))
-        server = TritonServer(options, log_path=out_dir / f"structured-ours-{rnd}.log")
+        server = our_server(checkpoint, out_dir / f"structured-ours-{rnd}.log", server_env)
         server.start(timeout_s=1200)
         try:
             result["ours"].append(_on_one_server(lambda w, c: TritonTarget(server.grpc_url, w, c), level, n, workload,

@@ -8,19 +8,14 @@ import time
 from pathlib import Path
 
 from bench.loadgen import TritonTarget, closed_loop
-from bench.phases import SERVER_ENV, log, loadavg, perf_analyzer, session
+from bench.phases import SERVER_ENV, loadavg, log, our_server, perf_analyzer, session
 from bench.profiles import Profile
 from bench.stats import summarize
 from bench.workload import Workload
 
 
 def run(prof: Profile, workload: Workload, levels: list[int], skip: set, out_dir: Path) -> dict:
-    from spyre_backend.server.child_process import free_port
-    from spyre_backend.server.triton_process import ServerOptions, TritonServer
-
-    options = ServerOptions(checkpoint=prof.checkpoint, http_port=free_port(), grpc_port=free_port(),
-                            metrics_port=free_port(), extra_env=dict(SERVER_ENV))
-    server = TritonServer(options, log_path=out_dir / "server.log")
+    server = our_server(prof.checkpoint, out_dir / "server.log", SERVER_ENV)
     started = time.monotonic()
     server.start(timeout_s=1200)
     results: dict = {"server_start_s": time.monotonic() - started}

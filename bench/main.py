@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full-servers", default=",".join(full.SERVERS),
                    help=f"full: which servers, comma-separated (default: all of {', '.join(full.SERVERS)})")
     p.add_argument("--full-rounds", type=int, default=full.ROUNDS, help="full: alternating rounds")
+    p.add_argument("--full-workloads", default=",".join(full.WORKLOADS),
+                   help=f"full: which workloads, comma-separated (default: all of {', '.join(full.WORKLOADS)})")
     p.add_argument("--levels", default="1,4,16", help="concurrency levels")
     p.add_argument("--requests", type=int, help="requests per level (default: per checkpoint, see PROFILES)")
     p.add_argument("--max-tokens", type=int, help="new tokens per request (default: per checkpoint)")
@@ -60,9 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.levels = [int(x) for x in args.levels.split(",")]
     args.checkpoints = ["tiny"] if args.quick and args.checkpoints == "tiny,mid" else args.checkpoints.split(",")
     args.skip = {x for x in args.skip.split(",") if x}
-    args.full_servers = args.full_servers.split(",")
+    args.full_servers, args.full_workloads = args.full_servers.split(","), args.full_workloads.split(",")
     unknown = (args.skip - set(PHASES) | set(args.checkpoints) - set(PROFILES) - {"full"}
-               | set(args.full_servers) - set(full.SERVERS))
+               | set(args.full_servers) - set(full.SERVERS) | set(args.full_workloads) - set(full.WORKLOADS))
     if unknown:
         p.error(f"unknown phase or checkpoint: {sorted(unknown)}")
     return args
@@ -157,7 +159,8 @@ def main(argv=None) -> int:
     for name in args.checkpoints:
         if name == "full":
             log("full: the 2b shape, ours against vLLM CPU and llama.cpp, one server at a time")
-            result["full"] = full.run(machine, out_dir, log, args.full_servers, args.full_rounds)
+            result["full"] = full.run(machine, out_dir, log, args.full_servers, args.full_rounds,
+                                      workloads=args.full_workloads)
             result["targets"] += full.targets(result["full"])
             report.write_json(out_dir, result)
             continue

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools.gpu_check.wheels import CARRIED, ROOT
+from tools.gpu_check.wheels import CARRIED, CARRIED_DEPENDENCIES, ROOT
 
 WHEEL_DIR = ROOT / ".whl"
 TRAVEL_LIMIT = 64 * 2**20  # the working tree and the carried paths, one call
@@ -39,7 +39,7 @@ def wheel_name(pin: str) -> tuple[str, str]:
     return re.sub(r"[-_.]+", "_", name).lower(), version
 
 
-def download(pins=tuple(CARRIED.values()), into: Path = WHEEL_DIR) -> list[Path]:
+def download(pins=(*CARRIED.values(), *CARRIED_DEPENDENCIES), into: Path = WHEEL_DIR) -> list[Path]:
     """One wheel per pin for the machine's Python; other versions of the same package are removed
     (two versions stop the whole install there)."""
     into.mkdir(exist_ok=True)

@@ -27,11 +27,17 @@ ENTRY_MODULES = ("tools.gpu_check.__main__", "tools.gpu_check.reference", "tools
 ON_THE_MACHINE = {"torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers",
                   "safetensors": "safetensors", "numpy": "numpy", "PIL": "pillow", "jinja2": "jinja2",
                   "huggingface_hub": "huggingface-hub"}
-# import name -> the pinned wheel carried in .whl/ (the versions of requirements.txt)
-CARRIED = {"fms": "ibm-fms==1.13.1"}
+# import name -> the pinned wheel carried in .whl/ (the versions of requirements.txt); xgrammar
+# because the LLM's warmup runs a request with a grammar (spyre_backend/serving/warmup.py)
+CARRIED = {"fms": "ibm-fms==1.13.1", "xgrammar": "xgrammar==0.2.8"}
+# what the carried wheels import in turn and the machine lacks (installed with --no-deps there):
+# xgrammar's runtime and pydantic (the machine has typing-extensions and triton, with torch)
+CARRIED_DEPENDENCIES = ("apache-tvm-ffi==0.1.15.post2", "pydantic==2.14.4", "pydantic-core==2.50.5",
+                        "annotated-types==0.8.0", "typing-inspection==0.4.5")
 # import name -> the setting that reaches it: imported only inside functions that the check's
 # default, exact path never calls, so neither on the machine nor carried
-OPT_IN = {"torchao": "quantization: int8 (spyre_backend/device/quantize.py)"}
+OPT_IN = {"torchao": "quantization: int8 (spyre_backend/device/quantize.py)",
+          "jsonschema": "a request with a JSON schema (spyre_backend/engine/structured_request.py)"}
 
 
 def module_file(name: str) -> Path | None:

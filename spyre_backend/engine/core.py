@@ -176,6 +176,11 @@ class EngineCore:
             except Exception as exc:
                 log.exception("request %s: building its step inputs failed", request.request_id)
                 self._finish(request, Finished(FinishReason.ERROR), error=f"invalid request: {exc}")
+        constrained = [i for i in inputs if i.sampling is not None and i.sampling.allowed is not None]
+        if constrained:  # filled while the model runs; the sampler waits for them
+            ready = self.structured.fill([i.request_id for i in constrained])
+            for i in constrained:
+                i.sampling.allowed_ready = ready
         result = self.runner.execute(inputs, out.block_copies)
         sampled = self.scheduler.update_from_output(out, result.sampled)
         now = time.monotonic()  # one clock read per step: every row's token is ready now

@@ -10,11 +10,15 @@ distribution (after penalties, before temperature and truncation).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from spyre_backend.engine.sampling_params import SamplingParams
 from spyre_backend.engine.structured_output import apply_bitmasks
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 
 @dataclass
@@ -25,6 +29,7 @@ class SampleRow:
     output_ids: list[int]
     banned: list[int]  # tokens not allowed yet (eos before min_tokens)
     allowed: torch.Tensor | None = None  # int32 [1, vocab/32] bitmask of its grammar (structured output)
+    allowed_ready: Future | None = None  # done once ``allowed`` is filled (on the grammar's mask thread)
 
 
 @dataclass
@@ -83,6 +88,9 @@ def sample(logits: torch.Tensor, rows: list[SampleRow], never: list[int] = ()) -
     # rows with a grammar: what it does not allow next can never be sampled, whatever the settings
     constrained = [i for i, row in enumerate(rows) if row.allowed is not None]
     if constrained:
+        for i in constrained:
+            if rows[i].allowed_ready is not None:
+                rows[i].allowed_ready.result()  # one future per step: a wait only for the first row
         apply_bitmasks(logits, [rows[i].allowed for i in constrained], constrained)
     simple = [r.params.greedy and not (r.params.has_penalties or r.params.logprobs is not None
                                        or (r.allowed is not None and r.banned)) for r in rows]

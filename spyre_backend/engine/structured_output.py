@@ -73,6 +73,8 @@ class StructuredOutputs:
         self._compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size),
                                              max_threads=1, cache_enabled=False)  # we cache, by canonical text
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        # the step's bitmasks are filled here while the model runs its forward pass (the sampler waits)
+        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
         self._lock = threading.Lock()
         self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()  # LRU
         self._matchers: dict[int, xgr.GrammarMatcher] = {}  # request id -> matcher
@@ -114,15 +116,25 @@ class StructuredOutputs:
         return request_id in self._matchers
 
     def bitmask(self, request_id: int, compiled: xgr.CompiledGrammar) -> torch.Tensor:
-        """int32 [1, vocab/32]: the tokens the request's grammar allows next (its matcher is made
-        on the first call)."""
-        matcher = self._matchers.get(request_id)
-        if matcher is None:
-            matcher = self._matchers[request_id] = xgr.GrammarMatcher(compiled)
+        """int32 [1, vocab/32]: the request's bitmask tensor (its matcher is made on the first call),
+        filled with the tokens its grammar allows next by ``fill`` (one tensor per request, refilled
+        each step: it is sampled before the next fill)."""
+        if request_id not in self._matchers:
+            self._matchers[request_id] = xgr.GrammarMatcher(compiled)
             self._masks[request_id] = xgr.allocate_token_bitmask(1, self.vocab_size)
-        mask = self._masks[request_id]  # refilled each step: sampled before the next fill
-        matcher.fill_next_token_bitmask(mask)
-        return mask
+        return self._masks[request_id]
+
+    def fill(self, request_ids: list[int]) -> Future:
+        """Fill these requests' bitmasks on the mask thread, so that it overlaps the forward pass;
+        the sampler waits for the future. Their matchers are not touched by the engine thread
+        until then: it advances them only with the tokens sampled after the wait."""
+        work = [(self._matchers[rid], self._masks[rid]) for rid in request_ids]
+
+        def run() -> None:
+            for matcher, mask in work:
+                matcher.fill_next_token_bitmask(mask)
+
+        return self._filler.submit(run)
 
     def accept(self, request_id: int, token: int) -> bool:
         """Advance the request's matcher by ``token``; False if the grammar refuses it (the mask
@@ -145,6 +157,7 @@ class StructuredOutputs:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._filler.shutdown(wait=False, cancel_futures=True)
 
 
 _BITS = torch.arange(32, dtype=torch.int32)  # bit j of a mask's word w is token 32 * w + j

@@ -51,7 +51,9 @@ class EngineCore:
 
     @property
     def structured(self) -> StructuredOutputs:
-        """The grammars and matchers (any thread may compile: LLMEngine.add_request)."""
+        """The grammars and matchers (any thread may compile: LLMEngine.add_request). The engine
+        thread's per-row calls read ``_structured`` without the lock: a request with a grammar
+        was compiled through this property, so it exists."""
         with self._structured_lock:
             if self._structured is None:
                 self._structured = StructuredOutputs(self._tokenizer, self.runner.spec.text.vocab_size, self.limits)
@@ -128,7 +130,7 @@ class EngineCore:
         start the next turn queued on its sequence."""
         self.scheduler.remove(request)
         if request.grammar is not None:
-            self.structured.release(request.request_id)
+            self._structured.release(request.request_id)
         if request.session is not None:
             started = request.num_prefill_tokens > 0  # some of this turn was computed
             # failed, or stopped half-way through its prompt: the session cannot continue
@@ -178,7 +180,7 @@ class EngineCore:
                 self._finish(request, Finished(FinishReason.ERROR), error=f"invalid request: {exc}")
         constrained = [i for i in inputs if i.sampling is not None and i.sampling.allowed is not None]
         if constrained:  # filled while the model runs; the sampler waits for them
-            ready = self.structured.fill([i.request_id for i in constrained])
+            ready = self._structured.fill([i.request_id for i in constrained])
             for i in constrained:
                 i.sampling.allowed_ready = ready
         result = self.runner.execute(inputs, out.block_copies)
@@ -199,7 +201,7 @@ class EngineCore:
 
     def _advance_grammar(self, request: Request, token: int) -> bool:
         """The request's matcher takes its sampled token; True when the grammar has ended."""
-        structured = self.structured
+        structured = self._structured
         if not structured.accept(request.request_id, token):
             raise GrammarError(f"the grammar refused the sampled token {token}")  # the mask rules it out
         return structured.ended(request.request_id)
@@ -220,7 +222,7 @@ class EngineCore:
             features = all_features[before: before + count]
         sampling = None
         if seq.samples:
-            allowed = None if request.grammar is None else self.structured.bitmask(request.request_id,
+            allowed = None if request.grammar is None else self._structured.bitmask(request.request_id,
                                                                                    request.grammar.result())
             sampling = SampleRow(request.params, request.generator, request.prompt_ids, request.output_ids,
                                  self.output.banned_tokens(request), allowed)

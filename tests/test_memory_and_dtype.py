@@ -136,18 +136,26 @@ def test_large_models_are_not_compiled_by_default_on_the_cpu():
         assert default_compile_backend("cpu", CPU_COMPILE_MAX_PARAMS - 1) == "inductor"
 
 
-def test_bf16_linears_compute_many_rows_in_fp32_and_single_rows_in_bf16():
+def test_bf16_linears_without_bf16_arithmetic_compute_many_rows_in_fp32(monkeypatch):
+    """On a CPU without bf16 arithmetic (monkeypatched here) a matmul of UPCAST_MIN_ROWS rows or
+    more runs in fp32 on a converted weight; fewer rows stay bf16 (the decode kernel or torch)."""
     torch.manual_seed(0)
+    monkeypatch.setattr(cpu_linear, "has_native_bf16", lambda: False)
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(8, 8)).to(torch.bfloat16)
     reference = [m.weight.float() for m in model]
-    assert cpu_linear.upcast_bf16_linears(model) == 1  # the small one stays
-    assert isinstance(model[0], cpu_linear.UpcastLinear) and type(model[1]) is torch.nn.Linear
-    for rows in (1, cpu_linear.UPCAST_MIN_ROWS):
+    assert cpu_linear.bf16_linears(model) == 1  # the small one stays
+    assert isinstance(model[0], cpu_linear.Bf16Linear) and type(model[1]) is torch.nn.Linear
+    upcasts = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: upcasts.append(w.dtype) or real_linear(x, w, b))
+    for rows in (1, 16, cpu_linear.UPCAST_MIN_ROWS):
+        upcasts.clear()
         x = torch.randn(rows, 512).to(torch.bfloat16)
-        want = torch.nn.functional.linear(x.float(), reference[0], model[0].bias.float())
+        want = real_linear(x.float(), reference[0], model[0].bias.float())
         got = model[0](x)
         assert got.dtype == torch.bfloat16 and got.shape == (rows, 1024)
         torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+        assert (upcasts == [torch.float32]) == (rows >= cpu_linear.UPCAST_MIN_ROWS)
     compiled = torch.compile(model[0], backend="eager", fullgraph=True)  # an opaque op for dynamo
     x = torch.randn(64, 512).to(torch.bfloat16)
     torch.testing.assert_close(compiled(x), model[0](x))

@@ -60,8 +60,8 @@ class DevicePlan:
 
     def prepare(self, module: torch.nn.Module, single_row: bool = False) -> int:
         """Device-specific rewrites of a loaded model, before anything is compiled from it; returns
-        how many layers changed. On the CPU: large fp32 linears through oneDNN, and bf16 ones too
-        where the CPU has bf16 arithmetic (else computed in fp32 for many rows; cpu_linear);
+        how many layers changed. On the CPU: large fp32 linears through oneDNN, large bf16 ones
+        through our decode kernel for few rows and torch (or fp32) for many (cpu_linear);
         ``single_row``: the model runs single rows (decode at batch 1) and memory allows, also
         in the layout for one row. ``quantization: int8``: the decoder's linears (the module that runs
         ``single_row``; the vision tower stays as loaded) get int8 weights instead (quantize.py)."""
@@ -69,11 +69,11 @@ class DevicePlan:
             return quantize.quantize_linears(module, self.dtype)
         if self.kind != "cpu" or not cpu_linear.available():
             return 0
-        if self.dtype == torch.bfloat16 and not cpu_linear.has_native_bf16():
-            return cpu_linear.upcast_bf16_linears(module)  # prefill-size matmuls in fp32
-        if self.cpu_gemm != "onednn" or self.dtype not in (torch.float32, torch.bfloat16):
+        if self.dtype == torch.bfloat16:
+            return cpu_linear.bf16_linears(module)
+        if self.cpu_gemm != "onednn" or self.dtype != torch.float32:
             return 0
-        return cpu_linear.pack_linears(module, single_row=single_row, dtype=self.dtype)
+        return cpu_linear.pack_linears(module, single_row=single_row)
 
     def compile(self, fn: Callable, *, name: str) -> Callable:
         """Compile ``fn`` for static shapes: each distinct shape is one graph, built at warmup."""

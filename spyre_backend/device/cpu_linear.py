@@ -18,17 +18,15 @@ memory allows (``pack_linears(single_row=True)``: the decoder, when the copies t
 quarter of the memory available), a layer keeps both layouts and a single row uses the second:
 the mid-size decode step at batch 1 went 50-56 -> 39-44 ms (docs/configuration.md, CPU matmuls).
 
-bf16 weights on a CPU with bf16 arithmetic (AVX-512 BF16, AMX): packed the same way, they run
-oneDNN's bf16 kernels. On a Sapphire-Rapids-class VM (2 cores) a decode step's 8192 x 2048 linear
-at one row took 1.37 ms packed (24.5 GB/s, what fp32's matrix-vector product reads at) and 2.7 ms
-through torch's bf16 linear; at 512 rows both took ~22 ms, fp32 ~70 ms.
-
-bf16 weights on a CPU without bf16 arithmetic (AVX-512 BF16 or AMX; these AMD cores have
-neither): torch's bf16 matmul runs at ~20 GFLOPS here, fp32 at 90-120, so a 512-token prefill
-chunk of a 2B model took 5x longer in bf16, while a decode step, bound by reading the weights,
-was 2x faster. ``upcast_bf16_linears`` keeps the weights in bf16 (half the memory) and computes
-a matmul of ``UPCAST_MIN_ROWS`` rows or more in fp32 on a converted copy of the weight (the copy
-costs ~38 ms for an 8192 x 2048 weight; a 512-row fp32 matmul ~140 ms, in bf16 ~850 ms).
+bf16 weights stay as loaded, in ``Bf16Linear``: a decode step's few rows (up to
+``gemv_kernel.MAX_ROWS``) run our bf16 matrix-vector kernel, which reads each weight once at memory
+speed on any CPU (oneDNN's bf16 kernels reached 11-13 GB/s where memory gives 24:
+``gemv_kernel.py``); more rows run torch's linear, which is oneDNN's bf16 kernel on a CPU with bf16
+arithmetic (AVX-512 BF16, AMX; a 512-row chunk of an 8192 x 2048 weight took ~27 ms reordered or
+not, fp32 ~70 ms). On a CPU without bf16 arithmetic (these AMD cores have neither) torch's bf16
+matmul runs at ~20 GFLOPS, fp32 at 90-120, so a matmul of ``UPCAST_MIN_ROWS`` rows or more runs in
+fp32 on a converted copy of the weight (the copy costs ~38 ms for an 8192 x 2048 weight; a 512-row
+fp32 matmul ~140 ms, in bf16 ~850 ms).
 
 Small weights stay on MKL: a oneDNN call costs ~25 us however small the matmul, MKL's ~9 us, and
 below ~1 MiB of weight MKL was as fast or faster. Only exact ``nn.Linear`` modules are swapped
@@ -37,10 +35,12 @@ below ~1 MiB of weight MKL was as fast or faster. Only exact ``nn.Linear`` modul
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from spyre_backend.device import memory
+from spyre_backend.device import gemv_kernel, memory
 
 MIN_PACKED_ELEMENTS = 1 << 18  # 1 MiB of fp32 weight: 512 x 512 was the smallest shape oneDNN won
 # oneDNN picks its blocking for this many rows: the largest decode batch. With it every row count
@@ -53,8 +53,8 @@ _ROWS_HINT = 16
 # this op the call stays opaque to it and runs as written, the weight an ordinary graph input.
 _LIBRARY = torch.library.Library("spyre_backend", "DEF")
 _LIBRARY.define("packed_linear(Tensor x, Tensor weight, Tensor? single_row_weight, Tensor? bias) -> Tensor")
-_LIBRARY.define("upcast_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-UPCAST_MIN_ROWS = 32  # bf16: ~1.7 ms a row for 8192 x 2048; converting the weight ~38 ms
+_LIBRARY.define("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+UPCAST_MIN_ROWS = 32  # bf16 without bf16 arithmetic: ~1.7 ms a row for 8192 x 2048; converting the weight ~38 ms
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, single_row_weight: torch.Tensor | None,
@@ -72,27 +72,33 @@ def _(x, weight, single_row_weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.numel() // x.shape[-1] < UPCAST_MIN_ROWS:
-        return torch.nn.functional.linear(x, weight, bias)
-    return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+def _bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    if rows <= gemv_kernel.MAX_ROWS and _use_gemv_kernel:
+        y = torch.ops.spyre_kernels.bf16_gemv(x.reshape(rows, x.shape[-1]), weight).view(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+    if rows >= UPCAST_MIN_ROWS and not has_native_bf16():
+        return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
-_LIBRARY.impl("upcast_linear", _upcast_linear, "CompositeExplicitAutograd")
+_LIBRARY.impl("bf16_linear", _bf16_linear, "CompositeExplicitAutograd")
+_use_gemv_kernel = False  # set by bf16_linears once the kernel has loaded
 
 
-@torch.library.register_fake("spyre_backend::upcast_linear")
+@torch.library.register_fake("spyre_backend::bf16_linear")
 def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+@functools.cache
 def has_native_bf16() -> bool:
     """The CPU does bf16 arithmetic (oneDNN's test: AVX-512 BF16 or AMX)."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-class UpcastLinear(nn.Module):
-    """``y = x @ W.T + b`` with a bf16 ``W``, in fp32 for many rows (see the module doc)."""
+class Bf16Linear(nn.Module):
+    """``y = x @ W.T + b`` with a bf16 ``W`` kept as loaded (see the module doc)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -101,14 +107,18 @@ class UpcastLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.spyre_backend.upcast_linear.default(x, self.weight, self.bias)
+        return torch.ops.spyre_backend.bf16_linear.default(x, self.weight, self.bias)
 
 
-def upcast_bf16_linears(module: nn.Module) -> int:
-    """Replaces every large bf16 ``nn.Linear`` under ``module`` with UpcastLinear; returns how many."""
+def bf16_linears(module: nn.Module) -> int:
+    """Replaces every large bf16 ``nn.Linear`` under ``module`` with Bf16Linear (building the
+    decode kernel on first use); returns how many."""
+    global _use_gemv_kernel
     found = _packable_linears(module, torch.bfloat16)
+    if found:
+        _use_gemv_kernel = gemv_kernel.load()
     for parent, name, child in found:
-        setattr(parent, name, UpcastLinear(child))
+        setattr(parent, name, Bf16Linear(child))
     return len(found)
 
 
@@ -146,14 +156,12 @@ def available_memory_bytes() -> int:
     return memory.available_bytes()
 
 
-def pack_linears(module: nn.Module, single_row: bool = False, dtype: torch.dtype = torch.float32) -> int:
-    """Replaces every large ``nn.Linear`` of ``dtype`` under ``module`` (in place); returns how many.
+def pack_linears(module: nn.Module, single_row: bool = False) -> int:
+    """Replaces every large fp32 ``nn.Linear`` under ``module`` (in place); returns how many.
 
     ``single_row``: also keep each weight in the single-row layout (see the module doc), if those
-    copies take at most a quarter of the memory available now. bf16 (on a CPU with bf16
-    arithmetic) never does: there the single-row layout was the slower one at one row too."""
-    packable = _packable_linears(module, dtype)
-    single_row = single_row and dtype == torch.float32
+    copies take at most a quarter of the memory available now."""
+    packable = _packable_linears(module, torch.float32)
     if single_row:
         copies = sum(child.weight.numel() * child.weight.element_size() for _, _, child in packable)
         single_row = copies <= available_memory_bytes() // 4

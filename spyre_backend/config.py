@@ -125,11 +125,13 @@ class SchedulerConfig:
     prefill_chunk: int = 512  # most prompt tokens of one request in one step (a multiple of block_size)
     max_num_batched_tokens: int = 0  # tokens per step, decode rows included; 0: prefill_chunk + max_running
     max_prefills: int = 1  # requests that get a prompt chunk in one step
-    # most prompt tokens in a step that also carries decode rows (0: prefill_chunk; a multiple of
-    # block_size): a long prompt then prefills in smaller pieces while other streams are decoding,
-    # so their next token waits for a short step, not a whole chunk. 256 by measurement: four
-    # 1,364-token prompts at once on the 2b shape, bf16, 2 cores (docs/benchmarks.md, Mixed chunks)
-    mixed_prefill_chunk: int = 256
+    # most prompt tokens in a step that also carries decode rows (a multiple of block_size; 0:
+    # prefill_chunk): a long prompt then prefills in smaller pieces while other streams are
+    # decoding, so their next token waits for a short step, not a whole chunk. -1: measured at
+    # warmup, the largest chunk whose step takes at most mixed_step_slowdown decode steps
+    # (engine/scheduler.py, choose_mixed_chunk; 256 until then)
+    mixed_prefill_chunk: int = -1
+    mixed_step_slowdown: float = 2.0
 
     @property
     def token_budget(self) -> int:
@@ -140,7 +142,8 @@ class SchedulerConfig:
         _check(self, self.prefill_chunk > 0, "prefill_chunk", "must be positive")
         _check(self, self.max_num_batched_tokens >= 0, "max_num_batched_tokens", "must be >= 0")
         _check(self, self.max_prefills > 0, "max_prefills", "must be positive")
-        _check(self, self.mixed_prefill_chunk >= 0, "mixed_prefill_chunk", "must be >= 0")
+        _check(self, self.mixed_prefill_chunk >= -1, "mixed_prefill_chunk", "must be -1 (measured), 0 or a size")
+        _check(self, self.mixed_step_slowdown >= 1, "mixed_step_slowdown", "must be >= 1")
 
 
 @dataclass
@@ -303,8 +306,8 @@ class ServingConfig:
         cache, scheduler = self.cache, self.scheduler
         _check(scheduler, scheduler.prefill_chunk % cache.block_size == 0, "prefill_chunk",
                "must be a positive multiple of block_size")
-        _check(scheduler, scheduler.mixed_prefill_chunk % cache.block_size == 0, "mixed_prefill_chunk",
-               "must be a multiple of block_size")
+        _check(scheduler, scheduler.mixed_prefill_chunk == -1 or scheduler.mixed_prefill_chunk % cache.block_size == 0,
+               "mixed_prefill_chunk", "must be a multiple of block_size")
         _check(cache, max(cache.decode_batch_sizes) >= scheduler.max_running, "decode_batch_sizes",
                "must be positive sizes, the largest at least max_running")
 

@@ -274,3 +274,33 @@ def test_max_tokens_none_means_what_the_context_leaves(stack):
     while not (sent and sent[-1].finished) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sent[-1].finish_reason.value == "length" and sent[-1].num_output_tokens == room
+
+
+def test_warmup_measures_the_mixed_chunk_unless_one_is_set(checkpoint, monkeypatch):
+    """mixed_prefill_chunk -1 (the default): warmup times a decode step and prompt chunks on the
+    real model and the scheduler takes the chooser's size; a size set in the config is kept."""
+    from spyre_backend.engine import llm_engine
+    from spyre_backend.engine.scheduler import choose_mixed_chunk
+
+    calls = []
+
+    def recording(time_chunk, decode_s, slowdown, align, block_size, prefill_chunk):
+        chosen = choose_mixed_chunk(time_chunk, decode_s, slowdown, align, block_size, prefill_chunk)
+        calls.append((time_chunk(align), decode_s, slowdown, block_size, prefill_chunk, chosen))
+        return chosen
+
+    monkeypatch.setattr(llm_engine, "choose_mixed_chunk", recording)
+    raw = {"checkpoint": str(checkpoint), "compile_backend": "eager", "max_context": "1024", "prefill_chunk": "256",
+           "block_size": "16", "mixed_step_slowdown": "3"}
+    for mixed, measured in (("-1", True), ("32", False)):
+        service = LLMService(ServingConfig.from_strings({**raw, "mixed_prefill_chunk": mixed}))
+        try:
+            if measured:
+                [(chunk_s, decode_s, slowdown, block, prefill_chunk, chosen)] = calls
+                assert chunk_s > 0 and decode_s > 0 and (slowdown, block, prefill_chunk) == (3.0, 16, 256)
+                assert service.engine.probe.mixed_chunk == chosen and chosen % service.engine.probe.prefill_align == 0
+                assert service.engine.probe.prefill_align <= chosen <= 256
+            else:
+                assert len(calls) == 1 and service.engine.probe.mixed_chunk == 32
+        finally:
+            service.shutdown()

@@ -171,3 +171,33 @@ def test_the_mixed_chunk_is_validated():
     for bad in ({"mixed_prefill_chunk": "-64"}, {"mixed_prefill_chunk": "100"}):
         with pytest.raises(ConfigError, match="mixed_prefill_chunk"):
             ServingConfig.from_strings(bad)
+
+
+def test_the_mixed_chunk_is_the_largest_whose_step_fits_the_slowdown():
+    from spyre_backend.engine.scheduler import choose_mixed_chunk
+
+    timed = []
+
+    def time_chunk(tokens):  # a decode step costs 0.1 s; each prompt token 1 ms more
+        timed.append(tokens)
+        return 0.1 + tokens * 1e-3
+
+    # below a block, multiples of the alignment; from a block on, whole blocks
+    assert choose_mixed_chunk(time_chunk, 0.1, 2.0, 16, 64, 512) == 64  # 128 (0.228 s) would not fit 0.2
+    assert timed == [16, 32, 48, 64, 128]  # stops at the first size too slow
+    assert choose_mixed_chunk(time_chunk, 0.1, 5.0, 16, 64, 512) == 384  # 0.484 s; 448 would not fit
+    assert choose_mixed_chunk(time_chunk, 0.1, 1.3, 16, 64, 512) == 16  # 0.116; 32 (0.132) would not
+    assert choose_mixed_chunk(time_chunk, 0.1, 100.0, 16, 64, 64) == 64  # never past prefill_chunk
+    assert choose_mixed_chunk(time_chunk, 0.1, 1.0, 16, 64, 512) == 16  # the smallest at least
+
+
+def test_a_measured_mixed_chunk_starts_at_256_and_a_set_one_is_kept():
+    from spyre_backend.config import ConfigError, ServingConfig
+    from spyre_backend.engine.scheduler import UNMEASURED_MIXED_CHUNK
+
+    assert ServingConfig.from_strings({}).scheduler.mixed_prefill_chunk == -1  # the default: measured
+    assert make(prefill_chunk=512).mixed_chunk == UNMEASURED_MIXED_CHUNK
+    assert make(prefill_chunk=64).mixed_chunk == 64
+    assert make(prefill_chunk=512, mixed_prefill_chunk=0).mixed_chunk == 0
+    with pytest.raises(ConfigError, match="mixed_step_slowdown"):
+        ServingConfig.from_strings({"mixed_step_slowdown": "0.5"})

@@ -23,6 +23,7 @@ from spyre_backend.engine.core import EngineCore
 from spyre_backend.engine.model_runner import ModelRunner
 from spyre_backend.engine.probe import EngineProbe
 from spyre_backend.engine.request import Request
+from spyre_backend.engine.scheduler import choose_mixed_chunk
 from spyre_backend.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -129,9 +130,17 @@ class LLMEngine:
         self._inbox.put(StopSequence(sequence_id, end, reply))
 
     def warmup(self) -> None:
-        """Run every shape that will be compiled (nothing for eager), on the calling thread: only
-        before any request was added."""
+        """Run every shape that will be compiled (nothing for eager), then size the mixed chunk
+        where the config leaves it to measurement; on the calling thread, only before any request
+        was added."""
         self._runner.warmup()
+        scheduler = self._core.scheduler
+        if scheduler.config.mixed_prefill_chunk == -1 and self._runner.mixes_steps:
+            probe = self.probe
+            decode_s = probe.time_decode(1, scheduler.config.prefill_chunk, repeats=2)
+            scheduler.mixed_chunk = choose_mixed_chunk(
+                lambda tokens: probe.time_prefill(tokens, repeats=1), decode_s, scheduler.config.mixed_step_slowdown,
+                self._runner.prefill_align, self._core.kv.block_size, scheduler.config.prefill_chunk)
 
     def seal(self, sealed: bool = True) -> None:
         """After warmup, in a process that serves only this model: nothing may compile from here

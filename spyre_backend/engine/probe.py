@@ -57,6 +57,11 @@ class EngineProbe:
     def has_session(self, sequence_id) -> bool:
         return self._core.turns.get(sequence_id) is not None
 
+    @property
+    def mixed_chunk(self) -> int:
+        """Most prompt tokens in a step that carries decode rows (0: no limit)."""
+        return self._core.scheduler.mixed_chunk
+
     # -- structured output -------------------------------------------------------------------------
     @property
     def num_grammar_matchers(self) -> int:

@@ -5,7 +5,7 @@ yet: a whole prompt (or a prompt left after a chunk), a session's new turn, or t
 sampled last step. Each step the scheduler gives requests tokens, at most
 ``max_num_batched_tokens`` in all: first the running requests in the order they were admitted
 (decode rows take one token; a prompt takes a chunk of at most ``prefill_chunk``, or
-``mixed_prefill_chunk`` in a step that carries decode rows, and at most ``max_prefills`` prompts
+``mixed_chunk`` in a step that carries decode rows, and at most ``max_prefills`` prompts
 get a chunk per step), then waiting requests, first come first served.
 
 KV blocks are taken as a sequence grows (``KVCacheManager.allocate``), never for tokens it has not
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from spyre_backend.config import SchedulerConfig
 from spyre_backend.engine.kv_cache_manager import KVCacheManager
@@ -75,6 +76,26 @@ class SchedulerOutput:
         return [s for s in self.sequences if not s.is_prefill]
 
 
+UNMEASURED_MIXED_CHUNK = 256
+
+
+def choose_mixed_chunk(time_chunk: Callable[[int], float], decode_s: float, slowdown: float, align: int,
+                       block_size: int, prefill_chunk: int) -> int:
+    """The largest prompt chunk whose step takes at most ``slowdown`` decode steps, by
+    ``time_chunk(tokens)`` in seconds. Sizes are multiples of ``align`` up to a block, then whole
+    blocks (``_tokens_for`` cuts a longer chunk to whole blocks), at most ``prefill_chunk``; the
+    smallest at least, since a step that carries decode rows must still move the prompt on. They are
+    tried from the smallest, and timing stops at the first too slow."""
+    sizes = sorted({*range(align, block_size + 1, align), *range(block_size, prefill_chunk + 1, block_size)})
+    sizes = [tokens for tokens in sizes if tokens <= prefill_chunk]
+    chosen = sizes[0]
+    for tokens in sizes:
+        if time_chunk(tokens) > slowdown * decode_s:
+            break
+        chosen = tokens
+    return chosen
+
+
 class Scheduler:
     def __init__(self, kv: KVCacheManager, turns: Turns, config: SchedulerConfig):
         self.kv = kv
@@ -86,6 +107,11 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_queries = 0  # tokens of sequences looked up in the prefix cache, since start
         self.prefix_hits = 0  # of those, tokens found cached
+        # most prompt tokens in a step that carries decode rows (0: no limit); -1 in the config is
+        # measured at warmup (choose_mixed_chunk), and until then the size measured on the 2b shape
+        # before the bf16 decode kernel (docs/benchmarks.md, Mixed chunks)
+        measured = config.mixed_prefill_chunk == -1
+        self.mixed_chunk = min(UNMEASURED_MIXED_CHUNK, config.prefill_chunk) if measured else config.mixed_prefill_chunk
 
     def add(self, request: Request) -> None:
         """Queue a request whose turn has started (``Turns.start``: its session holds its prompt)."""
@@ -110,11 +136,11 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.token_budget
         prefills = 0
-        # a step with decode rows takes a smaller prompt chunk (mixed_prefill_chunk): their streams
-        # wait for this step
+        # a step with decode rows takes a smaller prompt chunk (mixed_chunk): their streams wait
+        # for this step
         chunk = self.config.prefill_chunk
-        if self.config.mixed_prefill_chunk and any(r.session.num_uncomputed == 1 for r in self.running):
-            chunk = min(chunk, self.config.mixed_prefill_chunk)
+        if self.mixed_chunk and any(r.session.num_uncomputed == 1 for r in self.running):
+            chunk = min(chunk, self.mixed_chunk)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]

@@ -62,10 +62,11 @@ class LLMService:
         probe, block_size = self.engine.probe, config.cache.block_size
         plan = probe.plan
         resident, peak = memory.resident_bytes()
-        log.warning("granite_llm: loaded %s in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; %d static shapes); "
+        log.warning("granite_llm: loaded %s in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; %d static shapes; "
+                    "mixed chunk %d); "
                     "memory: weights %s, KV pool %s (%d blocks of %d tokens, %d tokens), resident %s, peak %s",
                     checkpoint, loaded, warmed, plan.kind, plan.compile_backend, str(plan.dtype).removeprefix("torch."),
-                    threads, len(probe.shape_set()), memory.gib(probe.weight_bytes), memory.gib(probe.kv_pool_bytes),
+                    threads, len(probe.shape_set()), probe.mixed_chunk, memory.gib(probe.weight_bytes), memory.gib(probe.kv_pool_bytes),
                     probe.num_kv_blocks, block_size, (probe.num_kv_blocks - 1) * block_size,
                     memory.gib(resident), memory.gib(peak))
 

@@ -131,7 +131,7 @@ class SchedulerConfig:
     # warmup, the largest chunk whose step takes at most mixed_step_slowdown decode steps
     # (engine/scheduler.py, choose_mixed_chunk; 256 until then)
     mixed_prefill_chunk: int = -1
-    mixed_step_slowdown: float = 2.0
+    mixed_step_slowdown: float = 2.0  # a measured mixed chunk: how many decode steps its step may take
 
     @property
     def token_budget(self) -> int:

@@ -134,3 +134,18 @@ def test_peak_memory_counts_children():
         child.kill()
         child.wait()
     assert peak * 2 ** 30 >= tree_rss_bytes(os.getpid()) + 150 * 2 ** 20
+
+
+def test_a_run_stopped_early_is_reported_from_its_full_json(tmp_path, capsys):
+    """full.json is written after every server's round with the machine's limits in it:
+    ``python -m bench.phases.full`` renders its table and targets without measuring anything."""
+    result = _result()
+    del result["table"]
+    result.update(checkpoint=str(DEFAULT_CHECKPOINT), machine=MACHINE)
+    result["rounds"]["ours-bf16"] = result["rounds"]["ours-bf16"][:1]  # stopped during round 2
+    path = tmp_path / "full.json"
+    path.write_text(json.dumps(result))
+    full.main([str(path)])
+    out = capsys.readouterr().out
+    assert "| image, 1 | ours-bf16 |" in out and "| image, 4 | llama-q8_0 |" in out
+    assert "- ours-bf16 ITL p50, c=1 / llama.cpp f16's: 0.95 (target <= 0.9, missed)" in out

@@ -187,8 +187,9 @@ def run(machine: dict, out_dir: Path, log, servers: list[str] | None = None, rou
 
 def _run(machine: dict, out_dir: Path, log, names: list[str], rounds: int, checkpoint: Path,
          workloads: list[str]) -> dict:
+    # the machine's limits go in with the rounds, so a run stopped early can still be reported (main below)
     result: dict = {"checkpoint": str(checkpoint), "servers": names, "rounds": {n: [] for n in names},
-                    "prompt_tokens": {}, "crops": {}, "failed": {}}
+                    "prompt_tokens": {}, "crops": {}, "failed": {}, "machine": machine}
     for name in workloads:
         size = WORKLOADS[name][0]
         result["prompt_tokens"][name], result["crops"][name] = _our_prompt(checkpoint, Workload(MAX_TOKENS, size))
@@ -200,7 +201,11 @@ def _run(machine: dict, out_dir: Path, log, names: list[str], rounds: int, check
                 log(f"full: {name} failed in round {rnd + 1}: {exc!r}")
                 result["failed"].setdefault(name, []).append(repr(exc))
             (out_dir / "full.json").write_text(json.dumps(result, indent=1, default=str))
-    config = json.loads((checkpoint / "config.json").read_text())
+    return with_table(result, machine)
+
+
+def with_table(result: dict, machine: dict) -> dict:
+    config = json.loads((Path(result["checkpoint"]) / "config.json").read_text())
     result["table"] = table(result, roofline.ModelShape.from_config(config), machine)
     return result
 
@@ -306,3 +311,27 @@ def targets(result: dict) -> list[dict]:
         out.append({"checkpoint": "full", "name": name, "target": f"{sense} {goal}", "value": ratio,
                     "met": ratio <= goal if sense == "<=" else ratio >= goal})
     return out
+
+
+def main(argv=None) -> None:
+    """The table and targets of a run's full.json, finished or stopped early (the rounds it has):
+    ``python -m bench.phases.full results/bench-<time>/full.json``. The machine's limits are the
+    run's own where full.json has them, else measured now."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    p.add_argument("full_json", type=Path)
+    args = p.parse_args(argv)
+    result = json.loads(args.full_json.read_text())
+    for rounds in result["rounds"].values():  # JSON made the concurrency levels strings
+        for one in rounds:
+            one["workloads"] = {w: {int(level): s for level, s in levels.items()} for w, levels in one["workloads"].items()}
+    machine = result.get("machine") or roofline.measure_machine()
+    result = with_table(result, machine)
+    print("\n".join(markdown(result)))
+    for check in targets(result):
+        print(f"- {check['name']}: {check['value']:.2f} (target {check['target']}, {'met' if check['met'] else 'missed'})")
+
+
+if __name__ == "__main__":
+    main()

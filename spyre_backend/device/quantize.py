@@ -30,9 +30,11 @@ from torch import nn
 
 from spyre_backend.device.cpu_linear import has_native_bf16
 
-# One row (a decode step at batch 1) to 16 (the largest decode batch) through the int8 kernel; the
-# 2b shape's 16384 x 2048 at 16 rows took 10 ms in it, 33 ms converted (docs/benchmarks.md, int8).
-INT8_MM_MAX_ROWS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 1}
+# Up to 32 rows through the int8 kernel: a decode batch of 16, or a measured 16-token mixed chunk
+# with its decode rows (at 16 it ran mixed steps converted: ITL p50 ~2 s at 4 streams on the 2b
+# shape). An 8192 x 2048 weight: 7.9 ms at 16 rows, 14.8 at 32, 20.6 at 48 and 27.7 at 64 in it;
+# 18-22 ms converted (2026-12-07, docs/benchmarks.md, int8).
+INT8_MM_MAX_ROWS = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 1}
 
 _LIBRARY = torch.library.Library("spyre_backend", "FRAGMENT")  # cpu_linear defines the namespace
 _LIBRARY.define("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor")

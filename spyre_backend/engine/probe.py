@@ -146,7 +146,8 @@ class EngineProbe:
         def prefill():
             for start in range(0, num_tokens, runner.prefill_chunk):
                 chunk = embeds[start: start + runner.prefill_chunk]
-                runner.forward(runner.prefill_inputs(chunk, start=start, block_table=table))
+                logits = runner.forward(runner.prefill_inputs(chunk, start=start, block_table=table))
+            logits.cpu()  # waits for an asynchronous device (CUDA)
 
         try:
             return best_time(prefill, repeats)
@@ -163,7 +164,7 @@ class EngineProbe:
         embeds = torch.randn(batch, runner.hidden_size, dtype=runner.dtype) * 0.02
         step = runner.decode_inputs(embeds, [context] * batch, tables)
         try:
-            return best_time(lambda: runner.forward(step), repeats)
+            return best_time(lambda: runner.forward(step).cpu(), repeats)  # .cpu(): waits for CUDA
         finally:
             for owner in owners:
                 kv.free(owner)

@@ -124,16 +124,18 @@ def roofline_fraction(flops: float, nbytes: float, seconds: float, peak_flops: f
 # -- this machine's limits ----------------------------------------------------------------------
 def measure_machine(sizes=(1024, 2048, 3072), copy_mib: int = 512, repeats: int = 3) -> dict:
     """Best fp32 matmul rate over a few sizes and both CPU GEMM libraries the serving code may use
-    (MKL through torch.mm, oneDNN with a reordered weight: cpu_linear), and memory bandwidth
+    (MKL through torch.mm, oneDNN as cpu_linear calls it), and memory bandwidth
     (copy and read)."""
     matmul, onednn = {}, {}
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
         matmul[n] = 2.0 * n ** 3 / best_time(lambda: torch.mm(a, b), repeats) / 1e9
         if cpu_linear.available():
-            packed = cpu_linear.PackedLinear(b.T.contiguous())  # a @ b as a linear layer
+            linear = torch.nn.Linear(n, n, bias=False)
+            linear.weight.data = b.T.contiguous()
+            layer = cpu_linear.CpuLinear(linear)  # a @ b as the serving code's linear
             with torch.no_grad():
-                onednn[n] = 2.0 * n ** 3 / best_time(lambda: packed(a), repeats) / 1e9
+                onednn[n] = 2.0 * n ** 3 / best_time(lambda: layer(a), repeats) / 1e9
     x = torch.ones(copy_mib * 2 ** 20 // 4)
     y = torch.empty_like(x)
     copy = 2.0 * x.numel() * 4 / best_time(lambda: y.copy_(x), repeats + 2) / 1e9

@@ -43,7 +43,7 @@ from spyre_backend.device import plan_for
 model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
 weights = [(l, l.weight, l.weight.detach().clone()) for l in model]
 for compile_backend in ("eager", "inductor"):
-    assert plan_for(DeviceConfig(device="cpu", compile_backend=compile_backend)).prepare(model, single_row=True) == 0
+    assert plan_for(DeviceConfig(device="cpu", compile_backend=compile_backend)).prepare(model, decoder=True) == 0
 assert all(l.weight is w and torch.equal(w, before) for l, w, before in weights)
 assert "torchao" not in sys.modules, "torchao imported"
 """
@@ -60,7 +60,7 @@ def test_int8_linears_in_eager_and_under_inductor():
         plan = plan_for(DeviceConfig(device="cpu", compile_backend="eager", dtype=str(dtype).removeprefix("torch."),
                                      quantization="int8"))
         assert plan.prepare(model) == 0  # what runs no single rows (the vision tower) stays as loaded
-        assert plan.prepare(model, single_row=True) == 2
+        assert plan.prepare(model, decoder=True) == 2
         assert all(isinstance(layer, quantize.Int8Linear) for layer in (model[0], model[2]))
         with torch.no_grad():
             got = model(many)

@@ -143,8 +143,8 @@ def test_bf16_linears_without_bf16_arithmetic_compute_many_rows_in_fp32(monkeypa
     monkeypatch.setattr(cpu_linear, "has_native_bf16", lambda: False)
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(8, 8)).to(torch.bfloat16)
     reference = [m.weight.float() for m in model]
-    assert cpu_linear.bf16_linears(model) == 1  # the small one stays
-    assert isinstance(model[0], cpu_linear.Bf16Linear) and type(model[1]) is torch.nn.Linear
+    assert cpu_linear.cpu_linears(model, torch.bfloat16) == 1  # the small one stays
+    assert isinstance(model[0], cpu_linear.CpuLinear) and type(model[1]) is torch.nn.Linear
     upcasts = []
     real_linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: upcasts.append(w.dtype) or real_linear(x, w, b))

@@ -181,7 +181,7 @@ def linear_timings(dtype: str, rows=(1, 4, 16, 512)) -> list[dict]:
             layer = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False).to(base.weight.dtype))
             layer[0].weight.data.copy_(base.weight.data)
             plan_for(DeviceConfig(device="cpu", compile_backend="eager", dtype=dtype, quantization=quantization)
-                     ).prepare(layer, single_row=True)
+                     ).prepare(layer, decoder=True)
             for m in rows:
                 x = torch.randn(m, k, dtype=base.weight.dtype)
                 with torch.no_grad():

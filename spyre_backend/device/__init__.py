@@ -58,22 +58,21 @@ class DevicePlan:
         are compute-bound there). Prefix-cache hits are found to this unit too."""
         return block_size if self.kind == "spyre" else min(PREFILL_ALIGN, block_size)
 
-    def prepare(self, module: torch.nn.Module, single_row: bool = False) -> int:
+    def prepare(self, module: torch.nn.Module, decoder: bool = False) -> int:
         """Device-specific rewrites of a loaded model, before anything is compiled from it; returns
-        how many layers changed. On the CPU: large fp32 linears through oneDNN, large bf16 ones
-        through our decode kernel for few rows and torch (or fp32) for many (cpu_linear);
-        ``single_row``: the model runs single rows (decode at batch 1) and memory allows, also
-        in the layout for one row. ``quantization: int8``: the decoder's linears (the module that runs
-        ``single_row``; the vision tower stays as loaded) get int8 weights instead (quantize.py)."""
-        if self.quantization == "int8" and single_row:
+        how many layers changed. On the CPU: large fp32 and bf16 linears keep their weights as
+        loaded and run our decode kernel for few rows, oneDNN or torch for many (cpu_linear).
+        ``quantization: int8``: the ``decoder``'s linears (the LLM; the vision tower stays as
+        loaded) get int8 weights instead (quantize.py)."""
+        if self.quantization == "int8" and decoder:
             return quantize.quantize_linears(module, self.dtype)
         if self.kind != "cpu" or not cpu_linear.available():
             return 0
-        if self.dtype == torch.bfloat16:
-            return cpu_linear.bf16_linears(module)
-        if self.cpu_gemm != "onednn" or self.dtype != torch.float32:
+        if self.dtype == torch.float32 and self.cpu_gemm != "onednn":
             return 0
-        return cpu_linear.pack_linears(module, single_row=single_row)
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            return 0
+        return cpu_linear.cpu_linears(module, self.dtype)
 
     def compile(self, fn: Callable, *, name: str) -> Callable:
         """Compile ``fn`` for static shapes: each distinct shape is one graph, built at warmup."""

@@ -1,20 +1,24 @@
-"""A bf16 decode linear at memory speed: ``torch.ops.spyre_kernels.bf16_gemv`` (kernels/bf16_gemv.cpp).
+"""A decode linear at memory speed: ``torch.ops.spyre_kernels.decode_gemv`` (kernels/decode_gemv.cpp).
 
-A decode step reads every weight once for a handful of rows, so at bf16 it should cost 2 bytes of
-memory traffic a weight and nothing else. The library kernels did not get there on the 2-core VMs
-we serve from (2b shape, 8192 x 2048 at one row, DRAM-resident weights, 2026-12-07; memory copies
-at 24 GB/s, fp32 matrix-vector products at 20-23 GB/s):
-- oneDNN's bf16 inner product (AMX brgemm, the weight reordered or not): 2.5-3.1 ms, 11-13 GB/s;
-- torch's bf16 ``mv``: 15-18 GB/s; inductor's fused reduction of the upcast product: 10 GB/s.
-This kernel widens each bf16 to fp32 in registers (AVX-512 or AVX2, plain C++ elsewhere) and
-prefetches ahead in the weight stream: 1.7-2.0 ms, 17-22 GB/s; at 4 rows 2.1 ms where oneDNN took
-2.4. It needs no bf16 arithmetic, so it serves CPUs without it too (where torch's bf16 path is the
-slow one). The sums are fp32, as oneDNN's are; only their order differs.
+A decode step reads every weight once for a handful of rows, so it should cost the weight's bytes
+of memory traffic and nothing else: 4 a weight in fp32, 2 in bf16, 1 in int8. The library kernels
+did not get there for bf16 and int8 on the 2-core VMs we serve from (2b shape, 8192 x 2048 at one
+row, DRAM-resident weights, 2026-12-07; memory copies at 24 GB/s, fp32 matrix-vector products at
+20-25 GB/s):
+- bf16: oneDNN's inner product (AMX brgemm, the weight reordered or not) 2.5-3.1 ms, 11-13 GB/s;
+  torch's bf16 ``mv`` 15-18 GB/s; inductor's fused reduction of the upcast product 10 GB/s.
+- int8: torch's ``_weight_int8pack_mm`` 1.4 ms, 12 GB/s.
+This kernel widens each weight to fp32 in registers (AVX-512 or AVX2, plain C++ elsewhere) and
+prefetches ahead in the weight stream: bf16 1.6-1.7 ms (19-21 GB/s), int8 0.8 ms (20 GB/s), fp32
+2.7 ms (25 GB/s, level with MKL's; at 4 rows 3.3 ms where MKL took 5.7), so one copy of each
+weight, as loaded, serves decode in every dtype. It needs no bf16 arithmetic, so it serves CPUs
+without it too. The sums are fp32, as the libraries' are; only their order differs. An int8 row's
+sum is multiplied by its scale in fp32.
 
 It is compiled for the machine it runs on (``-march=native``) on first use, ~12 s, and cached under
 ``SPYRE_KERNEL_CACHE`` (default ``~/.cache/spyre_backend/kernels``) by a hash of the source, torch
 and the compiler; ``make setup`` builds it ahead. Without a C++ compiler, or if the build fails,
-``load()`` says why once and returns False, and the callers use torch's own linear.
+``load()`` says why once and returns False, and the callers use torch's own kernels.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "kernels" / "bf16_gemv.cpp"
-MAX_ROWS = 4  # kMaxRows in the source: at 8 rows oneDNN was faster (9-12 against 14-18 GB/s)
+SOURCE = Path(__file__).parent / "kernels" / "decode_gemv.cpp"
+MAX_ROWS = 4  # kMaxRows in the source: at 8 rows oneDNN was faster in bf16 (9-12 against 14-18 GB/s)
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 
 _lock = threading.Lock()
@@ -62,7 +66,7 @@ def _library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, version, " ".join(FLAGS),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
-    return cache_dir() / f"bf16_gemv-{key}.so"
+    return cache_dir() / f"decode_gemv-{key}.so"
 
 
 def _cpu_flags() -> str:
@@ -96,9 +100,14 @@ def build(compiler: str) -> Path:
     return target
 
 
+def ready() -> bool:
+    """The kernel is loaded in this process (``load()`` ran and succeeded); builds nothing."""
+    return _loaded is True
+
+
 def load() -> bool:
     """Builds (once per machine) and loads the kernel into this process; True when
-    ``torch.ops.spyre_kernels.bf16_gemv`` can be called. Off with ``SPYRE_BF16_GEMV=0``."""
+    ``torch.ops.spyre_kernels.decode_gemv`` can be called. Off with ``SPYRE_GEMV_KERNEL=0``."""
     global _loaded
     with _lock:
         if _loaded is None:
@@ -107,20 +116,20 @@ def load() -> bool:
 
 
 def _load() -> bool:
-    if os.environ.get("SPYRE_BF16_GEMV", "1") == "0":
+    if os.environ.get("SPYRE_GEMV_KERNEL", "1") == "0":
         return False
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C++ compiler: bf16 decode linears run through torch (slower; see gemv_kernel.py)")
+        log.warning("no C++ compiler: decode linears run through torch (slower; see gemv_kernel.py)")
         return False
     try:
         torch.ops.load_library(str(build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("the bf16 decode kernel is unavailable, torch's linear runs instead: %s", exc)
+        log.warning("the decode kernel is unavailable, torch's kernels run instead: %s", exc)
         return False
     return True
 
 
 if __name__ == "__main__":  # make setup: build ahead of the first start
     logging.basicConfig(level=logging.INFO)
-    print("bf16 decode kernel:", "ready" if load() else "unavailable (torch's linear will run)")
+    print("decode kernel:", "ready" if load() else "unavailable (torch's kernels will run)")

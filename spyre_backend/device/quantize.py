@@ -5,15 +5,16 @@ The quantizer is torchao's (``quantize_`` with ``Int8WeightOnlyConfig``: symmetr
 output row); nothing here rounds a weight. Activations stay in the model's dtype. What runs the
 matmul with the quantized weight:
 
-- On the CPU, torch's own int8 kernel ``_weight_int8pack_mm`` for up to ``INT8_MM_MAX_ROWS`` rows
-  (decode steps), and for more rows (prefill chunks) a dense matmul on the weight converted to the
-  compute dtype for that call: the kernel is built for few rows (at 512 rows it took 15x a dense
-  matmul's time). With bf16 activations one row of 16384 x 2048 took 1.1-1.3 ms in it against
-  2.5-3.2 ms in bf16; its fp32 path is slow at every row count (18-24 ms for the same row, the fp32
-  weight 2.4-3.1 ms), so with ``dtype: float32`` it runs single rows only and int8 is slower than the
-  default: int8 is for bf16 (docs/benchmarks.md, int8). The computation is torchao's own
-  (``x @ W_int8.T * scale``, the scale in the activation dtype), in one opaque op, so eager and
-  inductor run the same kernels.
+- On the CPU, a decode step's few rows (up to ``gemv_kernel.MAX_ROWS``) run our decode kernel,
+  which reads the int8 weight at memory speed and applies the scale to each fp32 sum (an 8192 x
+  2048 weight at one row: 0.8 ms, 20 GB/s, where torch's ``_weight_int8pack_mm`` took 1.4 ms at
+  12 GB/s; gemv_kernel.py). More rows up to ``INT8_MM_MAX_ROWS`` (larger decode batches, a mixed
+  step) run torch's ``_weight_int8pack_mm``, and more still (prefill chunks) a dense matmul on the
+  weight converted to the compute dtype for that call: that kernel is built for few rows (at 512
+  rows it took 15x a dense matmul's time), and its fp32 path is slow at every row count (18-24 ms
+  for one row of 16384 x 2048), so with fp32 activations only the decode kernel's rows stay int8.
+  The computation is torchao's (``x @ W_int8.T * scale``), in one opaque op, so eager and inductor
+  run the same kernels.
 - On CUDA, torchao's quantized tensor as ``quantize_`` leaves it (its own linear).
 
 Only the LLM decoder's ``nn.Linear`` layers are quantized, the LM head included: at the 2b shape
@@ -28,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spyre_backend.device import gemv_kernel
 from spyre_backend.device.cpu_linear import has_native_bf16
 
 # Up to 32 rows through the int8 kernel: a decode batch of 16, or a measured 16-token mixed chunk
@@ -42,7 +44,9 @@ _LIBRARY.define("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias
 
 def _int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] <= INT8_MM_MAX_ROWS.get(x.dtype, 0):
+    if 0 < rows.shape[0] <= gemv_kernel.MAX_ROWS and gemv_kernel.ready():
+        y = torch.ops.spyre_kernels.decode_gemv(rows, weight, scale)
+    elif rows.shape[0] <= INT8_MM_MAX_ROWS.get(x.dtype, 0):
         y = torch._weight_int8pack_mm(rows.contiguous(), weight, scale)
     else:  # prefill: converted for this call, in fp32 where the CPU has no bf16 arithmetic
         compute = torch.float32 if x.dtype == torch.bfloat16 and not has_native_bf16() else x.dtype
@@ -88,6 +92,8 @@ def quantize_linears(module: nn.Module, dtype: torch.dtype) -> int:
     found = [(parent, name) for parent in module.modules() for name, child in parent.named_children() if wanted(child)]
     # set_inductor_config=False: torchao would otherwise change inductor's settings process-wide
     quantize_(module, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=wanted)
+    if any(getattr(parent, name).weight.device.type == "cpu" for parent, name in found):
+        gemv_kernel.load()
     for parent, name in found:
         linear = getattr(parent, name)
         if linear.weight.device.type == "cpu":

@@ -112,7 +112,7 @@ class ModelRunner:
                                 ).check(memory.available_bytes(self.device))
         self.image_token_id = spec.image_token_id
         self.lm = spec.load_language_model(checkpoint, self.dtype, self.device.type).to(self.device)
-        self.layers_prepared = plan.prepare(self.lm, single_row=True)  # e.g. the CPU's linears through oneDNN
+        self.layers_prepared = plan.prepare(self.lm, decoder=True)  # e.g. the CPU's decode kernel
         text = spec.text
         self.hidden_size = text.hidden_size
         self.logits_scaling = text.logits_scaling

@@ -28,6 +28,7 @@ COMPILE_BACKENDS = ("eager", "inductor", "sendnn")
 CPU_GEMMS = ("onednn", "mkl")
 DTYPES = ("float32", "bfloat16", "float16")  # torch's names
 QUANTIZATIONS = ("none", "int8")
+COMPILED_STEPS = ("all", "decode")
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,9 @@ def _check(section, ok: bool, name: str, message: str) -> None:
 class DeviceConfig:
     device: str = "auto"  # auto | spyre | cpu | cuda
     compile_backend: str = ""  # eager | inductor | sendnn; empty: sendnn on spyre, else device.default_compile_backend
+    # auto | all | decode: the steps inductor compiles; decode: the LLM's decode steps past the first KV block
+    # (the rest run eager); auto: decode for a CPU model of device.CPU_COMPILE_MAX_PARAMS or more, else all
+    compiled_steps: str = "auto"
     dtype: str = "auto"  # auto: the checkpoint's (config.json "dtype"/"torch_dtype"; float32 where it says none)
     cpu_gemm: str = "onednn"  # onednn | mkl: the CPU's large fp32 linears (spyre_backend/device/cpu_linear.py)
     num_threads: int = 0  # torch intra-op threads; 0: one for narrow models, else torch's default (device/process.py)
@@ -59,6 +63,8 @@ class DeviceConfig:
         _check(self, self.device in DEVICES, "device", f"must be one of {list(DEVICES)}")
         _check(self, self.compile_backend in ("", *COMPILE_BACKENDS), "compile_backend",
                f"must be one of {list(COMPILE_BACKENDS)} (or empty for the device's default)")
+        _check(self, self.compiled_steps in ("auto", *COMPILED_STEPS), "compiled_steps",
+               f"must be auto or one of {list(COMPILED_STEPS)}")
         _check(self, self.dtype in ("auto", *DTYPES), "dtype", f"must be auto or one of {sorted(DTYPES)}")
         _check(self, self.cpu_gemm in CPU_GEMMS, "cpu_gemm", f"must be one of {list(CPU_GEMMS)}")
         _check(self, self.num_threads >= 0, "num_threads", "must be >= 0")

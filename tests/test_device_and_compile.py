@@ -97,6 +97,44 @@ def test_inductor_warmup_compiles_everything_and_matches_eager(checkpoint):
         eager.service.shutdown()
 
 
+def test_compiling_only_decode_steps_matches_eager_and_compiles_nothing_else(checkpoint):
+    """compiled_steps: decode (the default for large models on the CPU): warmup compiles the decode
+    steps past the first block and nothing else; prefill, mixed steps and the vision tower run
+    eager, with the gathered attention, and the answers equal eager's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from spyre_backend.vision.encoder import VisionEncoder
+
+    small = {"max_context": "256", "prefill_chunk": "64", "max_running": "2", "decode_batch_sizes": "1 2",
+             "device": "cpu"}
+    torch._dynamo.reset()
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = make_stack(checkpoint, compile_backend="inductor", compiled_steps="decode", **small)
+    eager = make_stack(checkpoint, compile_backend="eager", **small)
+    try:
+        probe = compiled.engine.probe
+        assert not probe.plan.compiles_all_steps
+        assert probe.warmup_shapes() and all(q == 1 and ctx > 1 for _, q, ctx in probe.warmup_shapes())
+        graphs_after_warmup = counters["stats"]["unique_graphs"]
+        assert 0 < graphs_after_warmup - graphs_before <= 2  # batch 1 and batch 2, symbolic in the context
+        assert all(len(shape) == 3 and shape[1] == 1 and shape[2] > 1 for shape in probe.shapes_run)
+        compiled.engine.seal()  # a compile from here would fail: eager steps must not try
+        traffic = [("What is in the image?", [shape_png("triangle", "green", "white", (200, 150))]),
+                   ("Say hello.", []), ("What is the capital of France?", [])]
+        got = [compiled.submit(q, imgs, max_tokens=12) for q, imgs in traffic]  # batched: mixed steps too
+        want = [eager.submit(q, imgs, max_tokens=12).wait().text for q, imgs in traffic]
+        assert [h.wait().text for h in got] == want
+        assert counters["stats"]["unique_graphs"] == graphs_after_warmup
+        assert all(len(shape) == 3 and shape[1] == 1 for shape in probe.shapes_run)  # only decode ran compiled
+        encoder = VisionEncoder(str(checkpoint), probe.plan)
+        assert encoder._tower == encoder._tower_impl  # the tower runs eager
+    finally:
+        compiled.engine.seal(False)
+        compiled.service.shutdown()
+        eager.service.shutdown()
+
+
 def test_auto_threads_one_for_narrow_models():
     before = torch.get_num_threads()
     try:

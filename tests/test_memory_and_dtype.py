@@ -17,7 +17,8 @@ from safetensors import safe_open
 from spyre_backend import DEFAULT_CHECKPOINT
 from spyre_backend.config import CacheConfig, ConfigError, DeviceConfig, ServingConfig
 from spyre_backend.device import checkpoint_dtype
-from spyre_backend.device import CPU_COMPILE_MAX_PARAMS, cpu_linear, default_compile_backend, memory, plan_for, torch_dtype
+from spyre_backend.device import (CPU_COMPILE_MAX_PARAMS, cpu_linear, default_compiled_steps, memory, plan_for, resolve,
+                                  torch_dtype)
 from spyre_backend.engine import model_runner
 from spyre_backend.models import get_spec
 from spyre_backend.server.stub_watch import StubWatch
@@ -129,11 +130,17 @@ def test_the_launcher_says_a_stub_was_killed_and_by_which_signal():
         stub.wait()
 
 
-def test_large_models_are_not_compiled_by_default_on_the_cpu():
-    assert default_compile_backend("cpu", CPU_COMPILE_MAX_PARAMS) == "eager"
-    assert default_compile_backend("cuda", CPU_COMPILE_MAX_PARAMS) == "inductor"
-    if shutil.which("g++") or shutil.which("c++"):
-        assert default_compile_backend("cpu", CPU_COMPILE_MAX_PARAMS - 1) == "inductor"
+def test_large_models_compile_only_their_decode_steps_by_default_on_the_cpu():
+    assert default_compiled_steps("cpu", CPU_COMPILE_MAX_PARAMS) == "decode"
+    assert default_compiled_steps("cpu", CPU_COMPILE_MAX_PARAMS - 1) == "all"
+    assert default_compiled_steps("cuda", CPU_COMPILE_MAX_PARAMS) == "all"
+    large = resolve("cpu", None, torch.bfloat16, model_params=CPU_COMPILE_MAX_PARAMS)
+    assert large.compiled_steps == "decode" and not large.compiles_all_steps
+    assert large.compile_backend == ("inductor" if shutil.which("g++") or shutil.which("c++") else "eager")
+    assert resolve("cpu", "eager", torch.bfloat16, model_params=CPU_COMPILE_MAX_PARAMS).compiles_all_steps  # nothing compiles
+    assert resolve("cpu", None, torch.float32, compiled_steps="all", model_params=CPU_COMPILE_MAX_PARAMS).compiles_all_steps
+    with pytest.raises(ConfigError, match="'compiled_steps'"):
+        ServingConfig.from_strings({"compiled_steps": "prefill"})
 
 
 def test_bf16_linears_without_bf16_arithmetic_compute_many_rows_in_fp32(monkeypatch):

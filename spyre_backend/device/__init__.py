@@ -32,11 +32,21 @@ class DevicePlan:
     dtype: torch.dtype
     cpu_gemm: str = "onednn"  # onednn | mkl: who runs the CPU's large fp32 linears (cpu_linear)
     quantization: str = "none"  # none | int8: the LLM decoder's linears (quantize.py)
+    compiled_steps: str = "all"  # all | decode: what compile() is asked for (compiles_all_steps)
 
     @property
     def torch_device(self) -> torch.device:
         # Spyre graphs take host tensors; the card is reached through the compiled program.
         return torch.device("cuda" if self.kind == "cuda" else "cpu")
+
+    @property
+    def compiles_all_steps(self) -> bool:
+        """Every step shape is compiled (the vision tower's too). Otherwise (``compiled_steps:
+        decode``) only the LLM's decode steps past the first KV block are, and prefill, mixed steps
+        and the vision tower run eager: at the 2b shape on 2 cores each decode graph took 70-130 s
+        to compile cold (12-16 s from inductor's cache) and ran a decode step 17-30 % faster than
+        eager, where compiling every prefill and vision shape would take about an hour."""
+        return self.compile_backend == "eager" or self.compiled_steps == "all"
 
     @property
     def attends_in_place(self) -> bool:
@@ -136,21 +146,26 @@ def _utf8_locale() -> None:
 # On the CPU a model this large is not compiled by default: warmup runs every shape of the static
 # set (~110 forward passes, ~18k tokens of prefill), an hour for a 2B model on two cores, and its
 # steps are its matmuls (oneDNN or MKL in both backends), which compiling does not change.
-CPU_COMPILE_MAX_PARAMS = 1_000_000_000
+CPU_COMPILE_MAX_PARAMS = 1_000_000_000  # on the CPU, larger models compile their decode steps only
 
 
-def default_compile_backend(device: str, model_params: int = 0) -> str:
+def default_compile_backend(device: str) -> str:
     """inductor where it can build (measured faster on the CPU: the tiny checkpoint 2.5x at one
-    stream, the mid-size one 1.15x; docs/benchmarks.md); eager on a CPU without a C++ compiler
-    and, on the CPU, for models of CPU_COMPILE_MAX_PARAMS or more."""
-    if device == "cpu" and (model_params >= CPU_COMPILE_MAX_PARAMS or not (shutil.which("g++") or shutil.which("c++"))):
+    stream, the mid-size one 1.15x, the 2b shape's decode step 1.2-1.3x; docs/benchmarks.md); eager
+    on a CPU without a C++ compiler."""
+    if device == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
         return "eager"
     return "inductor"
 
 
+def default_compiled_steps(device: str, model_params: int = 0) -> str:
+    """decode on the CPU for models of CPU_COMPILE_MAX_PARAMS or more (DevicePlan.compiles_all_steps), else all."""
+    return "decode" if device == "cpu" and model_params >= CPU_COMPILE_MAX_PARAMS else "all"
+
+
 def resolve(device: str, compile_backend: str | None, dtype: torch.dtype, cpu_gemm: str = "onednn",
-            model_params: int = 0) -> DevicePlan:
-    """``model_params``: the checkpoint's parameter count, for the default compile backend."""
+            model_params: int = 0, compiled_steps: str = "auto") -> DevicePlan:
+    """``model_params``: the checkpoint's parameter count, for the default ``compiled_steps``."""
     if cpu_gemm not in CPU_GEMMS:
         raise DeviceError(f"cpu_gemm must be one of {CPU_GEMMS}, got {cpu_gemm!r}")
     if device not in DEVICES:
@@ -164,13 +179,17 @@ def resolve(device: str, compile_backend: str | None, dtype: torch.dtype, cpu_ge
             raise DeviceError(f"device spyre runs compiled graphs only: compile_backend must be sendnn, "
                               f"got {compile_backend!r}")
     else:
-        compile_backend = compile_backend or default_compile_backend(device, model_params)
+        compile_backend = compile_backend or default_compile_backend(device)
         if compile_backend not in ("eager", "inductor"):
             raise DeviceError(f"compile_backend {compile_backend!r} needs device spyre; "
                               f"use eager or inductor on {device}")
         if device == "cuda" and not torch.cuda.is_available():
             raise DeviceError("device cuda was asked for but torch sees no CUDA device")
-    return DevicePlan(device, compile_backend, dtype, cpu_gemm)
+    if compiled_steps == "auto":
+        compiled_steps = default_compiled_steps(device, model_params)
+    if device == "spyre" and compiled_steps != "all":
+        raise DeviceError("device spyre runs compiled graphs only: compiled_steps must be all")
+    return DevicePlan(device, compile_backend, dtype, cpu_gemm, compiled_steps=compiled_steps)
 
 
 def checkpoint_dtype(checkpoint: str) -> str:
@@ -194,7 +213,7 @@ def plan_for(config: DeviceConfig, checkpoint: str = "") -> DevicePlan:
     try:
         params = sum(memory.tensor_counts(checkpoint).values()) if checkpoint else 0
         plan = resolve(config.device, config.compile_backend or None, torch_dtype(config, checkpoint), config.cpu_gemm,
-                       model_params=params)
+                       model_params=params, compiled_steps=config.compiled_steps)
     except (DeviceError, RuntimeError) as exc:
         raise ConfigError(f"parameter 'device' ({config.device!r}): {exc}") from None
     if config.quantization != "none" and plan.kind == "spyre":

@@ -11,7 +11,8 @@ Where inductor compiles the model for the CPU, decode steps use a second form of
 the dot products and the weighted sum, so each cached key and value is read once, in place, instead
 of being copied out of the pool into a padded context that SDPA then reads again. A mid-size decode
 step at batch 16: 100 -> 58 ms (docs/benchmarks.md). Eager would materialise the broadcast products,
-and Spyre's compiler gets the program as written, so both keep the gather.
+and Spyre's compiler gets the program as written, so both keep the gather (and so do the steps a
+model that compiles only its decode steps runs eager: ``DevicePlan.compiles_all_steps``).
 
 A mixed step (cpu and cuda: ``DevicePlan.mixes_steps``) is one row of tokens: a prefill chunk,
 then one token of each decode row. Its keys and values are stored by slot like any other; the
@@ -75,7 +76,8 @@ def _compute_fused_decode(query, key_pool, value_pool, nheads, kvheads, p_dropou
                           block_table, mask, **kwargs):
     """Decode rows attend in place over the pool (see the module doc); prefill chunks as in ``_compute``."""
     batch, q_len, heads, head_dim = query.shape
-    if q_len != 1:  # a prefill chunk reads most of its context anyway
+    # a prefill chunk reads most of its context anyway; an eager step (compiled_steps: decode) gathers
+    if q_len != 1 or not torch.compiler.is_compiling():
         return _compute(query, key_pool, value_pool, nheads, kvheads, p_dropout, scale_factor,
                         block_table=block_table, mask=mask, **kwargs)
     _, block_size, kv_heads, _ = key_pool.shape

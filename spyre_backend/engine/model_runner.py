@@ -155,6 +155,8 @@ class ModelRunner:
         block-multiple one, about a quarter of the prefill shapes once they are padded to 16."""
         if self.plan.compile_backend == "sendnn":
             return self.shape_set()
+        if not self.plan.compiles_all_steps:  # decode steps only, past the first block (_compiled_decode_step)
+            return [(batch, 1, ctx) for batch in self.decode_batch_sizes for ctx in self.context_buckets if ctx > 1]
         return self._shapes(sorted({self.prefill_align, *range(self.block_size, self.prefill_chunk + 1, self.block_size)}))
 
     def _shapes(self, q_lens) -> list[tuple[int, int, int]]:
@@ -172,7 +174,7 @@ class ModelRunner:
             return
         for batch, q_len, ctx in self.warmup_shapes():
             self.forward(self.dummy_inputs(batch, q_len, ctx))
-        if self.mixes_steps:  # one graph for every mixed step (the module doc)
+        if self.mixes_steps and self.plan.compiles_all_steps:  # one graph for every mixed step (the module doc)
             self.forward(self.mixed_example())
 
     # -- prefix-cache copies ------------------------------------------------------------------
@@ -357,7 +359,16 @@ class ModelRunner:
     def forward(self, step: StepInputs) -> torch.Tensor:
         """Float32 logits [batch, vocab] at each row's ``last_index`` (Granite-scaled)."""
         tensors = step.tensors()
+        if not (self.plan.compiles_all_steps or self._compiled_decode_step(step)):
+            return self._forward_impl(*tensors)
         if step.shape not in self.shapes_run:  # its first run compiles (warmup): later runs reuse the graph
             self.shapes_run.add(step.shape)
             self.plan.mark_bucket_dims(*[(t, 0) for t in tensors], *[(t, 1) for t in tensors if t.dim() > 1])
         return self._forward(*tensors)
+
+    @staticmethod
+    def _compiled_decode_step(step: StepInputs) -> bool:
+        """Where only decode steps are compiled (DevicePlan.compiles_all_steps): a decode step past
+        its first KV block. The first block's contexts (at most one block of tokens) are rare at
+        the sizes that compile only decode, and would cost two graphs more (size-1 dims specialize)."""
+        return step.decode_block_table is None and step.embeds.shape[1] == 1 and step.block_table.shape[1] > 1

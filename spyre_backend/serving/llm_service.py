@@ -65,7 +65,9 @@ class LLMService:
         log.warning("granite_llm: loaded %s in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; %d static shapes; "
                     "mixed chunk %d); "
                     "memory: weights %s, KV pool %s (%d blocks of %d tokens, %d tokens), resident %s, peak %s",
-                    checkpoint, loaded, warmed, plan.kind, plan.compile_backend, str(plan.dtype).removeprefix("torch."),
+                    checkpoint, loaded, warmed, plan.kind,
+                    plan.compile_backend if plan.compiles_all_steps else f"{plan.compile_backend} decode steps",
+                    str(plan.dtype).removeprefix("torch."),
                     threads, len(probe.shape_set()), probe.mixed_chunk, memory.gib(probe.weight_bytes), memory.gib(probe.kv_pool_bytes),
                     probe.num_kv_blocks, block_size, (probe.num_kv_blocks - 1) * block_size,
                     memory.gib(resident), memory.gib(peak))

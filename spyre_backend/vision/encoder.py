@@ -64,7 +64,9 @@ class VisionEncoder:
         self.hidden_size = self.spec.text.hidden_size  # the features replace LLM token embeddings
         self.max_crop_batch = (1 << (max_crop_batch.bit_length() - 1) if max_crop_batch
                                else auto_crop_batch(self.spec.vision.patches_per_crop))
-        self._tower = self.plan.compile(self._tower_impl, name="vision_tower")
+        # a model that compiles its decode steps only runs the tower eager (DevicePlan.compiles_all_steps)
+        self._tower = self.plan.compile(self._tower_impl, name="vision_tower") if self.plan.compiles_all_steps \
+            else self._tower_impl
         self.crop_batches_run: set[int] = set()
         self.cache = cache
 

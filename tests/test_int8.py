@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spyre_backend.config import ConfigError, DeviceConfig, ServingConfig
-from spyre_backend.device import plan_for, quantize, spyre
+from spyre_backend.device import gemv_kernel, plan_for, quantize, spyre
 from tools import int8_quality
 
 # Bounds from the measurement (docs/benchmarks.md, int8: 16/16 same answers, first-step KL mean
@@ -69,6 +69,25 @@ def test_int8_linears_in_eager_and_under_inductor():
         assert (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
         torch.testing.assert_close(one, got[:1], rtol=2e-2, atol=2e-3)
         torch.testing.assert_close(compiled, got, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_every_row_count_takes_a_path_that_computes_the_same(monkeypatch, native_bf16):
+    """The decode kernel (1-4 rows), torch's int8 kernel, the converted weight (into a buffer kept
+    per shape, not grown per call): each row count equals the fp64 product to bf16 rounding."""
+    gemv_kernel.load()  # where a compiler is: rows 1-4 through it
+    monkeypatch.setattr(quantize, "has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(quantize, "_CONVERSION_BUFFERS", {})
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (96, 64), dtype=torch.int8)
+    scale = (torch.rand(96) / 100).to(torch.bfloat16)
+    for rows in (1, 4, 5, 8, 9, 16, 32, 33, 40, 40):
+        x = torch.randn(rows, 64).to(torch.bfloat16)
+        want = (x.double() @ weight.double().T) * scale.double()
+        got = torch.ops.spyre_backend.int8_linear(x, weight, scale, None)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, 96)
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    assert len(quantize._CONVERSION_BUFFERS) == 1  # one shape, one buffer, however many calls
 
 
 def test_tiny_checkpoint_served_in_int8_answers_as_fp32(checkpoint):

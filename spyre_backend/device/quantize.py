@@ -9,8 +9,10 @@ matmul with the quantized weight:
   which reads the int8 weight at memory speed and applies the scale to each fp32 sum (an 8192 x
   2048 weight at one row: 0.8 ms, 20 GB/s, where torch's ``_weight_int8pack_mm`` took 1.4 ms at
   12 GB/s; gemv_kernel.py). More rows up to ``INT8_MM_MAX_ROWS`` (larger decode batches, a mixed
-  step) run torch's ``_weight_int8pack_mm``, and more still (prefill chunks) a dense matmul on the
-  weight converted to the compute dtype for that call: that kernel is built for few rows (at 512
+  step; up to ``NATIVE_BF16_INT8_MM_MAX_ROWS`` where the CPU has bf16 arithmetic) run torch's
+  ``_weight_int8pack_mm``, and more still (prefill chunks, mixed steps) a dense matmul on the weight
+  converted to the compute dtype for that call, into a buffer kept per weight shape: that kernel is
+  built for few rows (at 512
   rows it took 15x a dense matmul's time), and its fp32 path is slow at every row count (18-24 ms
   for one row of 16384 x 2048), so with fp32 activations only the decode kernel's rows stay int8.
   The computation is torchao's (``x @ W_int8.T * scale``), in one opaque op, so eager and inductor
@@ -37,6 +39,10 @@ from spyre_backend.device.cpu_linear import has_native_bf16
 # shape). An 8192 x 2048 weight: 7.9 ms at 16 rows, 14.8 at 32, 20.6 at 48 and 27.7 at 64 in it;
 # 18-22 ms converted (2026-12-07, docs/benchmarks.md, int8).
 INT8_MM_MAX_ROWS = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 1}
+# Where the CPU has bf16 arithmetic (AMX), from 9 rows on the weight converted to bf16 (into a kept
+# buffer: _converted) and oneDNN's bf16 matmul were faster: 8192 x 2048 at 16 / 32 / 64 rows 4.4 /
+# 4.9 / 7.0 ms against 7.1 / 11.5 / 21.8; at 8 rows level (2026-12-07).
+NATIVE_BF16_INT8_MM_MAX_ROWS = 8
 
 _LIBRARY = torch.library.Library("spyre_backend", "FRAGMENT")  # cpu_linear defines the namespace
 _LIBRARY.define("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor")
@@ -46,16 +52,30 @@ def _int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bia
     rows = x.reshape(-1, x.shape[-1])
     if 0 < rows.shape[0] <= gemv_kernel.MAX_ROWS and gemv_kernel.ready():
         y = torch.ops.spyre_kernels.decode_gemv(rows, weight, scale)
-    elif rows.shape[0] <= INT8_MM_MAX_ROWS.get(x.dtype, 0):
+    elif rows.shape[0] <= (NATIVE_BF16_INT8_MM_MAX_ROWS if x.dtype == torch.bfloat16 and has_native_bf16()
+                           else INT8_MM_MAX_ROWS.get(x.dtype, 0)):
         y = torch._weight_int8pack_mm(rows.contiguous(), weight, scale)
-    else:  # prefill: converted for this call, in fp32 where the CPU has no bf16 arithmetic
+    else:  # converted for this call, in fp32 where the CPU has no bf16 arithmetic
         compute = torch.float32 if x.dtype == torch.bfloat16 and not has_native_bf16() else x.dtype
-        y = (nn.functional.linear(rows.to(compute), weight.to(compute)) * scale.to(compute)).to(x.dtype)
+        y = (nn.functional.linear(rows.to(compute), _converted(weight, compute)) * scale.to(compute)).to(x.dtype)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _converted(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype`` (exact: an int8 fits any float's mantissa), written into a buffer kept
+    for its shape: a fresh 32 MiB one is mapped and faulted in on every call (8192 x 2048 to bf16:
+    13-15 ms fresh, 2 ms into the kept buffer). One buffer per weight shape (the 2b decoder in
+    bf16: ~0.3 GiB); the engine runs one step at a time."""
+    key = (tuple(weight.shape), dtype)
+    buffer = _CONVERSION_BUFFERS.get(key)
+    if buffer is None:
+        buffer = _CONVERSION_BUFFERS[key] = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    return buffer.copy_(weight)
+
+
+_CONVERSION_BUFFERS: dict[tuple, torch.Tensor] = {}  # only _converted uses these
 _LIBRARY.impl("int8_linear", _int8_linear, "CompositeExplicitAutograd")
 
 

@@ -128,7 +128,7 @@ def test_compiling_only_decode_steps_matches_eager_and_compiles_nothing_else(che
         assert counters["stats"]["unique_graphs"] == graphs_after_warmup
         assert all(len(shape) == 3 and shape[1] == 1 for shape in probe.shapes_run)  # only decode ran compiled
         encoder = VisionEncoder(str(checkpoint), probe.plan)
-        assert encoder._tower == encoder._tower_impl  # the tower runs eager
+        assert not encoder.compiled and encoder._tower == encoder._tower_impl  # the tower runs eager
     finally:
         compiled.engine.seal(False)
         compiled.service.shutdown()

@@ -39,7 +39,7 @@ class VisionService:
         resident, peak = memory.resident_bytes()
         log.warning("vision_encoder: loaded in %.1f s, warmup %.1f s (%s, %s, %s, %d threads; crop batches %s; "
                     "encoder cache %d MiB); memory: weights %s, resident %s, peak %s", loaded, warmed, plan.kind,
-                    plan.compile_backend, str(plan.dtype).removeprefix("torch."), threads,
+                    plan.compile_backend if self.encoder.compiled else "eager", str(plan.dtype).removeprefix("torch."), threads,
                     sorted(self.encoder.crop_batches_run), config.vision.encoder_cache_mb,
                     memory.gib(memory.module_bytes(self.encoder.model)), memory.gib(resident), memory.gib(peak))
 

@@ -35,7 +35,7 @@ def warmup_vision(encoder: VisionEncoder, checkpoint: str, spec) -> float:
     started = time.monotonic()
     preprocessor, prompt = real_image_inputs(checkpoint, spec)
     encoder.encode(torch.from_numpy(prompt.pixel_values), torch.from_numpy(prompt.image_sizes))
-    if encoder.plan.compile_backend != "eager":
+    if encoder.compiled:
         crops = torch.from_numpy(prompt.pixel_values[0])
         # each image runs in batches of its own crops (VisionEncoder.encode): the most crops of one image
         encoder.warmup(crops, spec.max_crops_per_image)

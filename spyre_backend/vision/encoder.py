@@ -65,8 +65,8 @@ class VisionEncoder:
         self.max_crop_batch = (1 << (max_crop_batch.bit_length() - 1) if max_crop_batch
                                else auto_crop_batch(self.spec.vision.patches_per_crop))
         # a model that compiles its decode steps only runs the tower eager (DevicePlan.compiles_all_steps)
-        self._tower = self.plan.compile(self._tower_impl, name="vision_tower") if self.plan.compiles_all_steps \
-            else self._tower_impl
+        self.compiled = self.plan.compile_backend != "eager" and self.plan.compiles_all_steps
+        self._tower = self.plan.compile(self._tower_impl, name="vision_tower") if self.compiled else self._tower_impl
         self.crop_batches_run: set[int] = set()
         self.cache = cache
 

@@ -44,7 +44,7 @@ class DevicePlan:
         """Every step shape is compiled (the vision tower's too). Otherwise (``compiled_steps:
         decode``) only the LLM's decode steps past the first KV block are, and prefill, mixed steps
         and the vision tower run eager: at the 2b shape on 2 cores each decode graph took 70-130 s
-        to compile cold (12-16 s from inductor's cache) and ran a decode step 17-30 % faster than
+        to compile cold (12-16 s from inductor's cache) and ran a decode step 10-30 % faster than
         eager, where compiling every prefill and vision shape would take about an hour."""
         return self.compile_backend == "eager" or self.compiled_steps == "all"
 
@@ -78,9 +78,7 @@ class DevicePlan:
             return quantize.quantize_linears(module, self.dtype)
         if self.kind != "cpu" or not cpu_linear.available():
             return 0
-        if self.dtype == torch.float32 and self.cpu_gemm != "onednn":
-            return 0
-        if self.dtype not in (torch.float32, torch.bfloat16):
+        if self.dtype not in (torch.float32, torch.bfloat16) or (self.dtype == torch.float32 and self.cpu_gemm != "onednn"):
             return 0
         return cpu_linear.cpu_linears(module, self.dtype)
 
@@ -143,10 +141,10 @@ def _utf8_locale() -> None:
             continue
 
 
-# On the CPU a model this large is not compiled by default: warmup runs every shape of the static
-# set (~110 forward passes, ~18k tokens of prefill), an hour for a 2B model on two cores, and its
-# steps are its matmuls (oneDNN or MKL in both backends), which compiling does not change.
-CPU_COMPILE_MAX_PARAMS = 1_000_000_000  # on the CPU, larger models compile their decode steps only
+# On the CPU a model this large compiles its decode steps only (DevicePlan.compiles_all_steps):
+# compiling every shape of the static set (~110 forward passes, ~18k tokens of prefill) takes an
+# hour for a 2B model on two cores.
+CPU_COMPILE_MAX_PARAMS = 1_000_000_000
 
 
 def default_compile_backend(device: str) -> str:

@@ -12,9 +12,9 @@ matmul with the quantized weight:
   step; up to ``NATIVE_BF16_INT8_MM_MAX_ROWS`` where the CPU has bf16 arithmetic) run torch's
   ``_weight_int8pack_mm``, and more still (prefill chunks, mixed steps) a dense matmul on the weight
   converted to the compute dtype for that call, into a buffer kept per weight shape: that kernel is
-  built for few rows (at 512
-  rows it took 15x a dense matmul's time), and its fp32 path is slow at every row count (18-24 ms
-  for one row of 16384 x 2048), so with fp32 activations only the decode kernel's rows stay int8.
+  built for few rows (at 512 rows it took 15x a dense matmul's time), and its fp32 path is slow at
+  every row count (18-24 ms for one row of 16384 x 2048), so with fp32 activations only the decode
+  kernel's rows stay int8.
   The computation is torchao's (``x @ W_int8.T * scale``), in one opaque op, so eager and inductor
   run the same kernels.
 - On CUDA, torchao's quantized tensor as ``quantize_`` leaves it (its own linear).
@@ -66,8 +66,8 @@ def _int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bia
 def _converted(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``weight`` in ``dtype`` (exact: an int8 fits any float's mantissa), written into a buffer kept
     for its shape: a fresh 32 MiB one is mapped and faulted in on every call (8192 x 2048 to bf16:
-    13-15 ms fresh, 2 ms into the kept buffer). One buffer per weight shape (the 2b decoder in
-    bf16: ~0.3 GiB); the engine runs one step at a time."""
+    13-15 ms fresh, 2 ms into the kept buffer). One buffer per weight shape (the 2b decoder: ~0.3
+    GiB in bf16, twice that in fp32); the engine runs one step at a time."""
     key = (tuple(weight.shape), dtype)
     buffer = _CONVERSION_BUFFERS.get(key)
     if buffer is None:

@@ -42,6 +42,6 @@ fi
 # The pytriton wheel ships stubs per Python version; the Python backend looks for the stub
 # next to libtriton_python.so, so copy the one matching the venv's Python there.
 "$VENV/bin/python" -m spyre_backend.server.triton_install
-# The decode kernel, compiled for this CPU once (spyre_backend/device/gemv_kernel.py).
-"$VENV/bin/python" -m spyre_backend.device.gemv_kernel
+# The decode kernel, compiled for this CPU once (spyre_backend/device/cpu_kernels.py).
+"$VENV/bin/python" -m spyre_backend.device.cpu_kernels
 echo "[setup] ready"

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from spyre_backend.config import ConfigError, ServingConfig
-from spyre_backend.device import DevicePlan, cpu_linear, gemv_kernel, resolve
+from spyre_backend.device import DevicePlan, cpu_linear, cpu_kernels, resolve
 from spyre_backend.device.cpu_linear import CpuLinear, cpu_linears
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this torch has no oneDNN")
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this torch h
 def test_cpu_linear_computes_what_linear_does(bias, rows, kernel, monkeypatch):
     """Up to MAX_ROWS rows through the decode kernel (where it built), more through oneDNN; both
     with the kernel off."""
-    if kernel and not gemv_kernel.load():
+    if kernel and not cpu_kernels.load():
         pytest.skip("the decode kernel did not build here")
-    monkeypatch.setattr(gemv_kernel, "ready", lambda: kernel)
+    monkeypatch.setattr(cpu_kernels, "ready", lambda: kernel)
     torch.manual_seed(0)
     linear = nn.Linear(512, 768, bias=bias)
     x = torch.randn(*rows, 512)

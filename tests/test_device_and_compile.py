@@ -67,8 +67,8 @@ def test_inductor_warmup_compiles_everything_and_matches_eager(checkpoint):
     eager = make_stack(checkpoint, compile_backend="eager", **small)
     try:
         probe = compiled.engine.probe
-        assert probe.attn_name == attention.FUSED_DECODE_ATTN_NAME  # decode attends in place under inductor
-        assert eager.engine.probe.attn_name == attention.ATTN_NAME
+        # on the CPU decode rows attend in place, compiled or eager (the kernel, where it builds)
+        assert probe.attn_name == eager.engine.probe.attn_name == attention.FUSED_DECODE_ATTN_NAME
         graphs_after_warmup = counters["stats"]["unique_graphs"]
         # bucketed dims are symbolic for inductor: fewer graphs than shapes, every warmup shape ran
         # (and the shapes of warmup's real requests)

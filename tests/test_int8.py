@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spyre_backend.config import ConfigError, DeviceConfig, ServingConfig
-from spyre_backend.device import gemv_kernel, plan_for, quantize, spyre
+from spyre_backend.device import cpu_kernels, plan_for, quantize, spyre
 from tools import int8_quality
 
 # Bounds from the measurement (docs/benchmarks.md, int8: 16/16 same answers, first-step KL mean
@@ -75,7 +75,7 @@ def test_int8_linears_in_eager_and_under_inductor():
 def test_every_row_count_takes_a_path_that_computes_the_same(monkeypatch, native_bf16):
     """The decode kernel (1-4 rows), torch's int8 kernel, the converted weight (into a buffer kept
     per shape, not grown per call): each row count equals the fp64 product to bf16 rounding."""
-    gemv_kernel.load()  # where a compiler is: rows 1-4 through it
+    cpu_kernels.load()  # where a compiler is: rows 1-4 through it
     monkeypatch.setattr(quantize, "has_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(quantize, "_CONVERSION_BUFFERS", {})
     torch.manual_seed(0)

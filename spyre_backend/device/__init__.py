@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from spyre_backend.config import CPU_GEMMS, DEVICES, DTYPES, ConfigError, DeviceConfig
-from spyre_backend.device import cpu_linear, memory, quantize, spyre
+from spyre_backend.device import cpu_kernels, cpu_linear, memory, quantize, spyre
 from spyre_backend.models import get_spec
 
 PREFILL_ALIGN = 16  # tokens, off Spyre (DevicePlan.prefill_align)
@@ -50,9 +50,9 @@ class DevicePlan:
 
     @property
     def attends_in_place(self) -> bool:
-        """Decode attention reads the KV blocks in place (engine/attention.py): where inductor
-        compiles for the CPU, the only place it was measured."""
-        return self.kind == "cpu" and self.compile_backend == "inductor"
+        """Decode attention reads the KV blocks in place (engine/attention.py): on the CPU, through
+        our kernel (eager or compiled) or inductor's fusion (compiled)."""
+        return self.kind == "cpu"
 
     @property
     def mixes_steps(self) -> bool:
@@ -74,6 +74,8 @@ class DevicePlan:
         loaded and run our decode kernel for few rows, oneDNN or torch for many (cpu_linear).
         ``quantization: int8``: the ``decoder``'s linears (the LLM; the vision tower stays as
         loaded) get int8 weights instead (quantize.py)."""
+        if self.kind == "cpu" and decoder:
+            cpu_kernels.load()  # decode attention (engine/attention.py), whatever the linears run
         if self.quantization == "int8" and decoder:
             return quantize.quantize_linears(module, self.dtype)
         if self.kind != "cpu" or not cpu_linear.available():

@@ -1,8 +1,8 @@
 """The CPU's large linears: one copy of each weight, as loaded, and the kernel that suits the rows.
 
 A decode step reads every weight once for a handful of rows, so it is bound by memory: up to
-``gemv_kernel.MAX_ROWS`` rows run our matrix-vector kernel, which reads an fp32, bf16 or int8
-weight once at memory speed (``gemv_kernel.py``). On the 2b shape's 8192 x 2048 weight at one row,
+``cpu_kernels.MAX_ROWS`` rows run our matrix-vector kernel, which reads an fp32, bf16 or int8
+weight once at memory speed (``cpu_kernels.py``). On the 2b shape's 8192 x 2048 weight at one row,
 2026-12-07: fp32 2.7 ms (25 GB/s, level with MKL's), bf16 1.7 ms (19 GB/s; oneDNN's bf16 kernel
 reached 11-13), int8 0.8 ms (20 GB/s; torch's ``_weight_int8pack_mm`` 1.4 ms).
 
@@ -31,7 +31,7 @@ import functools
 import torch
 from torch import nn
 
-from spyre_backend.device import gemv_kernel
+from spyre_backend.device import cpu_kernels
 
 MIN_SWAPPED_ELEMENTS = 1 << 18  # 1 MiB of fp32 weight: 512 x 512 was the smallest shape oneDNN won
 UPCAST_MIN_ROWS = 32  # bf16 without bf16 arithmetic: ~1.7 ms a row for 8192 x 2048; converting the weight ~38 ms
@@ -44,7 +44,7 @@ _LIBRARY.define("cpu_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if 0 < rows <= gemv_kernel.MAX_ROWS and gemv_kernel.ready():
+    if 0 < rows <= cpu_kernels.MAX_ROWS and cpu_kernels.ready():
         y = torch.ops.spyre_kernels.decode_gemv(x.reshape(rows, x.shape[-1]), weight).view(*x.shape[:-1], -1)
         return y if bias is None else y + bias
     if weight.dtype == torch.float32:
@@ -94,7 +94,7 @@ def cpu_linears(module: nn.Module, dtype: torch.dtype) -> int:
     in place, loading the decode kernel (built on first use); returns how many."""
     found = swappable_linears(module, dtype)
     if found:
-        gemv_kernel.load()
+        cpu_kernels.load()
     for parent, name, child in found:
         setattr(parent, name, CpuLinear(child))
     return len(found)

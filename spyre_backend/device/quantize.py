@@ -5,10 +5,10 @@ The quantizer is torchao's (``quantize_`` with ``Int8WeightOnlyConfig``: symmetr
 output row); nothing here rounds a weight. Activations stay in the model's dtype. What runs the
 matmul with the quantized weight:
 
-- On the CPU, a decode step's few rows (up to ``gemv_kernel.MAX_ROWS``) run our decode kernel,
+- On the CPU, a decode step's few rows (up to ``cpu_kernels.MAX_ROWS``) run our decode kernel,
   which reads the int8 weight at memory speed and applies the scale to each fp32 sum (an 8192 x
   2048 weight at one row: 0.8 ms, 20 GB/s, where torch's ``_weight_int8pack_mm`` took 1.4 ms at
-  12 GB/s; gemv_kernel.py). More rows up to ``INT8_MM_MAX_ROWS`` (larger decode batches, a mixed
+  12 GB/s; cpu_kernels.py). More rows up to ``INT8_MM_MAX_ROWS`` (larger decode batches, a mixed
   step; up to ``NATIVE_BF16_INT8_MM_MAX_ROWS`` where the CPU has bf16 arithmetic) run torch's
   ``_weight_int8pack_mm``, and more still (prefill chunks, mixed steps) a dense matmul on the weight
   converted to the compute dtype for that call, into a buffer kept per weight shape: that kernel is
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spyre_backend.device import gemv_kernel
+from spyre_backend.device import cpu_kernels
 from spyre_backend.device.cpu_linear import has_native_bf16
 
 # Up to 32 rows through the int8 kernel: a decode batch of 16, or a measured 16-token mixed chunk
@@ -50,7 +50,7 @@ _LIBRARY.define("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias
 
 def _int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
-    if 0 < rows.shape[0] <= gemv_kernel.MAX_ROWS and gemv_kernel.ready():
+    if 0 < rows.shape[0] <= cpu_kernels.MAX_ROWS and cpu_kernels.ready():
         y = torch.ops.spyre_kernels.decode_gemv(rows, weight, scale)
     elif rows.shape[0] <= (NATIVE_BF16_INT8_MM_MAX_ROWS if x.dtype == torch.bfloat16 and has_native_bf16()
                            else INT8_MM_MAX_ROWS.get(x.dtype, 0)):
@@ -113,7 +113,7 @@ def quantize_linears(module: nn.Module, dtype: torch.dtype) -> int:
     # set_inductor_config=False: torchao would otherwise change inductor's settings process-wide
     quantize_(module, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=wanted)
     if any(getattr(parent, name).weight.device.type == "cpu" for parent, name in found):
-        gemv_kernel.load()
+        cpu_kernels.load()
     for parent, name in found:
         linear = getattr(parent, name)
         if linear.weight.device.type == "cpu":

@@ -6,13 +6,14 @@ through each sequence's block table, with a boolean mask (causal by absolute pos
 padding). Prefill, chunked prefill and decode run this same program; only the padded shapes
 differ, which is what a Spyre card (static shapes only) needs.
 
-Where inductor compiles the model for the CPU, decode steps use a second form of the same attention
-(``register(fused_decode=True)``), written for inductor to fuse: the block-table lookup sits inside
-the dot products and the weighted sum, so each cached key and value is read once, in place, instead
-of being copied out of the pool into a padded context that SDPA then reads again. A mid-size decode
-step at batch 16: 100 -> 58 ms (docs/benchmarks.md). Eager would materialise the broadcast products,
-and Spyre's compiler gets the program as written, so both keep the gather (and so do the steps a
-model that compiles only its decode steps runs eager: ``DevicePlan.compiles_all_steps``).
+On the CPU, decode rows use a second form of the same attention (``register(fused_decode=True)``)
+that reads each cached key and value once, in place, instead of copying them out of the pool into
+a padded context that SDPA then reads again: our kernel (``cpu_kernels.py``: 2b shape, 4 rows of
+~1,400 cached tokens in bf16, 1.1 ms a layer against the gather's 2.7), in eager and compiled
+steps alike; where it cannot run (no compiler), inductor's fusion of the same computation in
+compiled steps (the block-table lookup inside the dot products and the weighted sum; slower than
+the kernel, 5.8 ms there) and the gather in eager ones. Spyre's compiler gets the program as
+written, with the gather.
 
 A mixed step (cpu and cuda: ``DevicePlan.mixes_steps``) is one row of tokens: a prefill chunk,
 then one token of each decode row. Its keys and values are stored by slot like any other; the
@@ -25,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from fms.modules.attention import register_attention_op
+
+from spyre_backend.device import cpu_kernels
 
 ATTN_NAME = "spyre_paged_attention"
 FUSED_DECODE_ATTN_NAME = "spyre_paged_attention_fused_decode"
@@ -76,7 +79,11 @@ def _compute_fused_decode(query, key_pool, value_pool, nheads, kvheads, p_dropou
                           block_table, mask, **kwargs):
     """Decode rows attend in place over the pool (see the module doc); prefill chunks as in ``_compute``."""
     batch, q_len, heads, head_dim = query.shape
-    # a prefill chunk reads most of its context anyway; an eager step (compiled_steps: decode) gathers
+    if q_len == 1 and _decode_kernel_serves(query, key_pool, nheads // kvheads):
+        out = torch.ops.spyre_kernels.decode_attention(query.view(batch, heads, head_dim), key_pool, value_pool,
+                                                       block_table, mask.view(batch, -1), scale_factor)
+        return out.view(batch, 1, heads, head_dim)
+    # a prefill chunk reads most of its context anyway; an eager step without the kernel gathers
     if q_len != 1 or not torch.compiler.is_compiling():
         return _compute(query, key_pool, value_pool, nheads, kvheads, p_dropout, scale_factor,
                         block_table=block_table, mask=mask, **kwargs)
@@ -92,6 +99,11 @@ def _compute_fused_decode(query, key_pool, value_pool, nheads, kvheads, p_dropou
     probs = torch.softmax(scores, dim=1).view(batch, ctx_blocks, block_size, kv_heads, group, 1)
     out = (probs * value_pool[block_table].unsqueeze(4)).sum((1, 2))  # [batch, kv_heads, group, head_dim]
     return out.view(batch, 1, heads, head_dim)
+
+
+def _decode_kernel_serves(query, key_pool, group: int) -> bool:
+    return (query.device.type == "cpu" and cpu_kernels.ready() and group in cpu_kernels.ATTENTION_GROUPS
+            and key_pool.dtype in (torch.float32, torch.bfloat16))
 
 
 def _mixed(compute):

@@ -5,65 +5,19 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <immintrin.h>
 #include <cstdint>
-#include <cstring>
+
+#include "simd.h"
 
 namespace {
+
+using namespace spyre_kernels;
 
 constexpr int kMaxRows = 4;  // at 8 rows oneDNN's kernels were the faster
 // Software prefetch this many bytes ahead in the weight stream: on 2-core VMs the hardware
 // prefetcher alone left one row's matrix-vector product at ~13 GB/s; with it, 17-19 GB/s.
 constexpr int kPrefetchBytes = 16384;
 constexpr int kLineBytes = 64;  // one cache line of weight per step of the inner loop
-
-inline float widen(uint16_t bits) {
-  uint32_t wide = uint32_t(bits) << 16;
-  float value;
-  std::memcpy(&value, &wide, sizeof(value));
-  return value;
-}
-inline float widen(int8_t value) { return float(value); }
-inline float widen(float value) { return value; }
-
-// The vector width and the four things the loop needs, once per instruction set.
-#if defined(__AVX512F__)
-using vfloat = __m512;
-constexpr int kLanes = 16;
-inline vfloat vzero() { return _mm512_setzero_ps(); }
-inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
-inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
-inline float vsum(vfloat v) { return _mm512_reduce_add_ps(v); }
-inline vfloat vwiden(const uint16_t* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-inline vfloat vwiden(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline vfloat vwiden(const float* p) { return _mm512_loadu_ps(p); }
-#elif defined(__AVX2__) && defined(__FMA__)
-using vfloat = __m256;
-constexpr int kLanes = 8;
-inline vfloat vzero() { return _mm256_setzero_ps(); }
-inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
-inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
-inline float vsum(vfloat v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-inline vfloat vwiden(const uint16_t* p) {
-  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-inline vfloat vwiden(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline vfloat vwiden(const float* p) { return _mm256_loadu_ps(p); }
-#else
-constexpr int kLanes = 0;  // plain C++ only
-#endif
 
 template <typename W, int M>
 void rows_times_weight(const W* w, const float* scale, const float* x, float* y, int64_t n_begin, int64_t n_end,
@@ -72,7 +26,7 @@ void rows_times_weight(const W* w, const float* scale, const float* x, float* y,
     const W* row = w + n * K;
     float sums[M] = {};
     int64_t k = 0;
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#ifdef SPYRE_SIMD
     constexpr int kStep = kLineBytes / sizeof(W);  // weights per cache line
     constexpr int kChunks = kStep / kLanes;         // vectors per cache line, each with its own sums
     vfloat acc[M][kChunks];
@@ -149,7 +103,7 @@ at::Tensor decode_gemv(const at::Tensor& x, const at::Tensor& weight, const c10:
 
 }  // namespace
 
-TORCH_LIBRARY(spyre_kernels, m) {
+TORCH_LIBRARY_FRAGMENT(spyre_kernels, m) {
   m.def("decode_gemv(Tensor x, Tensor weight, Tensor? scale=None) -> Tensor");
   m.impl("decode_gemv", c10::DispatchKey::CPU, TORCH_FN(decode_gemv));
 }

@@ -1,6 +1,8 @@
-"""A decode linear at memory speed: ``torch.ops.spyre_kernels.decode_gemv`` (kernels/decode_gemv.cpp).
+"""The CPU's decode kernels, built from ``kernels/`` into one library for the machine it runs on:
+``torch.ops.spyre_kernels.decode_gemv`` (a decode linear at memory speed) and
+``torch.ops.spyre_kernels.decode_attention`` (decode attention read in place from the KV pool).
 
-A decode step reads every weight once for a handful of rows, so it should cost the weight's bytes
+decode_gemv. A decode step reads every weight once for a handful of rows, so it should cost the weight's bytes
 of memory traffic and nothing else: 4 a weight in fp32, 2 in bf16, 1 in int8. The library kernels
 did not get there for bf16 and int8 on the 2-core VMs we serve from (2b shape, 8192 x 2048 at one
 row, DRAM-resident weights, 2026-12-07; memory copies at 24 GB/s, fp32 matrix-vector products at
@@ -15,7 +17,15 @@ weight, as loaded, serves decode in every dtype. It needs no bf16 arithmetic, so
 without it too. The sums are fp32, as the libraries' are; only their order differs. An int8 row's
 sum is multiplied by its scale in fp32.
 
-It is compiled for the machine it runs on (``-march=native``) on first use, ~12 s, and cached under
+decode_attention. A decode row reads its whole cached context once per layer. The gather path
+copies the row's blocks out of the pool into a padded context and SDPA reads it again; inductor's
+fused form (engine/attention.py) reads in place but ran at ~2 GB/s (2b shape, 4 rows of 1,536
+cached tokens, bf16: eager 8.7 ms a layer, inductor 5.8). The kernel reads each key and value once,
+widened to fp32 in registers, with fp32 scores, softmax and sums: TIMING_PLACEHOLDER. It serves
+eager and compiled steps alike (inductor calls it as an opaque op), so the decode rows of an eager
+mixed step read in place too.
+
+The library is compiled for the machine it runs on (``-march=native``) on first use, ~12 s, and cached under
 ``SPYRE_KERNEL_CACHE`` (default ``~/.cache/spyre_backend/kernels``) by a hash of the source, torch
 and the compiler; ``make setup`` builds it ahead. Without a C++ compiler, or if the build fails,
 ``load()`` says why once and returns False, and the callers use torch's own kernels.
@@ -36,7 +46,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "kernels" / "decode_gemv.cpp"
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = sorted(KERNELS.glob("*.cpp"))  # with the header they share (simd.h)
+ATTENTION_GROUPS = (1, 2, 4, 8, 16)  # query heads per kv head decode_attention takes
 MAX_ROWS = 4  # kMaxRows in the source: at 8 rows oneDNN was faster in bf16 (9-12 against 14-18 GB/s)
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 
@@ -58,15 +70,15 @@ def _command(compiler: str, output: Path) -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = [f"-L{p}" for p in cpp_extension.library_paths()]
-    return [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(SOURCE), "-o", str(output),
+    return [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, *map(str, SOURCES), "-o", str(output),
             *libs, "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{cpp_extension.library_paths()[0]}"]
 
 
 def _library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, version, " ".join(FLAGS),
+    key = hashlib.sha256("\0".join([*(path.read_text() for path in sorted(KERNELS.iterdir()) if path.suffix in (".cpp", ".h")), torch.__version__, version, " ".join(FLAGS),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
-    return cache_dir() / f"decode_gemv-{key}.so"
+    return cache_dir() / f"spyre_kernels-{key}.so"
 
 
 def _cpu_flags() -> str:
@@ -82,7 +94,7 @@ def _cpu_flags() -> str:
 
 
 def build(compiler: str) -> Path:
-    """Compiles the kernel into the cache unless it is there; returns the library's path. One process
+    """Compiles the kernels into the cache unless it is there; returns the library's path. One process
     builds while others wait on a lock (several Triton model instances start at once)."""
     target = _library_path(compiler)
     if target.exists():
@@ -95,19 +107,19 @@ def build(compiler: str) -> Path:
             done = subprocess.run(_command(compiler, partial), capture_output=True, text=True)
             if done.returncode != 0:
                 partial.unlink(missing_ok=True)
-                raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+                raise RuntimeError(f"compiling the CPU kernels in {KERNELS} failed:\n{done.stderr[-2000:]}")
             os.replace(partial, target)
     return target
 
 
 def ready() -> bool:
-    """The kernel is loaded in this process (``load()`` ran and succeeded); builds nothing."""
+    """The kernels are loaded in this process (``load()`` ran and succeeded); builds nothing."""
     return _loaded is True
 
 
 def load() -> bool:
-    """Builds (once per machine) and loads the kernel into this process; True when
-    ``torch.ops.spyre_kernels.decode_gemv`` can be called. Off with ``SPYRE_GEMV_KERNEL=0``."""
+    """Builds (once per machine) and loads the kernels into this process; True when
+    ``torch.ops.spyre_kernels`` can be called. Off with ``SPYRE_CPU_KERNELS=0``."""
     global _loaded
     with _lock:
         if _loaded is None:
@@ -116,20 +128,25 @@ def load() -> bool:
 
 
 def _load() -> bool:
-    if os.environ.get("SPYRE_GEMV_KERNEL", "1") == "0":
+    if os.environ.get("SPYRE_CPU_KERNELS", "1") == "0":
         return False
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C++ compiler: decode linears run through torch (slower; see gemv_kernel.py)")
+        log.warning("no C++ compiler: decode linears and attention run through torch (slower; see cpu_kernels.py)")
         return False
     try:
         torch.ops.load_library(str(build(compiler)))
+        torch.library.register_fake("spyre_kernels::decode_attention")(_decode_attention_shape)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("the decode kernel is unavailable, torch's kernels run instead: %s", exc)
+        log.warning("the decode kernels are unavailable, torch's kernels run instead: %s", exc)
         return False
     return True
 
 
+def _decode_attention_shape(query, key_pool, value_pool, block_table, visible, scale):
+    return torch.empty_like(query)  # what inductor needs of the op: its output's shape and dtype
+
+
 if __name__ == "__main__":  # make setup: build ahead of the first start
     logging.basicConfig(level=logging.INFO)
-    print("decode kernel:", "ready" if load() else "unavailable (torch's kernels will run)")
+    print("decode kernels:", "ready" if load() else "unavailable (torch's kernels will run)")

@@ -131,9 +131,10 @@ class SchedulerConfig:
     prefill_chunk: int = 512  # most prompt tokens of one request in one step (a multiple of block_size)
     max_num_batched_tokens: int = 0  # tokens per step, decode rows included; 0: prefill_chunk + max_running
     max_prefills: int = 1  # requests that get a prompt chunk in one step
-    # most prompt tokens in a step that also carries decode rows (a multiple of block_size; 0:
-    # prefill_chunk): a long prompt then prefills in smaller pieces while other streams are
-    # decoding, so their next token waits for a short step, not a whole chunk. -1: measured at
+    # most tokens in a step that also carries decode rows, theirs included (a multiple of
+    # block_size; 0: prefill_chunk; engine/scheduler.py, mixed_prompt_tokens): a long prompt then
+    # prefills in smaller pieces while other streams are decoding, so their next token waits for a
+    # short step, not a whole chunk. -1: measured at
     # warmup, the largest chunk whose step takes at most mixed_step_slowdown decode steps
     # (engine/scheduler.py, choose_mixed_chunk; 256 until then)
     mixed_prefill_chunk: int = -1

@@ -51,6 +51,8 @@ def test_shape_set_is_static_and_covers_what_runs(checkpoint):
         # tokens, at least 2 decode rows and 2 blocks of context each (sizes 1 would be specialised)
         assert probe.mixes_steps and mixed
         assert all(b == 1 and rows >= 2 and ctx >= 2 and row_ctx >= 2 for b, _, ctx, rows, row_ctx in mixed)
+        # padded as a whole, chunk and rows together, to whole blocks of rows (ModelRunner.mixed_inputs)
+        assert all(tokens % probe.prefill_align == 0 for _, tokens, _, _, _ in mixed)
     finally:
         stack.service.shutdown()
 

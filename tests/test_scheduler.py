@@ -149,19 +149,28 @@ def test_kv_manager_refuses_without_taking_anything():
     assert kv.free("a") == 2 and kv.num_free == 3
 
 
-def test_a_step_with_decode_rows_takes_the_smaller_mixed_chunk():
-    sched = make(max_running=8, prefill_chunk=32, mixed_prefill_chunk=8)
+def test_a_step_with_decode_rows_takes_what_they_leave_of_the_mixed_chunk():
+    sched = make(max_running=8, prefill_chunk=32, mixed_prefill_chunk=BLOCK)
     long = submit(sched, 40)
     assert tokens(step(sched)) == {long.request_id: 32}  # alone: the whole chunk
     step(sched)  # long's last 8 tokens
     a = submit(sched, 2)
-    assert tokens(step(sched)) == {long.request_id: 1, a.request_id: 2}  # a's prompt fits the mixed chunk
+    assert tokens(step(sched)) == {long.request_id: 1, a.request_id: 2}  # a's prompt fits what long leaves
     other = submit(sched, 40)
-    out = step(sched)  # long and a decode now: other's prompt goes in pieces of 8
-    assert tokens(out) == {long.request_id: 1, a.request_id: 1, other.request_id: 8}
+    out = step(sched)  # long and a decode now: other's prompt goes in pieces of 4 - 2, 4 tokens a step
+    assert tokens(out) == {long.request_id: 1, a.request_id: 1, other.request_id: 2}
+    assert out.num_tokens == BLOCK
     finish(sched, long)
     finish(sched, a)
     assert tokens(step(sched)) == {other.request_id: 32}  # alone again: the whole chunk
+
+
+def test_decode_rows_leave_the_prompt_at_least_half_of_the_mixed_chunk_or_all_of_it():
+    from spyre_backend.engine.scheduler import mixed_prompt_tokens
+
+    assert [mixed_prompt_tokens(16, rows, 64) for rows in (1, 3, 8)] == [15, 13, 8]  # the step's rows: 16
+    assert [mixed_prompt_tokens(16, rows, 64) for rows in (9, 16, 40)] == [16, 16, 16]  # the prompt moves on
+    assert mixed_prompt_tokens(128, 3, 64) == 128  # more than a block: whole (cut to 64 otherwise)
 
 
 def test_the_mixed_chunk_is_validated():

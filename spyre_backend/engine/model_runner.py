@@ -261,12 +261,14 @@ class ModelRunner:
         return self.spec.merge(token_ids.unsqueeze(0).to(self.device), embeds, features, self.image_token_id)[0]
 
     # -- padded inputs ---------------------------------------------------------------------
-    def prefill_inputs(self, embeds: torch.Tensor, start: int, block_table: list[int], min_ctx: int = 1) -> StepInputs:
-        """One sequence's new tokens ``embeds`` [n, hidden] starting at position ``start``."""
+    def prefill_inputs(self, embeds: torch.Tensor, start: int, block_table: list[int], min_ctx: int = 1,
+                       q_len: int = 0) -> StepInputs:
+        """One sequence's new tokens ``embeds`` [n, hidden] starting at position ``start``, padded to
+        ``q_len`` tokens (0: the next multiple of ``prefill_align``)."""
         n = embeds.shape[0]
         if n > self.prefill_chunk:
             raise ValueError(f"prefill of {n} tokens exceeds prefill_chunk {self.prefill_chunk}")
-        q_len = -(-n // self.prefill_align) * self.prefill_align
+        q_len = max(n, q_len) if q_len else -(-n // self.prefill_align) * self.prefill_align
         padded = torch.zeros(1, q_len, self.hidden_size, dtype=self.dtype, device=self.device)
         padded[0, :n] = embeds
         positions = torch.arange(start, start + q_len, device=self.device).unsqueeze(0)
@@ -280,13 +282,14 @@ class ModelRunner:
         return StepInputs(padded, positions, slots, bt, torch.tensor([n - 1], device=self.device))
 
     def decode_inputs(self, embeds: torch.Tensor, positions: list[int], block_tables: list[list[int]],
-                      min_rows: int = 1, min_ctx: int = 1) -> StepInputs:
-        """One new token per sequence at ``positions``; the batch is padded to a configured size."""
+                      rows: int = 0, min_ctx: int = 1) -> StepInputs:
+        """One new token per sequence at ``positions``; the batch is padded to a configured size
+        (or to ``rows``)."""
         n = len(positions)
         batch = next((b for b in self.decode_batch_sizes if b >= n), None)
         if batch is None:
             raise ValueError(f"decode batch {n} exceeds the largest configured size {self.decode_batch_sizes[-1]}")
-        batch = max(batch, min_rows)
+        batch = max(n, rows) if rows else batch
         bs = self.block_size
         ctx = self._ctx_blocks(max(min_ctx, max(p // bs + 1 for p in positions)))
         # built as Python lists, one tensor each: per-row tensor ops cost more than the rows' data
@@ -307,9 +310,16 @@ class ModelRunner:
     def mixed_inputs(self, chunk_embeds: torch.Tensor, start: int, block_table: list[int],
                      row_embeds: torch.Tensor, positions: list[int], block_tables: list[list[int]]) -> StepInputs:
         """A prompt chunk and decode rows as one row of tokens (the chunk's, then one per decode row;
-        at least 2 rows and 2 blocks of context each, see the module doc)."""
-        chunk = self.prefill_inputs(chunk_embeds, start, block_table, min_ctx=2)
-        rows = self.decode_inputs(row_embeds, positions, block_tables, min_rows=2, min_ctx=2)
+        at least 2 rows and 2 blocks of context each, see the module doc). The chunk's padding
+        brings the whole row to a multiple of ``prefill_align`` tokens, no more: a CPU matmul reads
+        its weight once per block of 16 rows (scheduler.mixed_prompt_tokens), so 13 prompt tokens
+        and 3 decode rows are one block where a chunk padded to 16 and rows padded to a decode
+        batch of 4 would be two."""
+        num_rows = max(2, len(positions))
+        align = self.prefill_align
+        total = -(-(chunk_embeds.shape[0] + num_rows) // align) * align
+        chunk = self.prefill_inputs(chunk_embeds, start, block_table, min_ctx=2, q_len=total - num_rows)
+        rows = self.decode_inputs(row_embeds, positions, block_tables, rows=num_rows, min_ctx=2)
         q_len, batch = chunk.embeds.shape[1], rows.embeds.shape[0]
         return StepInputs(
             torch.cat([chunk.embeds, rows.embeds.transpose(0, 1)], dim=1),

@@ -4,9 +4,9 @@ Every running request is a session with ``num_uncomputed`` tokens whose K/V are 
 yet: a whole prompt (or a prompt left after a chunk), a session's new turn, or the one token
 sampled last step. Each step the scheduler gives requests tokens, at most
 ``max_num_batched_tokens`` in all: first the running requests in the order they were admitted
-(decode rows take one token; a prompt takes a chunk of at most ``prefill_chunk``, or
-``mixed_chunk`` in a step that carries decode rows, and at most ``max_prefills`` prompts
-get a chunk per step), then waiting requests, first come first served.
+(decode rows take one token; a prompt takes a chunk of at most ``prefill_chunk``, or in a step
+that carries decode rows what they leave of ``mixed_chunk`` (``mixed_prompt_tokens``), and at most
+``max_prefills`` prompts get a chunk per step), then waiting requests, first come first served.
 
 KV blocks are taken as a sequence grows (``KVCacheManager.allocate``), never for tokens it has not
 reached. When a running request needs a block and none is free, idle sessions are evicted (oldest
@@ -81,8 +81,8 @@ UNMEASURED_MIXED_CHUNK = 256
 
 def choose_mixed_chunk(time_chunk: Callable[[int], float], decode_s: float, slowdown: float, align: int,
                        block_size: int, prefill_chunk: int) -> int:
-    """The largest prompt chunk whose step takes at most ``slowdown`` decode steps, by
-    ``time_chunk(tokens)`` in seconds. Sizes are multiples of ``align`` up to a block, then whole
+    """The most tokens a step may take beside decode rows (theirs included): the largest whose
+    prompt step takes at most ``slowdown`` decode steps, by ``time_chunk(tokens)`` in seconds. Sizes are multiples of ``align`` up to a block, then whole
     blocks (``_tokens_for`` cuts a longer chunk to whole blocks), at most ``prefill_chunk``; the
     smallest at least, since a step that carries decode rows must still move the prompt on. They are
     tried from the smallest, and timing stops at the first too slow."""
@@ -96,6 +96,18 @@ def choose_mixed_chunk(time_chunk: Callable[[int], float], decode_s: float, slow
     return chosen
 
 
+def mixed_prompt_tokens(mixed_chunk: int, decode_rows: int, block_size: int) -> int:
+    """Most prompt tokens in a step beside ``decode_rows`` decode rows. A CPU matmul reads its weight
+    once per block of rows (oneDNN's bf16 kernel on AMX: 16; at 17 to 32 rows a 16384 x 2048 weight
+    took 5.0-6.2 ms against 3.1-3.3 at 4 to 16), and a measured mixed_chunk is such a block
+    (``choose_mixed_chunk``): so the prompt takes what the decode rows leave of it, and the step's
+    rows stay within it. Where the rows would leave less than half, the prompt still gets a whole
+    mixed_chunk, so that it moves on; and a mixed_chunk of more than a KV block is kept whole (the
+    rows are a small share of it, and ``_tokens_for`` would cut what they leave to whole blocks)."""
+    left = mixed_chunk - decode_rows
+    return left if 2 * left >= mixed_chunk and mixed_chunk <= block_size else mixed_chunk
+
+
 class Scheduler:
     def __init__(self, kv: KVCacheManager, turns: Turns, config: SchedulerConfig):
         self.kv = kv
@@ -107,7 +119,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_queries = 0  # tokens of sequences looked up in the prefix cache, since start
         self.prefix_hits = 0  # of those, tokens found cached
-        # most prompt tokens in a step that carries decode rows (0: no limit); -1 in the config is
+        # most tokens in a step that carries decode rows, theirs included (mixed_prompt_tokens; 0: no limit); -1 in the config is
         # measured at warmup (choose_mixed_chunk), and until then the size measured on the 2b shape
         # before the bf16 decode kernel (docs/benchmarks.md, Mixed chunks)
         measured = config.mixed_prefill_chunk == -1
@@ -136,11 +148,12 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.token_budget
         prefills = 0
-        # a step with decode rows takes a smaller prompt chunk (mixed_chunk): their streams wait
-        # for this step
+        # a step with decode rows takes a smaller prompt chunk (mixed_prompt_tokens): their
+        # streams wait for this step
         chunk = self.config.prefill_chunk
-        if self.mixed_chunk and any(r.session.num_uncomputed == 1 for r in self.running):
-            chunk = min(chunk, self.mixed_chunk)
+        decode_rows = sum(r.session.num_uncomputed == 1 for r in self.running)
+        if self.mixed_chunk and decode_rows:
+            chunk = min(chunk, mixed_prompt_tokens(self.mixed_chunk, decode_rows, self.kv.block_size))
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]

@@ -2,33 +2,35 @@
 ``torch.ops.spyre_kernels.decode_gemv`` (a decode linear at memory speed) and
 ``torch.ops.spyre_kernels.decode_attention`` (decode attention read in place from the KV pool).
 
-decode_gemv. A decode step reads every weight once for a handful of rows, so it should cost the weight's bytes
-of memory traffic and nothing else: 4 a weight in fp32, 2 in bf16, 1 in int8. The library kernels
-did not get there for bf16 and int8 on the 2-core VMs we serve from (2b shape, 8192 x 2048 at one
-row, DRAM-resident weights, 2026-12-07; memory copies at 24 GB/s, fp32 matrix-vector products at
-20-25 GB/s):
+decode_gemv. A decode step reads every weight once for a handful of rows, so it should cost the
+weight's bytes of memory traffic and nothing else: 4 a weight in fp32, 2 in bf16, 1 in int8. The
+library kernels did not get there for bf16 and int8 on the 2-core VMs we serve from (2b shape,
+8192 x 2048 at one row, DRAM-resident weights, 2026-12-07; memory copies at 24 GB/s, fp32
+matrix-vector products at 20-25 GB/s):
 - bf16: oneDNN's inner product (AMX brgemm, the weight reordered or not) 2.5-3.1 ms, 11-13 GB/s;
   torch's bf16 ``mv`` 15-18 GB/s; inductor's fused reduction of the upcast product 10 GB/s.
 - int8: torch's ``_weight_int8pack_mm`` 1.4 ms, 12 GB/s.
-This kernel widens each weight to fp32 in registers (AVX-512 or AVX2, plain C++ elsewhere) and
+The kernel widens each weight to fp32 in registers (AVX-512 or AVX2, plain C++ elsewhere) and
 prefetches ahead in the weight stream: bf16 1.6-1.7 ms (19-21 GB/s), int8 0.8 ms (20 GB/s), fp32
 2.7 ms (25 GB/s, level with MKL's; at 4 rows 3.3 ms where MKL took 5.7), so one copy of each
 weight, as loaded, serves decode in every dtype. It needs no bf16 arithmetic, so it serves CPUs
 without it too. The sums are fp32, as the libraries' are; only their order differs. An int8 row's
 sum is multiplied by its scale in fp32.
 
-decode_attention. A decode row reads its whole cached context once per layer. The gather path
-copies the row's blocks out of the pool into a padded context and SDPA reads it again; inductor's
-fused form (engine/attention.py) reads in place but ran at ~2 GB/s (2b shape, 4 rows of 1,536
-cached tokens, bf16: eager 8.7 ms a layer, inductor 5.8). The kernel reads each key and value once,
-widened to fp32 in registers, with fp32 scores, softmax and sums: TIMING_PLACEHOLDER. It serves
-eager and compiled steps alike (inductor calls it as an opaque op), so the decode rows of an eager
-mixed step read in place too.
+decode_attention. A decode row reads its whole cached context once a layer. The gather path
+copies the row's blocks out of the pool into a padded context that SDPA reads again; inductor's
+fusion of the same computation (engine/attention.py) reads in place but ran at ~2 GB/s. The
+kernel reads each key and value once, all kv heads of a token together (a block is one
+contiguous stretch of the pool), widened to fp32 in registers, with fp32 scores, softmax and
+sums; where there are fewer rows than threads, a row's context is split by whole blocks. The 2b
+shape, 4 rows of ~1,400 cached tokens, a layer, 2026-12-07: bf16 1.1 ms (the gather 2.7, inductor
+5.8), fp32 1.2 ms (the gather 4.9; ~20 GB/s, memory speed). Inductor calls it as an opaque op, so
+it serves compiled and eager steps alike, the decode rows of an eager mixed step too.
 
-The library is compiled for the machine it runs on (``-march=native``) on first use, ~12 s, and cached under
-``SPYRE_KERNEL_CACHE`` (default ``~/.cache/spyre_backend/kernels``) by a hash of the source, torch
-and the compiler; ``make setup`` builds it ahead. Without a C++ compiler, or if the build fails,
-``load()`` says why once and returns False, and the callers use torch's own kernels.
+The library is compiled for the machine it runs on (``-march=native``) on first use, ~25 s, and
+cached under ``SPYRE_KERNEL_CACHE`` (default ``~/.cache/spyre_backend/kernels``) by a hash of the
+sources, torch and the compiler; ``make setup`` builds it ahead. Without a C++ compiler, or if the
+build fails, ``load()`` says why once and returns False, and the callers use torch's own kernels.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ log = logging.getLogger(__name__)
 KERNELS = Path(__file__).parent / "kernels"
 SOURCES = sorted(KERNELS.glob("*.cpp"))  # with the header they share (simd.h)
 ATTENTION_GROUPS = (1, 2, 4, 8, 16)  # query heads per kv head decode_attention takes
-MAX_ROWS = 4  # kMaxRows in the source: at 8 rows oneDNN was faster in bf16 (9-12 against 14-18 GB/s)
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+MAX_ROWS = 4  # kMaxRows in decode_gemv.cpp: at 8 rows oneDNN was faster in bf16 (9-12 against 14-18 GB/s)
+FLAGS = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp"]
 
 _lock = threading.Lock()
 _loaded: bool | None = None
@@ -75,7 +77,7 @@ def _command(compiler: str, output: Path) -> list[str]:
 
 
 def _library_path(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, errors="replace").stdout
     key = hashlib.sha256("\0".join([*(path.read_text() for path in sorted(KERNELS.iterdir()) if path.suffix in (".cpp", ".h")), torch.__version__, version, " ".join(FLAGS),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     return cache_dir() / f"spyre_kernels-{key}.so"
@@ -104,7 +106,8 @@ def build(compiler: str) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.exists():
             partial = target.with_suffix(f".{os.getpid()}.tmp")
-            done = subprocess.run(_command(compiler, partial), capture_output=True, text=True)
+            # errors="replace": a stub runs in the C locale, and the compiler quotes in UTF-8
+            done = subprocess.run(_command(compiler, partial), capture_output=True, text=True, errors="replace")
             if done.returncode != 0:
                 partial.unlink(missing_ok=True)
                 raise RuntimeError(f"compiling the CPU kernels in {KERNELS} failed:\n{done.stderr[-2000:]}")
@@ -137,7 +140,7 @@ def _load() -> bool:
     try:
         torch.ops.load_library(str(build(compiler)))
         torch.library.register_fake("spyre_kernels::decode_attention")(_decode_attention_shape)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the kernels are a speed-up: whatever stops them, torch's run
         log.warning("the decode kernels are unavailable, torch's kernels run instead: %s", exc)
         return False
     return True

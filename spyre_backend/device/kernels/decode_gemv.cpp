@@ -1,7 +1,7 @@
 // y = x @ W.T (* scale) for a few rows of x (a decode step), reading the weight W [N, K] once at
 // memory speed. W is bf16, int8 (with one fp32 scale per output row) or fp32; each weight element
 // is widened to fp32 in registers (a bf16 is the top half of an fp32) and multiplied with the rows
-// in fp32, with fp32 sums. Why a kernel of our own: spyre_backend/device/gemv_kernel.py.
+// in fp32, with fp32 sums. Why a kernel of our own: spyre_backend/device/cpu_kernels.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -310,12 +310,16 @@ class ModelRunner:
     def mixed_inputs(self, chunk_embeds: torch.Tensor, start: int, block_table: list[int],
                      row_embeds: torch.Tensor, positions: list[int], block_tables: list[list[int]]) -> StepInputs:
         """A prompt chunk and decode rows as one row of tokens (the chunk's, then one per decode row;
-        at least 2 rows and 2 blocks of context each, see the module doc). The chunk's padding
+        where compiled, at least 2 rows and 2 blocks of context each, see the module doc). The chunk's padding
         brings the whole row to a multiple of ``prefill_align`` tokens, no more: a CPU matmul reads
         its weight once per block of 16 rows (scheduler.mixed_prompt_tokens), so 13 prompt tokens
         and 3 decode rows are one block where a chunk padded to 16 and rows padded to a decode
         batch of 4 would be two."""
-        num_rows = max(2, len(positions))
+        # a compiled mixed graph takes 2 decode rows at least (sizes of 1 would be specialised away
+        # from it: the module doc); eager takes the rows there are, so 15 prompt tokens and 1 row
+        # stay one block
+        num_rows = max(2, len(positions)) if self.plan.compiles_all_steps and self.plan.compile_backend != "eager" \
+            else len(positions)
         align = self.prefill_align
         total = -(-(chunk_embeds.shape[0] + num_rows) // align) * align
         chunk = self.prefill_inputs(chunk_embeds, start, block_table, min_ctx=2, q_len=total - num_rows)

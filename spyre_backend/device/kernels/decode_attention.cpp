@@ -158,8 +158,10 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key_pool,
   at::Tensor q = (query.to(at::kFloat) * scale).contiguous();
   at::Tensor out = at::empty({rows, heads, D}, q.options());
   const Shape shape{ctx_blocks, block_size, kv_heads, group, D};
-  // a row's context in splits of whole blocks, so that a few rows still give every thread work
-  const int64_t splits = std::min<int64_t>(ctx_blocks, std::max<int64_t>(1, 2 * at::get_num_threads() / rows));
+  // a row's context in splits of whole blocks, so that a few rows still give every thread work, and
+  // evenly (3 rows on 2 threads: 6 tasks, not 3)
+  const int64_t wanted = 2 * at::get_num_threads();
+  const int64_t splits = std::min<int64_t>(ctx_blocks, std::max<int64_t>(1, (wanted + rows - 1) / rows));
   const int64_t blocks_per_split = (ctx_blocks + splits - 1) / splits;
   std::vector<Partial> parts(rows * splits);
   const float* qp = q.data_ptr<float>();

@@ -49,7 +49,8 @@ import torch
 log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).parent / "kernels"
-SOURCES = sorted(KERNELS.glob("*.cpp"))  # with the header they share (simd.h)
+KERNEL_FILES = sorted(path for path in KERNELS.iterdir() if path.suffix in (".cpp", ".h"))
+SOURCES = [path for path in KERNEL_FILES if path.suffix == ".cpp"]  # the header they share: simd.h
 ATTENTION_GROUPS = (1, 2, 4, 8, 16)  # query heads per kv head decode_attention takes
 MAX_ROWS = 4  # kMaxRows in decode_gemv.cpp: at 8 rows oneDNN was faster in bf16 (9-12 against 14-18 GB/s)
 FLAGS = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp"]
@@ -78,9 +79,9 @@ def _command(compiler: str, output: Path) -> list[str]:
 
 def _library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, errors="replace").stdout
-    key = hashlib.sha256("\0".join([*(path.read_text() for path in sorted(KERNELS.iterdir()) if path.suffix in (".cpp", ".h")), torch.__version__, version, " ".join(FLAGS),
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
-    return cache_dir() / f"spyre_kernels-{key}.so"
+    sources = [path.read_text() for path in KERNEL_FILES]
+    key = hashlib.sha256("\0".join([*sources, torch.__version__, version, " ".join(FLAGS), _cpu_flags()]).encode())
+    return cache_dir() / f"spyre_kernels-{key.hexdigest()[:16]}.so"
 
 
 def _cpu_flags() -> str:

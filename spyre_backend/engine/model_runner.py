@@ -10,8 +10,8 @@ symbolic in the bucketed dims, and never recompiles while serving):
   ``max_context``;
 - mixed (cpu and cuda, ``DevicePlan.mixes_steps``): a prefill chunk and the step's decode rows in
   one row of tokens, so the weights are read once for both. Its sizes are symbolic for inductor:
-  one graph, compiled at warmup from one example (``mixed_example``); the padding keeps every
-  size at 2 or more, so none is specialised away from that graph (and ``DevicePlan.compile`` turns
+  one graph, compiled at warmup from one example (``mixed_example``); where it compiles, the
+  padding keeps every size at 2 or more, so none is specialised away from that graph (and ``DevicePlan.compile`` turns
   off duck shaping, which would give sizes equal in the example one symbol).
 """
 
@@ -174,8 +174,12 @@ class ModelRunner:
             return
         for batch, q_len, ctx in self.warmup_shapes():
             self.forward(self.dummy_inputs(batch, q_len, ctx))
-        if self.mixes_steps and self.plan.compiles_all_steps:  # one graph for every mixed step (the module doc)
+        if self.compiles_mixed_steps:  # one graph for every mixed step (the module doc)
             self.forward(self.mixed_example())
+
+    @property
+    def compiles_mixed_steps(self) -> bool:
+        return self.mixes_steps and self.plan.compile_backend != "eager" and self.plan.compiles_all_steps
 
     # -- prefix-cache copies ------------------------------------------------------------------
     @torch.no_grad()
@@ -310,16 +314,13 @@ class ModelRunner:
     def mixed_inputs(self, chunk_embeds: torch.Tensor, start: int, block_table: list[int],
                      row_embeds: torch.Tensor, positions: list[int], block_tables: list[list[int]]) -> StepInputs:
         """A prompt chunk and decode rows as one row of tokens (the chunk's, then one per decode row;
-        where compiled, at least 2 rows and 2 blocks of context each, see the module doc). The chunk's padding
-        brings the whole row to a multiple of ``prefill_align`` tokens, no more: a CPU matmul reads
-        its weight once per block of 16 rows (scheduler.mixed_prompt_tokens), so 13 prompt tokens
-        and 3 decode rows are one block where a chunk padded to 16 and rows padded to a decode
-        batch of 4 would be two."""
-        # a compiled mixed graph takes 2 decode rows at least (sizes of 1 would be specialised away
-        # from it: the module doc); eager takes the rows there are, so 15 prompt tokens and 1 row
-        # stay one block
-        num_rows = max(2, len(positions)) if self.plan.compiles_all_steps and self.plan.compile_backend != "eager" \
-            else len(positions)
+        2 blocks of context each, and where compiled 2 rows at least: see the module doc). The
+        chunk's padding brings the whole row to a multiple of ``prefill_align`` tokens, no more: a
+        CPU matmul reads its weight once per block of 16 rows (scheduler.mixed_prompt_tokens), so
+        13 prompt tokens and 3 decode rows are one block where a chunk padded to 16 and rows padded
+        to a decode batch of 4 would be two. Eager takes the rows there are: 15 prompt tokens and
+        1 row stay one block."""
+        num_rows = max(2, len(positions)) if self.compiles_mixed_steps else len(positions)
         align = self.prefill_align
         total = -(-(chunk_embeds.shape[0] + num_rows) // align) * align
         chunk = self.prefill_inputs(chunk_embeds, start, block_table, min_ctx=2, q_len=total - num_rows)

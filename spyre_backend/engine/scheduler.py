@@ -82,10 +82,11 @@ UNMEASURED_MIXED_CHUNK = 256
 def choose_mixed_chunk(time_chunk: Callable[[int], float], decode_s: float, slowdown: float, align: int,
                        block_size: int, prefill_chunk: int) -> int:
     """The most tokens a step may take beside decode rows (theirs included): the largest whose
-    prompt step takes at most ``slowdown`` decode steps, by ``time_chunk(tokens)`` in seconds. Sizes are multiples of ``align`` up to a block, then whole
-    blocks (``_tokens_for`` cuts a longer chunk to whole blocks), at most ``prefill_chunk``; the
-    smallest at least, since a step that carries decode rows must still move the prompt on. They are
-    tried from the smallest, and timing stops at the first too slow."""
+    prompt step takes at most ``slowdown`` decode steps, by ``time_chunk(tokens)`` in seconds.
+    Sizes are multiples of ``align`` up to a block, then whole blocks (``_tokens_for`` cuts a longer
+    chunk to whole blocks), at most ``prefill_chunk``; the smallest at least, since a step that
+    carries decode rows must still move the prompt on. They are tried from the smallest, and
+    timing stops at the first too slow."""
     sizes = sorted({*range(align, block_size + 1, align), *range(block_size, prefill_chunk + 1, block_size)})
     sizes = [tokens for tokens in sizes if tokens <= prefill_chunk]
     chosen = sizes[0]
@@ -119,9 +120,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_queries = 0  # tokens of sequences looked up in the prefix cache, since start
         self.prefix_hits = 0  # of those, tokens found cached
-        # most tokens in a step that carries decode rows, theirs included (mixed_prompt_tokens; 0: no limit); -1 in the config is
-        # measured at warmup (choose_mixed_chunk), and until then the size measured on the 2b shape
-        # before the bf16 decode kernel (docs/benchmarks.md, Mixed chunks)
+        # most tokens in a step that carries decode rows, theirs included (mixed_prompt_tokens; 0:
+        # no limit); -1 in the config is measured at warmup (choose_mixed_chunk), and until then the
+        # size measured on the 2b shape before the bf16 decode kernel (docs/benchmarks.md, Mixed chunks)
         measured = config.mixed_prefill_chunk == -1
         self.mixed_chunk = min(UNMEASURED_MIXED_CHUNK, config.prefill_chunk) if measured else config.mixed_prefill_chunk
 

@@ -6,9 +6,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -17,7 +17,6 @@
 namespace {
 
 using namespace spyre_kernels;
-
 
 // scores[g] = q[g] . k for the group's queries (q [group, D], already scaled)
 template <int64_t group, typename T>
@@ -112,14 +111,16 @@ void attend_group(const float* q, const T* keys, const T* values, const int64_t*
   }
 }
 
-// out [heads, D] from a row's partials: each rescaled to the largest score of all, then normalised.
-void combine(const std::vector<Partial>& parts, int64_t heads, int64_t D, float* out) {
+// out [heads, D] from a row's partials (parts[0 .. splits)): each rescaled to the largest score of
+// all, then normalised.
+void combine(const Partial* parts, int64_t splits, int64_t heads, int64_t D, float* out) {
   for (int64_t i = 0; i < heads; ++i) {
     float best = -std::numeric_limits<float>::infinity(), total = 0.f;
-    for (const Partial& part : parts) best = std::max(best, part.best[i]);
+    for (int64_t p = 0; p < splits; ++p) best = std::max(best, parts[p].best[i]);
     std::fill(out + i * D, out + (i + 1) * D, 0.f);
     if (best == -std::numeric_limits<float>::infinity()) continue;  // no visible key: zeros
-    for (const Partial& part : parts) {
+    for (int64_t p = 0; p < splits; ++p) {
+      const Partial& part = parts[p];
       if (part.total[i] == 0.f) continue;
       const float weight = std::exp(part.best[i] - best);
       total += weight * part.total[i];
@@ -179,15 +180,13 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key_pool,
         const auto* v = reinterpret_cast<const uint16_t*>(value_pool.data_ptr<at::BFloat16>());
         attend_group(qr, k, v, row_table, row_visible, t_begin, t_end, shape, parts[task]);
       } else {
-        attend_group(qr, key_pool.data_ptr<float>(), value_pool.data_ptr<float>(), row_table, row_visible, t_begin, t_end,
-               shape, parts[task]);
+        attend_group(qr, key_pool.data_ptr<float>(), value_pool.data_ptr<float>(), row_table, row_visible, t_begin,
+                     t_end, shape, parts[task]);
       }
     }
   });
   float* op = out.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r)
-    combine(std::vector<Partial>(parts.begin() + r * splits, parts.begin() + (r + 1) * splits), heads, D,
-            op + r * heads * D);
+  for (int64_t r = 0; r < rows; ++r) combine(parts.data() + r * splits, splits, heads, D, op + r * heads * D);
   return out.to(query.scalar_type());
 }
 
